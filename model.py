@@ -14,6 +14,7 @@ Every ReLU is its own non-in-place nn.ReLU module, so hook-based tools (captum, 
 and the deconvnet below can treat each one separately.
 """
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -89,6 +90,27 @@ class ResNet(nn.Module):
         if name not in STAGES:
             raise ValueError(f"unknown layer {name!r}; choose one of {', '.join(STAGES)}")
         return getattr(self, name)
+
+    @contextmanager
+    def capture(self, *layers):
+        """Record the outputs of the named stages during forward passes inside the `with` block.
+
+            with model.capture("conv1", "conv5_x") as acts:
+                model(x)
+            acts["conv5_x"]  # (N, C, H, W), still attached to the graph
+
+        The hooks are removed on exit, also when the block raises.
+        """
+        acts = {}
+        handles = []
+        try:
+            for name in layers:
+                handles.append(self.stage(name).register_forward_hook(
+                    lambda module, inputs, output, name=name: acts.__setitem__(name, output)))
+            yield acts
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def forward(self, x):
         for name in STAGES:
