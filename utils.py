@@ -176,8 +176,11 @@ def make_synthetic_images(n, seed):
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
-def synthetic_cifar10(data_dir, num_train=10000, num_test=2000):
-    """Write (once) and return the folder of the offline demo data: NOT CIFAR-10."""
+def synthetic_cifar10(data_dir, num_train=10000, num_test=10000):
+    """Write (once) and return the folder of the offline demo data: NOT CIFAR-10.
+
+    The test split has 10,000 images like the real one, so the plot scripts' default indices work.
+    """
     root = Path(data_dir) / SYNTHETIC_FOLDER
     if not (root / CIFAR10_FOLDER / "test_batch").is_file():
         train = make_synthetic_images(num_train, seed=0)
