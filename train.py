@@ -280,14 +280,11 @@ def main(argv=None):
     if iteration >= total:
         raise utils.UserError(f"{ckpt_path} has already finished {iteration} iterations ({epoch} epochs); "
                               f"pass a larger --epochs or --iterations to train further")
-    print(f"training a width-{config['width']} ResNet-18 on {data_name}: {len(train_images)} train / "
-          f"{len(test_images)} test images, {total} iterations on {device}"
-          f"{' (bf16, channels_last)' if bf16 and channels_last else ''}")
 
-    def save(note=""):
+    def save():
         utils.save_atomic(checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, history), ckpt_path)
         write_history_csv(history, ckpt_path.with_suffix(".csv"))
-        return f"checkpoint {ckpt_path} (iteration {iteration}){note}"
+        return f"checkpoint {ckpt_path} (iteration {iteration})"
 
     def evaluate_and_plot():
         acc, loss = evaluate(model, test_images, test_labels, bf16, channels_last)
@@ -296,8 +293,11 @@ def main(argv=None):
         save_progress_figures(history, config["figures_dir"], f"width-{config['width']} ResNet-18, {data_name}")
         return acc, loss
 
-    stop = StopRequest()
-    bar = tqdm(total=total, initial=iteration, unit="it", dynamic_ncols=True)
+    stop = StopRequest()  # before the line below, which tells a watching process the loop is armed
+    print(f"training a width-{config['width']} ResNet-18 on {data_name}: {len(train_images)} train / "
+          f"{len(test_images)} test images, {total} iterations on {device}"
+          f"{' (bf16, channels_last)' if bf16 and channels_last else ''}")
+    bar = tqdm(total=total, initial=iteration, unit="it", dynamic_ncols=True, leave=False)
     started = time.time()
     try:
         while iteration < total and stop.signal is None:
@@ -319,8 +319,8 @@ def main(argv=None):
                     new_losses = losses[done:step + 1 - first].tolist()
                     if not all(map(math.isfinite, new_losses)):
                         raise utils.UserError(
-                            f"the loss became {new_losses[-1]} by iteration {iteration}; stopped, and kept the "
-                            f"last good checkpoint {ckpt_path}; lower --lr and train again")
+                            f"the loss became {new_losses[-1]} by iteration {iteration}; stopped without saving, "
+                            f"so {ckpt_path} keeps the last good state; lower --lr and train again")
                     history["train_loss"] += new_losses
                     history["train_acc"] += accs[done:step + 1 - first].tolist()
                     bar.update(step + 1 - first - done)

@@ -1,0 +1,65 @@
+"""Shared fixtures: small data in the exact CIFAR-10 on-disk format, and a small trained checkpoint."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import utils  # noqa: E402
+
+
+def run_script(script, *args, timeout=300):
+    """Run a top-level script as a user would; returns the CompletedProcess (text output)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+PROGRESS_BAR = re.compile(r"^\s*\d+%\|.*\|")
+
+
+def assert_one_line_error(proc, *words):
+    """A bad input: non-zero exit, one line on stderr that says what is wrong, no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    # progress-bar redraws (tqdm writes them with \r on a terminal, \n into a pipe) are not messages
+    lines = [line for line in re.split(r"[\r\n]", proc.stderr) if line.strip() and not PROGRESS_BAR.match(line)]
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory):
+    """A data dir whose cifar-10-batches-py/ holds 1,024 train and 512 test synthetic images."""
+    root = tmp_path_factory.mktemp("small_cifar")
+    train = utils.make_synthetic_images(1024, seed=10)
+    test = utils.make_synthetic_images(512, seed=11)
+    utils.write_cifar10_folder(root, *train, *test, [f"class-{k}" for k in range(10)])
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory):
+    """A --data-dir with the --synthetic data already written (10,000 train + 10,000 test images)."""
+    data_dir = tmp_path_factory.mktemp("data")
+    utils.synthetic_cifar10(data_dir)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, synthetic_data_dir):
+    """A width-8 checkpoint that train.py trained for 160 iterations on the --synthetic data."""
+    out = tmp_path_factory.mktemp("trained")
+    proc = run_script("train.py", "--synthetic", "--data-dir", synthetic_data_dir, "--width", 8,
+                      "--iterations", 160, "--checkpoint", out / "ckpt.pt", "--figures-dir", out / "figures")
+    assert proc.returncode == 0, proc.stderr
+    return out / "ckpt.pt"
+

@@ -1,0 +1,185 @@
+"""train.py end to end: it learns, it resumes exactly, it never loses a checkpoint, it rejects bad input."""
+import csv
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import utils
+from conftest import ROOT, assert_one_line_error, run_script
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_training_on_synthetic_data_reaches_high_test_accuracy(trained_checkpoint, synthetic_data_dir):
+    ckpt = load(trained_checkpoint)
+    history = ckpt["history"]
+    assert ckpt["iteration"] == 160 and len(history["train_acc"]) == len(history["train_loss"]) == 160
+    # 10,000 images at batch 128: epochs end at 79 and 158 iterations; the run's end is evaluated too
+    assert history["test_iteration"] == [79, 158, 160] and history["test_epoch"] == [1, 2, 2]
+    assert history["test_acc"][-1] >= 0.95, history["test_acc"]
+    # ...which is learned: the same network untrained is near chance on the same test set
+    untrained = utils.build_model({**ckpt, "model": train.ResNet(8).state_dict()})
+    images, labels, _ = utils.load_cifar10(utils.dataset_root(synthetic_data_dir, True), train=False)
+    assert train.evaluate(untrained, images, labels)[0] < 0.3
+    model, _ = utils.load_checkpoint(trained_checkpoint)
+    acc, loss = train.evaluate(model, images, labels)
+    assert acc == pytest.approx(history["test_acc"][-1]) and loss == pytest.approx(history["test_loss"][-1], rel=1e-4)
+    assert ckpt["config"]["width"] == 8 and ckpt["config"]["synthetic"] is True
+
+
+def test_history_csv_and_learning_progress_figures(trained_checkpoint):
+    history = load(trained_checkpoint)["history"]
+    with open(trained_checkpoint.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 160
+    assert [float(r["train_acc"]) for r in rows] == pytest.approx(history["train_acc"], abs=1e-6)
+    mean100 = [float(r["train_loss_mean100"]) for r in rows if r["train_loss_mean100"]]
+    assert mean100 == pytest.approx([sum(history["train_loss"][:100]) / 100], rel=1e-5)
+    assert [int(r["iteration"]) for r in rows if r["test_acc"]] == [79, 158, 160]
+    from matplotlib.image import imread
+    for name in ("train_accuracy", "train_loss", "test_accuracy", "test_loss"):
+        png = imread(trained_checkpoint.parent / "figures" / f"{name}.png")
+        assert png.shape[0] > 100 and png.std() > 0
+
+
+def train_small(data_dir, ckpt, *args):
+    """A width-4, batch-64 run on 1,024 images (16 iterations an epoch)."""
+    proc = run_script("train.py", "--data-dir", data_dir, "--width", 4, "--batch-size", 64,
+                      "--checkpoint", ckpt, "--figures-dir", ckpt.parent / "figures", *args)
+    assert proc.returncode == 0, proc.stderr
+    return load(ckpt)
+
+
+def assert_same_run(a, b):
+    """b (stopped and resumed) ends exactly where a (one run) does; b may hold extra evaluations."""
+    for key in ("iteration", "epoch", "scheduler"):
+        assert a[key] == b[key], key
+    for key in ("train_loss", "train_acc"):
+        assert a["history"][key] == b["history"][key], key
+    evaluations = lambda h: list(zip(h["test_iteration"], h["test_epoch"], h["test_acc"], h["test_loss"]))
+    assert set(evaluations(a["history"])) <= set(evaluations(b["history"]))
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for i, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+
+
+def test_resume_after_an_epoch_and_extending_a_finished_run_equal_one_run(small_data_dir, tmp_path):
+    straight = train_small(small_data_dir, tmp_path / "straight.pt", "--epochs", 2)
+    train_small(small_data_dir, tmp_path / "split.pt", "--epochs", 1)
+    resumed = train_small(small_data_dir, tmp_path / "split.pt", "--resume", "--epochs", 2)
+    assert straight["iteration"] == 32 and straight["epoch"] == 2
+    assert_same_run(straight, resumed)
+
+
+def test_resume_mid_epoch_equals_one_run(small_data_dir, tmp_path):
+    straight = train_small(small_data_dir, tmp_path / "straight.pt", "--epochs", 2, "--iterations", 21)
+    train_small(small_data_dir, tmp_path / "split.pt", "--epochs", 2, "--iterations", 5)
+    resumed = train_small(small_data_dir, tmp_path / "split.pt", "--resume", "--iterations", 21)
+    assert_same_run(straight, resumed)
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_to_the_same_weights(small_data_dir, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(small_data_dir), "--width", 4,
+           "--batch-size", 64, "--epochs", 100, "--checkpoint", str(ckpt), "--figures-dir", str(tmp_path)]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "training a width-4" in proc.stdout.readline()  # the loop (and its signal handler) is set up
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err and "Traceback" not in err
+    stopped = load(ckpt)
+    assert 0 < stopped["iteration"] < 1600
+    target = stopped["iteration"] + 20
+    resumed = train_small(small_data_dir, ckpt, "--resume", "--iterations", target)
+    straight = train_small(small_data_dir, tmp_path / "straight.pt", "--epochs", 100, "--iterations", target)
+    assert_same_run(straight, resumed)
+
+
+KILLER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import utils
+big = torch.arange(4_000_000, dtype=torch.float64)
+print("ready", flush=True)
+i = 0
+while True:
+    i += 1
+    utils.save_atomic({{"version": i, "payload": big + i}}, {path!r})
+"""
+
+
+def test_atomic_save_survives_a_kill_mid_save(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    versions = set()
+    for delay in (0.3, 0.55, 0.8, 1.1):
+        proc = subprocess.Popen([sys.executable, "-c", KILLER.format(root=str(ROOT), path=str(path))],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.kill()  # SIGKILL: no chance to clean up
+        proc.wait()
+        saved = torch.load(path, weights_only=True)  # always a whole checkpoint, old or new
+        assert torch.equal(saved["payload"], torch.arange(4_000_000, dtype=torch.float64) + saved["version"])
+        versions.add(saved["version"])
+    assert len(versions) > 1  # the kills did land while saves were going on
+
+
+def test_an_existing_checkpoint_is_never_overwritten_by_a_new_run(small_data_dir, tmp_path):
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"precious")
+    proc = run_script("train.py", "--data-dir", small_data_dir, "--checkpoint", ckpt)
+    assert_one_line_error(proc, "already exists", "--resume", "--overwrite")
+    assert ckpt.read_bytes() == b"precious"
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_data_dir, tmp_path):
+    ckpt = tmp_path / "c.pt"
+    good = train_small(small_data_dir, ckpt, "--iterations", 3)
+    before = ckpt.read_bytes()
+    proc = run_script("train.py", "--data-dir", small_data_dir, "--width", 4, "--batch-size", 64,
+                      "--checkpoint", ckpt, "--overwrite", "--lr", "1e30", "--epochs", 3)
+    assert_one_line_error(proc, "the loss became", "--lr")
+    assert ckpt.read_bytes() == before and load(ckpt)["iteration"] == good["iteration"]
+
+
+@pytest.mark.parametrize("make, args, words", [
+    (None, ["--resume"], ["no checkpoint at", "drop --resume"]),
+    (lambda p: p.write_bytes(b"\x00garbage" * 100), ["--resume"], ["not a readable checkpoint"]),
+    (lambda p: p.write_bytes(load_good_bytes()[:5000]), ["--resume"], ["not a readable checkpoint"]),
+    (lambda p: torch.save({"weights": torch.zeros(3)}, p), ["--resume"], ["not a train.py checkpoint"]),
+    ("good", ["--resume", "--width", 16], ["--width 4, not 16"]),
+    ("good", ["--resume"], ["already finished 3 iterations", "--epochs"]),
+    (None, ["--iterations", 0], ["--iterations must be at least 1"]),
+    (None, ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], ["--device"]),
+])
+def test_bad_checkpoints_and_arguments_give_one_clear_line(small_data_dir, tmp_path, make, args, words):
+    ckpt = tmp_path / "c.pt"
+    if make == "good":
+        train_small(small_data_dir, ckpt, "--iterations", 3)
+    elif make:
+        make(ckpt)
+    before = ckpt.read_bytes() if ckpt.exists() else None
+    proc = run_script("train.py", "--data-dir", small_data_dir, "--checkpoint", ckpt, *map(str, args))
+    assert_one_line_error(proc, *words)
+    assert (ckpt.read_bytes() if ckpt.exists() else None) == before
+
+
+def load_good_bytes():
+    """Bytes of a real (small) checkpoint, to truncate."""
+    import io
+    buf = io.BytesIO()
+    model = train.ResNet(4)
+    optimizer, scheduler = train.make_optimizer(model, {**train.RECIPE})
+    torch.save(train.checkpoint_state(model, optimizer, scheduler, 0, 0, {"width": 4}, train.new_history()), buf)
+    return buf.getvalue()
