@@ -18,6 +18,7 @@ import math
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -104,7 +105,18 @@ def epoch_plan(num_images, epoch, seed):
 def prepare_batch(images, index, offsets, flips, channels_last=False):
     """Gather uint8 images on their device, crop + flip, normalise: the network's input batch."""
     x = utils.normalize(utils.random_crop_flip(images[index], offsets, flips))
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    # The gather leaves channels-last strides; convolutions on CPU are fastest on the layout asked for.
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def epoch_batches(images, labels, epoch, seed, batch_size, channels_last=False, first=0, last=None):
+    """Batches first..last-1 of one epoch as (network input, labels), gathered and augmented on the device."""
+    order, offsets, flips = (t.to(images.device) for t in epoch_plan(len(images), epoch, seed))
+    last = -(-len(images) // batch_size) if last is None else last
+    for step in range(first, last):
+        batch = slice(step * batch_size, (step + 1) * batch_size)
+        index = order[batch]
+        yield prepare_batch(images, index, offsets[batch], flips[batch], channels_last), labels[index]
 
 
 def autocast(device, bf16):
@@ -123,8 +135,10 @@ def train_step(model, optimizer, x, y, bf16=False):
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, bf16=False, channels_last=False, batch_size=1000):
+def evaluate(model, images, labels, bf16=False, channels_last=False, batch_size=None):
     """(accuracy as a fraction, mean cross-entropy) on a whole uint8 split."""
+    if batch_size is None:  # big batches fill a GPU; on a CPU they spill out of the caches
+        batch_size = 1000 if images.device.type == "cuda" else 128
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=images.device)
@@ -181,28 +195,44 @@ def write_history_csv(history, path):
     tmp.replace(path)
 
 
+def band(values, columns=600):
+    """(x, low, high, mean) of `values` in `columns` buckets: a long noisy curve as a plot shows it.
+
+    Drawing 20k per-batch points costs ~0.4 s a figure; their min..max per pixel column looks the same.
+    """
+    v = torch.tensor(values, dtype=torch.float64)
+    size = max(1, -(-len(v) // columns))
+    chunks = v.split(size)
+    x = [i * size + (len(c) + 1) / 2 for i, c in enumerate(chunks)]
+    return x, [c.min().item() for c in chunks], [c.max().item() for c in chunks], [c.mean().item() for c in chunks]
+
+
 def save_progress_figures(history, figures_dir, title):
     """The report's four learning-progress figures, against iterations."""
     from matplotlib.figure import Figure
-    its = range(1, len(history["train_acc"]) + 1)
     curves = {
-        "train_accuracy": (its, history["train_acc"], "train accuracy (per mini-batch)"),
-        "train_loss": (*loss_per_100(history["train_loss"]), "train loss (mean of each 100 iterations)"),
-        "test_accuracy": (history["test_iteration"], history["test_acc"], "test accuracy (whole test set)"),
-        "test_loss": (history["test_iteration"], history["test_loss"], "test loss (whole test set)"),
+        "train_accuracy": ("train accuracy (per mini-batch)", None, None),
+        "train_loss": ("train loss (mean of each 100 iterations)", *loss_per_100(history["train_loss"])),
+        "test_accuracy": ("test accuracy (whole test set)", history["test_iteration"], history["test_acc"]),
+        "test_loss": ("test loss (whole test set)", history["test_iteration"], history["test_loss"]),
     }
     Path(figures_dir).mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, (x, y, ylabel) in curves.items():
+    for name, (ylabel, x, y) in curves.items():
         fig = Figure(figsize=(6, 4), dpi=100)
         ax = fig.add_subplot()
-        ax.plot(list(x), list(y), lw=0.6 if name == "train_accuracy" else 1.5,
-                marker="o" if name.startswith("test") else None, ms=3)
+        if name == "train_accuracy":
+            x, low, high, mean = band(history["train_acc"])
+            ax.fill_between(x, low, high, color="C0", alpha=0.3, lw=0, label="min..max per pixel column")
+            ax.plot(x, mean, color="C0", lw=1, label="mean")
+            ax.legend(loc="lower right", fontsize=8)
+        else:
+            ax.plot(x, y, lw=1.5, marker="o" if name.startswith("test") else None, ms=3)
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.92)
         paths.append(Path(figures_dir) / f"{name}.png")
         fig.savefig(paths[-1])
     return paths
@@ -232,6 +262,43 @@ def checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, hist
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 iteration=iteration, epoch=epoch, rng=rng, config=config, history=history)
+
+
+def snapshot(obj):
+    """A deep copy with every tensor on the CPU: training goes on mutating the originals in place."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Runs one output job at a time on a worker thread, so a GPU keeps training while the checkpoint,
+    CSV and figures of the last epoch are written. A new job first waits for the previous one, and
+    wait() re-raises a job's error in the training thread."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = None
+
+    def submit(self, job, *args):
+        self.wait()
+        self.pending = self.pool.submit(job, *args)
+
+    def wait(self):
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+
+def write_outputs(state, ckpt_path, figures_dir, title, figures=True):
+    utils.save_atomic(state, ckpt_path)
+    write_history_csv(state["history"], ckpt_path.with_suffix(".csv"))
+    if figures:
+        save_progress_figures(state["history"], figures_dir, title)
 
 
 def main(argv=None):
@@ -281,17 +348,12 @@ def main(argv=None):
         raise utils.UserError(f"{ckpt_path} has already finished {iteration} iterations ({epoch} epochs); "
                               f"pass a larger --epochs or --iterations to train further")
 
-    def save():
-        utils.save_atomic(checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, history), ckpt_path)
-        write_history_csv(history, ckpt_path.with_suffix(".csv"))
-        return f"checkpoint {ckpt_path} (iteration {iteration})"
+    writer = BackgroundWriter()
+    title = f"width-{config['width']} ResNet-18, {data_name}"
 
-    def evaluate_and_plot():
-        acc, loss = evaluate(model, test_images, test_labels, bf16, channels_last)
-        for key, value in zip(("test_iteration", "test_epoch", "test_acc", "test_loss"), (iteration, epoch, acc, loss)):
-            history[key].append(value)
-        save_progress_figures(history, config["figures_dir"], f"width-{config['width']} ResNet-18, {data_name}")
-        return acc, loss
+    def save(figures=True):
+        state = snapshot(checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, history))
+        writer.submit(write_outputs, state, ckpt_path, config["figures_dir"], title, figures)
 
     stop = StopRequest()  # before the line below, which tells a watching process the loop is armed
     print(f"training a width-{config['width']} ResNet-18 on {data_name}: {len(train_images)} train / "
@@ -301,19 +363,17 @@ def main(argv=None):
     started = time.time()
     try:
         while iteration < total and stop.signal is None:
-            order, offsets, flips = (t.to(device) for t in epoch_plan(len(train_images), epoch, config["seed"]))
             first = iteration - epoch * steps_per_epoch
             last = min(steps_per_epoch, first + total - iteration)
             losses = torch.zeros(last - first, device=device)
             accs = torch.zeros(last - first, device=device)
             done = 0  # steps of this stretch whose loss/accuracy are already in history
             model.train()
-            for step in range(first, last):
-                batch = slice(step * config["batch_size"], (step + 1) * config["batch_size"])
-                index = order[batch]
-                x = prepare_batch(train_images, index, offsets[batch], flips[batch], channels_last)
-                loss, correct = train_step(train_model, optimizer, x, train_labels[index], bf16)
-                losses[step - first], accs[step - first] = loss, correct / len(index)
+            batches = epoch_batches(train_images, train_labels, epoch, config["seed"], config["batch_size"],
+                                    channels_last, first, last)
+            for step, (x, y) in enumerate(batches, start=first):
+                loss, correct = train_step(train_model, optimizer, x, y, bf16)
+                losses[step - first], accs[step - first] = loss, correct / len(y)
                 iteration += 1
                 if step + 1 == last or (step + 1 - first) % LOG_EVERY == 0 or stop.signal is not None:
                     new_losses = losses[done:step + 1 - first].tolist()
@@ -335,14 +395,21 @@ def main(argv=None):
                 epoch += 1
                 scheduler.step()
             if last == steps_per_epoch or iteration == total:
-                acc, loss = evaluate_and_plot()
+                acc, loss = evaluate(model, test_images, test_labels, bf16, channels_last)
+                for key, value in zip(("test_iteration", "test_epoch", "test_acc", "test_loss"),
+                                      (iteration, epoch, acc, loss)):
+                    history[key].append(value)
                 bar.write(f"epoch {epoch} iteration {iteration}: test accuracy {acc:.4f}, test loss {loss:.4f}")
                 save()
+        if stop.signal is not None:
+            save(figures=False)
     finally:
         bar.close()
         stop.restore()
+        writer.wait()  # whatever happened, the last good state is on disk before we exit
     if stop.signal is not None:
-        print(f"stopped by signal {stop.signal}: saved {save()}; continue with --resume", file=sys.stderr)
+        print(f"stopped by signal {stop.signal} at iteration {iteration}: saved {ckpt_path}; "
+              f"continue with --resume", file=sys.stderr)
         sys.exit(130)
     print(f"done in {time.time() - started:.0f} s: test accuracy {history['test_acc'][-1]:.4f}; "
           f"{ckpt_path}, {ckpt_path.with_suffix('.csv')} and the learning-progress figures in {config['figures_dir']}/")
