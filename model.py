@@ -18,8 +18,10 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 STAGES = ("conv1", "conv2_x", "conv3_x", "conv4_x", "conv5_x")
+PATHS = ("both", "shortcut", "trunk")  # where ResNet.reconstruct sends the signal at a residual sum
 
 
 def conv3x3(in_channels, out_channels, stride=1):
@@ -116,3 +118,140 @@ class ResNet(nn.Module):
         for name in STAGES:
             x = getattr(self, name)(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def channels(self, layer):
+        """The number of channels of the named stage's output."""
+        # a stage ends in a conv -> BN (-> ReLU), so its last conv sets its width
+        return [m for m in self.stage(layer).modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+    @torch.no_grad()
+    def reconstruct(self, x, layer, channel, path="both", top1=False):
+        """Zeiler & Fergus's deconvnet: project `channel` of stage `layer` back to input space.
+
+        x is a normalized batch (N, 3, 32, 32); the result has its shape. All other channels of the
+        stage's output are zeroed first, and with top1 also all but the channel's strongest
+        activation in each image. The projection runs the transpose of every linear map (conv, BN)
+        from the layer down, rectifies the signal at every ReLU and routes it through the max-pool
+        by the switches of this forward pass. At each residual sum of the chosen stage the signal
+        goes to both branches (path="both") or only to the "shortcut" or the "trunk"; the stages
+        below always use both. The model must be in eval mode: BN is the fixed affine map of its
+        running statistics, and this leaves them untouched.
+        """
+        self.stage(layer)  # raises for an unknown name, listing the valid ones
+        if not 0 <= channel < self.channels(layer):
+            raise ValueError(f"channel {channel} is out of range for {layer}; "
+                             f"choose 0..{self.channels(layer) - 1}")
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; choose one of {', '.join(PATHS)}")
+        if self.training:
+            raise ValueError("reconstruct needs the model in eval mode (BatchNorm's running "
+                             "statistics); call model.eval() first")
+        names = STAGES[:STAGES.index(layer) + 1]
+        tapes = []
+        for name in names:
+            x, tape = stage_forward(self.stage(name), x)
+            tapes.append(tape)
+        signal = select_activations(x, channel, top1)
+        for name, tape in zip(reversed(names), reversed(tapes)):
+            signal = stage_transpose(tape, signal, path if name == layer else "both")
+        return signal
+
+
+# --------------------------------------------------------------------------- deconvnet
+# The transposes below map a signal at a module's output back to its input. Each needs only the
+# module's weights and, from the forward pass, the input size (strided convs round sizes down, so the
+# transpose cannot infer it) and, for the max-pool, the switches (where each window's maximum was).
+
+def conv_transpose(conv, y, input_size):
+    """The transpose (adjoint) of `conv` without its bias, with an output of spatial `input_size`."""
+    natural = [(n - 1) * s - 2 * p + d * (k - 1) + 1 for n, s, p, d, k in
+               zip(y.shape[-2:], conv.stride, conv.padding, conv.dilation, conv.kernel_size)]
+    # output_padding adds back the rows/columns a strided conv dropped when it rounded down
+    output_padding = [size - n for size, n in zip(input_size, natural)]
+    return F.conv_transpose2d(y, conv.weight, stride=conv.stride, padding=conv.padding,
+                              output_padding=output_padding, groups=conv.groups, dilation=conv.dilation)
+
+
+def bn_transpose(bn, y):
+    """Eval-mode BN is gamma * (x - mean) / sqrt(var + eps) + beta: its linear part is a diagonal scale."""
+    return y * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(1, -1, 1, 1)
+
+
+def max_pool_with_switches(pool, x):
+    """(pool(x), switches): the flat index within each H*W plane of every window's maximum."""
+    return F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                        ceil_mode=pool.ceil_mode, return_indices=True)
+
+
+def max_unpool_transpose(y, switches, input_size):
+    """The transpose of gathering each window's maximum: scatter every signal back to its switch.
+
+    Overlapping windows (3x3 with stride 2) can share a switch, and then their signals must add;
+    nn.MaxUnpool2d writes them one over another instead, which is not the transpose.
+    """
+    n, c = y.shape[:2]
+    out = y.new_zeros(n, c, input_size[0] * input_size[1])
+    out.scatter_add_(2, switches.flatten(2), y.flatten(2))
+    return out.view(n, c, *input_size)
+
+
+def block_transpose(block, y, input_size, path="both"):
+    """relu(trunk(x) + shortcut(x)) transposed: rectify, then send the signal down `path` and add."""
+    y = F.relu(y)
+    out = 0
+    if path in ("both", "trunk"):
+        trunk = block.trunk
+        h = bn_transpose(trunk.bn2, y)
+        # trunk.conv2 is a 3x3/1 'same' conv, so its input is as large as the block's output
+        h = conv_transpose(trunk.conv2, h, y.shape[-2:])
+        h = bn_transpose(trunk.bn1, F.relu(h))
+        out = out + conv_transpose(trunk.conv1, h, input_size)
+    if path in ("both", "shortcut"):
+        shortcut = block.shortcut
+        # an identity shortcut is its own transpose
+        out = out + (y if isinstance(shortcut, nn.Identity) else
+                     conv_transpose(shortcut.conv, bn_transpose(shortcut.bn, y), input_size))
+    return out
+
+
+def stage_forward(stage, x):
+    """Run a stage's modules in order; return its output and a tape of what their transposes need:
+    (module, input size, switches or None) per module."""
+    tape = []
+    for module in stage:
+        if isinstance(module, nn.MaxPool2d):
+            out, switches = max_pool_with_switches(module, x)
+        else:
+            out, switches = module(x), None
+        tape.append((module, x.shape[-2:], switches))
+        x = out
+    return x, tape
+
+
+def stage_transpose(tape, y, path="both"):
+    """Walk a stage's tape backwards, transposing each module; `path` applies to its blocks."""
+    for module, input_size, switches in reversed(tape):
+        if isinstance(module, nn.ReLU):
+            y = F.relu(y)  # the deconvnet rectifies the signal itself, whatever the forward pass did
+        elif isinstance(module, nn.BatchNorm2d):
+            y = bn_transpose(module, y)
+        elif isinstance(module, nn.Conv2d):
+            y = conv_transpose(module, y, input_size)
+        elif isinstance(module, nn.MaxPool2d):
+            y = max_unpool_transpose(y, switches, input_size)
+        elif isinstance(module, BasicBlock):
+            y = block_transpose(module, y, input_size, path)
+        else:
+            raise TypeError(f"the deconvnet has no transpose for {type(module).__name__}")
+    return y
+
+
+def select_activations(a, channel, top1=False):
+    """a (N, C, H, W) with every channel but `channel` zeroed, and with top1 all but its per-image peak."""
+    selected = torch.zeros_like(a)
+    fmap = a[:, channel].flatten(1)
+    if top1:
+        peak = fmap.argmax(1, keepdim=True)
+        fmap = torch.zeros_like(fmap).scatter_(1, peak, fmap.gather(1, peak))
+    selected[:, channel] = fmap.view_as(a[:, channel])
+    return selected
