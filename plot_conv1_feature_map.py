@@ -1,0 +1,17 @@
+"""A test image and its conv1 feature maps (the report's figure for test image 7876).
+
+    python plot_conv1_feature_map.py [--image-index 7876] [--layer conv1]
+
+All maps share one grey scale (the colour bar); channel 0 is top left, then row by row.
+"""
+import utils
+
+
+def main():
+    args = utils.plot_parser(__doc__, image_index=7876, layer="conv1").parse_args()
+    run = utils.load_for_plots(args)
+    utils.plot_feature_maps(run, args.layer, args.figures_dir)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

@@ -1,0 +1,19 @@
+"""Test images 4531-4546, each beside its deconvnet reconstruction from conv5_x channel 1, with the
+signal sent only through the shortcut at conv5_x's residual sums (both branches below conv5_x).
+
+    python plot_conv5_reconstructed_pattern_shortcut.py [--images 4531-4546] [--channel 1]
+
+plot_conv5_reconstructed_pattern_trunk.py is the same through the trunk. Display: each
+reconstruction r is shown as 0.5 + r / (2 max|r|), so grey is 0.
+"""
+import utils
+
+
+def main():
+    args = utils.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1).parse_args()
+    run = utils.load_for_plots(args)
+    utils.plot_reconstructions(run, args.layer, args.channel, "shortcut", args.figures_dir)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
