@@ -1,0 +1,437 @@
+"""How fast train.py trains, next to the report's tutorial-style pipeline, on one device.
+
+    python bench.py --quick          # a short CPU run (under 2 minutes on 2 cores)
+    python bench.py                  # the full run on the default device (cuda if available)
+    python bench.py --device cuda    # the GPU figures for the README
+
+On 50,000 CIFAR-shaped random images (random content: speed does not depend on it) and the same
+ResNet-18, it measures side by side
+
+  tutorial   the report's pipeline, the PyTorch CIFAR-10 tutorial: a Dataset of PIL images,
+             RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize, a DataLoader
+             with 2 workers, batches copied to the device, fp32, loss.item() every step;
+  fp32       train.py's pipeline: uint8 data on the device, batches gathered, cropped, flipped and
+             normalised there (train.epoch_batches + train.train_step);
+  bf16       + bf16 autocast;
+  bf16_cl    + channels_last: train.py's default on CUDA;
+  compile    + torch.compile (CUDA only, as in train.py; its compile time is reported separately).
+
+Every row trains with the same train.train_step and Adam (train.make_optimizer): only the input
+pipeline and the numeric settings differ. Training throughput is the median images/s of several
+timed windows after a warm-up (CUDA is synchronised at each window's edges); evaluation throughput
+is train.evaluate (for the tutorial row: the tutorial's test loop) on the test images. The projected
+wall time of the full recipe is 52 epochs x 50,000 images (20,332 iterations at batch 128) at the
+training throughput, plus one 10,000-image test evaluation per epoch, plus the compile time. Per-epoch
+costs outside the two loops (checkpoint writes, DataLoader worker start-up) are not in it.
+
+Last, utils.top_activating (batched) is timed against the report's one-image-at-a-time loop, and
+their top-k indices are compared. All figures go to a JSON file (--json).
+"""
+import argparse
+import datetime
+import itertools
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+from tqdm import tqdm
+
+import train
+import utils
+from model import STAGES, ResNet
+
+# The full recipe the throughputs are projected to: train.py's defaults on CIFAR-10.
+RECIPE_EPOCHS = train.DEFAULT_EPOCHS                  # 52
+RECIPE_TRAIN_IMAGES = 50_000
+RECIPE_TEST_IMAGES = 10_000
+RECIPE_BATCH = train.RECIPE["batch_size"]             # 128
+RECIPE_ITERATIONS = RECIPE_EPOCHS * -(-RECIPE_TRAIN_IMAGES // RECIPE_BATCH)  # 20,332
+
+# key -> (label, pipeline, bf16, channels_last, compile)
+ROWS = {
+    "tutorial": ("tutorial pipeline (the report's)", "tutorial", False, False, False),
+    "fp32": ("train.py pipeline, fp32", "train.py", False, False, False),
+    "bf16": ("  + bf16 autocast", "train.py", True, False, False),
+    "bf16_cl": ("  + channels_last", "train.py", True, True, False),
+    "compile": ("  + torch.compile", "train.py", True, True, True),
+}
+
+# Window settings: (warm-up steps, windows, steps a window, eval images, top_activating images).
+# A CPU step at width 64 takes ~0.4-0.8 s on 2 cores, a CUDA step a few ms.
+SETTINGS = {
+    ("cpu", True): (1, 5, 2, 1000, 300),
+    ("cpu", False): (3, 7, 4, RECIPE_TEST_IMAGES, RECIPE_TEST_IMAGES),
+    ("cuda", True): (20, 3, 30, RECIPE_TEST_IMAGES, 2000),
+    ("cuda", False): (30, 5, 100, RECIPE_TEST_IMAGES, RECIPE_TEST_IMAGES),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--quick", action="store_true", help="fewer and shorter windows, fewer eval/top_activating images")
+    p.add_argument("--width", type=int, default=train.RECIPE["width"], help="ResNet width (default: %(default)s)")
+    p.add_argument("--images", type=int, default=RECIPE_TRAIN_IMAGES, help="training images (default: %(default)s)")
+    p.add_argument("--test-images", type=int, default=RECIPE_TEST_IMAGES, help="test images (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=RECIPE_BATCH, help="default: %(default)s (the recipe's)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="tutorial DataLoader workers (default: %(default)s, the report's)")
+    p.add_argument("--warmup", type=int, help="untimed steps before the windows (default: by device and --quick)")
+    p.add_argument("--windows", type=int, help="timed windows per row; the median is reported (default: by device)")
+    p.add_argument("--window-steps", type=int, help="training steps a window (default: by device and --quick)")
+    p.add_argument("--eval-images", type=int, help="test images evaluated per row, projected to 10,000 "
+                                                   "(default: all, 1,000 with --quick on CPU)")
+    p.add_argument("--top-images", type=int, help="images for the top_activating comparison "
+                                                  "(default: all, fewer with --quick)")
+    p.add_argument("--layer", default="conv5_x",  # where plot_gradient_pattern.py searches
+                   help=f"top_activating layer, one of {', '.join(STAGES)} (default: %(default)s)")
+    p.add_argument("--channel", type=int, default=0, help="top_activating channel (default: %(default)s)")
+    p.add_argument("--k", type=int, default=9, help="top_activating k (default: %(default)s)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile row on CUDA")
+    p.add_argument("--seed", type=int, default=0, help="data, weights and augmentation (default: %(default)s)")
+    p.add_argument("--json", help="where the figures go (default: bench_<device type>.json)")
+    return p.parse_args(argv)
+
+
+def resolve_settings(args, device):
+    """Fill the window settings left unset from SETTINGS; refuse values that cannot be measured."""
+    defaults = SETTINGS[("cuda" if device.type == "cuda" else "cpu", args.quick)]
+    for name, default in zip(("warmup", "windows", "window_steps", "eval_images", "top_images"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, min(default, args.test_images) if name.endswith("images") else default)
+    for name in ("width", "images", "test_images", "batch_size", "windows", "window_steps", "eval_images",
+                 "top_images", "k"):
+        if getattr(args, name) < 1:
+            raise utils.UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0 or args.workers < 0:
+        raise utils.UserError("--warmup and --workers must be at least 0")
+    if args.images < args.batch_size:
+        raise utils.UserError(f"--images ({args.images}) must be at least --batch-size ({args.batch_size})")
+    for name in ("eval_images", "top_images", "k"):
+        if getattr(args, name) > args.test_images:
+            raise utils.UserError(f"--{name.replace('_', '-')} must be in 1..{args.test_images} "
+                                  f"(--test-images), got {getattr(args, name)}")
+    if args.layer not in STAGES:
+        raise utils.UserError(f"--layer {args.layer!r} is not a layer; choose one of {', '.join(STAGES)}")
+    model = ResNet(args.width).eval()
+    with torch.inference_mode(), model.capture(args.layer) as acts:
+        model(torch.zeros(1, 3, 32, 32))
+    channels = acts[args.layer].shape[1]
+    if not 0 <= args.channel < channels:
+        raise utils.UserError(f"--channel must be in 0..{channels - 1} for {args.layer} at width {args.width}, "
+                              f"got {args.channel}")
+
+
+# --------------------------------------------------------------------------- the tutorial's pipeline
+
+class ArrayCIFAR(Dataset):
+    """What torchvision.datasets.CIFAR10 does, over arrays in memory: a PIL image per item, then transforms."""
+
+    def __init__(self, images, labels, transform):
+        self.data = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C) uint8, as CIFAR10.data
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.data[i])), self.targets[i]
+
+
+def tutorial_transform(train_split):
+    normalize = transforms.Normalize(utils.CIFAR10_MEAN, utils.CIFAR10_STD)
+    if not train_split:
+        return transforms.Compose([transforms.ToTensor(), normalize])
+    return transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(), normalize])
+
+
+def tutorial_loader(images, labels, train_split, batch_size, workers):
+    dataset = ArrayCIFAR(images.cpu(), labels.cpu(), tutorial_transform(train_split))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train_split, num_workers=workers)
+
+
+def tutorial_batches(loader, device):
+    """The tutorial's loop: a fresh pass over the DataLoader each epoch, each batch copied to the device."""
+    while True:
+        for x, y in loader:
+            yield x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def tutorial_evaluate(model, loader, device):
+    """The tutorial's test loop: the test DataLoader, fp32, a host sync per batch for the count."""
+    model.eval()
+    correct = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct += (model(x).argmax(1) == y).sum().item()
+    model.train()
+    return correct / len(loader.dataset)
+
+
+# --------------------------------------------------------------------------- train.py's pipeline
+
+def trainpy_batches(images, labels, batch_size, seed, channels_last):
+    """train.py's loop, epoch after epoch: each batch gathered and augmented on the device."""
+    for epoch in itertools.count():
+        yield from train.epoch_batches(images, labels, epoch, seed, batch_size, channels_last)
+
+
+# --------------------------------------------------------------------------- timing
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_training(step, batches, device, warmup, windows, window_steps, bar):
+    """Images/s of each timed window of `window_steps` calls of step(x, y) on the next batches."""
+    for _ in range(warmup):
+        step(*next(batches))
+        bar.update()
+    sync(device)
+    rates = []
+    for _ in range(windows):
+        images = 0
+        start = time.perf_counter()
+        for _ in range(window_steps):
+            x, y = next(batches)
+            step(x, y)
+            images += len(y)
+            bar.update()
+        sync(device)
+        rates.append(images / (time.perf_counter() - start))
+    return rates
+
+
+def time_call(fn, device):
+    """(result, seconds) of fn(), with the device's queued work included."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - start
+
+
+def new_model(args, device, channels_last):
+    torch.manual_seed(args.seed)  # every row starts from the same weights
+    model = ResNet(args.width).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer, _ = train.make_optimizer(model, train.RECIPE)
+    return model, optimizer
+
+
+def measure_row(key, args, device, data, bar):
+    """Training and evaluation throughput of one row, and its projected recipe wall time."""
+    label, pipeline, bf16, channels_last, compile_ = ROWS[key]
+    train_images, train_labels, test_images, test_labels = data
+    model, optimizer = new_model(args, device, channels_last)
+    train_model = torch.compile(model) if compile_ else model
+
+    if pipeline == "tutorial":
+        loader = tutorial_loader(train_images, train_labels, True, args.batch_size, args.workers)
+        batches = tutorial_batches(loader, device)
+
+        def step(x, y):
+            loss, _ = train.train_step(train_model, optimizer, x, y)
+            loss.item()  # the tutorial's `running_loss += loss.item()`: a host sync every step
+    else:
+        batches = trainpy_batches(train_images, train_labels, args.batch_size, args.seed, channels_last)
+
+        def step(x, y):
+            train.train_step(train_model, optimizer, x, y, bf16)
+
+    compile_s = None
+    if compile_:
+        # Both shapes of the recipe compile: the full batch and each epoch's last, partial one.
+        partial = len(train_images) % args.batch_size or args.batch_size
+        x, y = next(batches)
+        _, full_s = time_call(lambda: step(x, y), device)
+        _, partial_s = time_call(lambda: step(x[:partial], y[:partial]), device)
+        compile_s = full_s + partial_s
+    rates = time_training(step, batches, device, args.warmup, args.windows, args.window_steps, bar)
+    del batches  # stops the tutorial's DataLoader workers before the evaluation
+
+    bar.set_postfix_str("evaluating")
+    n = args.eval_images
+    if pipeline == "tutorial":
+        test_loader = tutorial_loader(test_images[:n], test_labels[:n], False, args.batch_size, args.workers)
+        _, eval_s = time_call(lambda: tutorial_evaluate(model, test_loader, device), device)
+    else:
+        train.evaluate(model, test_images[:200], test_labels[:200], bf16, channels_last)  # warm-up
+        _, eval_s = time_call(lambda: train.evaluate(model, test_images[:n], test_labels[:n], bf16, channels_last),
+                              device)
+    bar.update()
+    bar.set_postfix_str("")
+
+    train_rate = statistics.median(rates)
+    eval_rate = n / eval_s
+    train_s = RECIPE_EPOCHS * RECIPE_TRAIN_IMAGES / train_rate
+    eval_total_s = RECIPE_EPOCHS * RECIPE_TEST_IMAGES / eval_rate
+    return dict(label=label, pipeline=pipeline, bf16=bf16, channels_last=channels_last, compile=compile_,
+                train_images_per_s=train_rate, window_images_per_s=rates, eval_images=n,
+                eval_images_per_s=eval_rate, compile_s=compile_s, projected_train_s=train_s,
+                projected_eval_s=eval_total_s, projected_s=train_s + eval_total_s + (compile_s or 0.0))
+
+
+# --------------------------------------------------------------------------- top_activating
+
+@torch.inference_mode()
+def per_image_top(model, images, layer, channel, k):
+    """The report's approach: one image at a time through the network, the channel's map summed."""
+    scores = torch.empty(len(images))
+    for i in tqdm(range(len(images)), desc="per-image loop", unit="img", leave=False, dynamic_ncols=True):
+        with model.capture(layer) as acts:
+            model(utils.normalize(images[i:i + 1]))
+        scores[i] = acts[layer][0, channel].sum().item()  # a host sync per image, as in the report
+    top = scores.topk(k)
+    return top.indices, top.values
+
+
+def matmul_gflop_per_s(device, n=4096, repeats=5):
+    """fp32 GFLOP/s of a large square matmul: about the most this device's fp32 arithmetic gives."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    _, seconds = time_call(lambda: [a @ b for _ in range(repeats)], device)
+    return 2 * n ** 3 * repeats / seconds / 1e9
+
+
+def measure_top_activating(args, device, test_images):
+    if not hasattr(utils, "top_activating"):
+        return dict(status="n/a: utils.top_activating does not exist yet")
+    model, _ = new_model(args, device, channels_last=False)
+    model.eval()
+    images = test_images[:args.top_images]
+    utils.top_activating(model, images[:min(len(images), 100)], args.layer, args.channel)  # warm-up
+    (batched_idx, batched_scores), batched_s = time_call(
+        lambda: utils.top_activating(model, images, args.layer, args.channel, k=args.k), device)
+    (loop_idx, loop_scores), loop_s = time_call(
+        lambda: per_image_top(model, images, args.layer, args.channel, args.k), device)
+    batched_idx, batched_scores = torch.as_tensor(batched_idx).cpu(), torch.as_tensor(batched_scores).float().cpu()
+    # The arithmetic the batched pass must do bounds its speed: its FLOP rate, next to the device's
+    # peak, says how much faster it could still get.
+    with FlopCounterMode(display=False) as flops, torch.inference_mode():
+        utils.stage_output(model, utils.normalize(images[:1].to(device)), args.layer)
+    gflop = flops.get_total_flops() * len(images) / 1e9
+    return dict(status="measured", layer=args.layer, channel=args.channel, k=args.k, images=len(images),
+                batched_s=batched_s, per_image_s=loop_s, speedup=loop_s / batched_s,
+                gflop=gflop, batched_gflop_per_s=gflop / batched_s, matmul_gflop_per_s=matmul_gflop_per_s(device),
+                batched_images_per_s=len(images) / batched_s, per_image_images_per_s=len(images) / loop_s,
+                same_indices=sorted(batched_idx.tolist()) == sorted(loop_idx.tolist()),
+                max_score_rel_diff=((batched_scores.sort().values - loop_scores.sort().values).abs().max()
+                                    / loop_scores.abs().max().clamp_min(1e-12)).item())
+
+
+# --------------------------------------------------------------------------- report
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def duration(seconds):
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 3 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def print_table(result):
+    print(f"\n{result['device_name']} | torch {result['torch']} | width {result['width']} | "
+          f"{result['date']}")
+    print(f"full recipe: {RECIPE_ITERATIONS:,} iterations at batch {RECIPE_BATCH} + {RECIPE_EPOCHS} evaluations "
+          f"of {RECIPE_TEST_IMAGES:,} images\n")
+    header = (f"{'pipeline':34} {'train img/s':>12} {'(min-max)':>13} {'x tutorial':>10} {'eval img/s':>11} "
+              f"{'compile':>8} {'full recipe':>12}")
+    print(header)
+    print("-" * len(header))
+    tutorial = result["rows"].get("tutorial", {}).get("train_images_per_s")
+    for key, row in result["rows"].items():
+        label = row["label"] + (" *" if row.get("default") else "")
+        if "train_images_per_s" not in row:
+            print(f"{label:34} {row['status']}")
+            continue
+        spread = f"({min(row['window_images_per_s']):.0f}-{max(row['window_images_per_s']):.0f})"
+        ratio = f"{row['train_images_per_s'] / tutorial:.2f}" if tutorial else "-"
+        compile_s = duration(row["compile_s"]) if row["compile_s"] is not None else "-"
+        print(f"{label:34} {row['train_images_per_s']:12.1f} {spread:>13} {ratio:>10} "
+              f"{row['eval_images_per_s']:11.1f} {compile_s:>8} {duration(row['projected_s']):>12}")
+    print("* train.py's default on this device")
+    top = result["top_activating"]
+    if top["status"] == "measured":
+        print(f"\ntop_activating ({top['layer']} channel {top['channel']}, k={top['k']}, {top['images']:,} images): "
+              f"batched {top['batched_s']:.2f} s, per-image loop {top['per_image_s']:.2f} s, "
+              f"{top['speedup']:.1f}x; same top-{top['k']}: {top['same_indices']}; "
+              f"{top['gflop']:,.0f} GFLOP, batched at {top['batched_gflop_per_s']:.0f} GFLOP/s "
+              f"(an fp32 matmul here: {top['matmul_gflop_per_s']:.0f})")
+    else:
+        print(f"\ntop_activating: {top['status']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = utils.resolve_device(args.device)
+    resolve_settings(args, device)
+    cuda = device.type == "cuda"
+
+    g = torch.Generator().manual_seed(args.seed)
+    train_images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g)
+    train_labels = torch.randint(0, 10, (args.images,), generator=g)
+    test_images = torch.randint(0, 256, (args.test_images, 3, 32, 32), dtype=torch.uint8, generator=g)
+    test_labels = torch.randint(0, 10, (args.test_images,), generator=g)
+    data = tuple(t.to(device) for t in (train_images, train_labels, test_images, test_labels))
+
+    result = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
+                  torchvision=torchvision.__version__, python=platform.python_version(),
+                  date=datetime.datetime.now().isoformat(timespec="seconds"), threads=torch.get_num_threads(),
+                  width=args.width, settings={k: v for k, v in vars(args).items() if k != "json"},
+                  recipe=dict(epochs=RECIPE_EPOCHS, iterations=RECIPE_ITERATIONS, batch_size=RECIPE_BATCH,
+                              train_images=RECIPE_TRAIN_IMAGES, test_images=RECIPE_TEST_IMAGES),
+                  rows={})
+    print(f"benchmarking on {result['device_name']}: {args.images:,} train / {args.test_images:,} test "
+          f"random images, width {args.width}, {args.windows} windows of {args.window_steps} steps")
+    result["top_activating"] = measure_top_activating(args, device, data[2])  # first: it fails fast
+    steps = args.warmup + args.windows * args.window_steps + 1  # + 1 for the evaluation
+    for key, (label, pipeline, bf16, channels_last, compile_) in ROWS.items():
+        # train.py turns bf16 and channels_last on for CUDA only, torch.compile only when asked
+        default = pipeline == "train.py" and (bf16, channels_last) == (cuda, cuda) and not compile_
+        if compile_ and not (cuda and args.compile):
+            why = ("skipped (--no-compile)" if cuda
+                   else "n/a: torch.compile is benchmarked on CUDA only, as train.py uses it")
+            result["rows"][key] = dict(label=label, default=False, status=why)
+            continue
+        with tqdm(total=steps, desc=key, unit="step", leave=False, dynamic_ncols=True) as bar:
+            result["rows"][key] = dict(measure_row(key, args, device, data, bar), default=default,
+                                       status="measured")
+    rows = result["rows"]
+    default_key = "bf16_cl" if cuda else "fp32"
+    result["default_row"] = default_key
+    result["default_vs_tutorial"] = rows[default_key]["train_images_per_s"] / rows["tutorial"]["train_images_per_s"]
+
+    print_table(result)
+    path = args.json or f"bench_{device.type}.json"
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, allow_nan=False)
+    print(f"\ntrain.py's default pipeline here ({default_key}) trains {result['default_vs_tutorial']:.2f}x as fast "
+          f"as the tutorial pipeline; figures written to {path}")
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
