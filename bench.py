@@ -118,15 +118,8 @@ def resolve_settings(args, device):
         if getattr(args, name) > args.test_images:
             raise utils.UserError(f"--{name.replace('_', '-')} must be in 1..{args.test_images} "
                                   f"(--test-images), got {getattr(args, name)}")
-    if args.layer not in STAGES:
-        raise utils.UserError(f"--layer {args.layer!r} is not a layer; choose one of {', '.join(STAGES)}")
-    model = ResNet(args.width).eval()
-    with torch.inference_mode(), model.capture(args.layer) as acts:
-        model(torch.zeros(1, 3, 32, 32))
-    channels = acts[args.layer].shape[1]
-    if not 0 <= args.channel < channels:
-        raise utils.UserError(f"--channel must be in 0..{channels - 1} for {args.layer} at width {args.width}, "
-                              f"got {args.channel}")
+    utils.check_layer(args.layer)
+    utils.check_channel(ResNet(args.width), args.layer, args.channel)
 
 
 # --------------------------------------------------------------------------- the tutorial's pipeline
@@ -307,8 +300,6 @@ def matmul_gflop_per_s(device, n=4096, repeats=5):
 
 
 def measure_top_activating(args, device, test_images):
-    if not hasattr(utils, "top_activating"):
-        return dict(status="n/a: utils.top_activating does not exist yet")
     model, _ = new_model(args, device, channels_last=False)
     model.eval()
     images = test_images[:args.top_images]
@@ -375,14 +366,11 @@ def print_table(result):
               f"{row['eval_images_per_s']:11.1f} {compile_s:>8} {duration(row['projected_s']):>12}")
     print("* train.py's default on this device")
     top = result["top_activating"]
-    if top["status"] == "measured":
-        print(f"\ntop_activating ({top['layer']} channel {top['channel']}, k={top['k']}, {top['images']:,} images): "
-              f"batched {top['batched_s']:.2f} s, per-image loop {top['per_image_s']:.2f} s, "
-              f"{top['speedup']:.1f}x; same top-{top['k']}: {top['same_indices']}; "
-              f"{top['gflop']:,.0f} GFLOP, batched at {top['batched_gflop_per_s']:.0f} GFLOP/s "
-              f"(an fp32 matmul here: {top['matmul_gflop_per_s']:.0f})")
-    else:
-        print(f"\ntop_activating: {top['status']}")
+    print(f"\ntop_activating ({top['layer']} channel {top['channel']}, k={top['k']}, {top['images']:,} images): "
+          f"batched {top['batched_s']:.2f} s, per-image loop {top['per_image_s']:.2f} s, "
+          f"{top['speedup']:.1f}x; same top-{top['k']}: {top['same_indices']}; "
+          f"{top['gflop']:,.0f} GFLOP, batched at {top['batched_gflop_per_s']:.0f} GFLOP/s "
+          f"(an fp32 matmul here: {top['matmul_gflop_per_s']:.0f})")
 
 
 def main(argv=None):

@@ -132,7 +132,4 @@ def test_bench_writes_measured_consistent_figures(tmp_path):
     assert result["default_vs_tutorial"] == pytest.approx(rows["fp32"]["train_images_per_s"]
                                                           / rows["tutorial"]["train_images_per_s"])
     top = result["top_activating"]
-    if hasattr(utils, "top_activating"):
-        assert top["status"] == "measured" and top["same_indices"] and top["max_score_rel_diff"] < 1e-4
-    else:
-        assert top["status"].startswith("n/a")
+    assert top["status"] == "measured" and top["same_indices"] and top["max_score_rel_diff"] < 1e-4

@@ -7,6 +7,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+import bench
 import utils
 from conftest import assert_one_line_error, run_script
 from model import ResNet
@@ -25,17 +26,12 @@ def test_top_activating_equals_the_one_image_at_a_time_loop(test_images, layer, 
     model = ResNet(8).eval()
     images = test_images[:50]
     # the report's loop: each image alone through the whole network, the stage output captured
-    loop = torch.empty(len(images))
-    for i in range(len(images)):
-        with torch.no_grad(), model.capture(layer) as acts:
-            model(utils.normalize(images[i:i + 1]))
-        loop[i] = acts[layer][0, channel].sum()
+    loop_indices, loop = bench.per_image_top(model, images, layer, channel, k=len(images))
     assert loop.unique().numel() == len(loop) and loop.max() > 0  # a strict ranking to compare
-    expected = loop.topk(10)
     # batches of 16: three full ones and a partial one
     indices, scores = utils.top_activating(model, images, layer, channel, k=10, batch_size=16)
-    assert indices.tolist() == expected.indices.tolist()
-    torch.testing.assert_close(scores, expected.values, rtol=1e-5, atol=1e-6)
+    assert indices.tolist() == loop_indices[:10].tolist()
+    torch.testing.assert_close(scores, loop[:10], rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_ascent_raises_the_activation_within_the_pixel_range(trained_checkpoint, test_images):
