@@ -24,7 +24,7 @@ wall time of the full recipe is 52 epochs x 50,000 images (20,332 iterations at 
 training throughput, plus one 10,000-image test evaluation per epoch, plus the compile time. Per-epoch
 costs outside the two loops (checkpoint writes, DataLoader worker start-up) are not in it.
 
-Last, utils.top_activating (batched) is timed against the report's one-image-at-a-time loop, and
+Last, visualize.top_activating (batched) is timed against the report's one-image-at-a-time loop, and
 their top-k indices are compared. All figures go to a JSON file (--json).
 """
 import argparse
@@ -43,8 +43,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 from tqdm import tqdm
 
+import data
 import train
 import utils
+import visualize
 from model import STAGES, ResNet
 
 # The full recipe the throughputs are projected to: train.py's defaults on CIFAR-10.
@@ -118,8 +120,8 @@ def resolve_settings(args, device):
         if getattr(args, name) > args.test_images:
             raise utils.UserError(f"--{name.replace('_', '-')} must be in 1..{args.test_images} "
                                   f"(--test-images), got {getattr(args, name)}")
-    utils.check_layer(args.layer)
-    utils.check_channel(ResNet(args.width), args.layer, args.channel)
+    visualize.check_layer(args.layer)
+    visualize.check_channel(ResNet(args.width), args.layer, args.channel)
 
 
 # --------------------------------------------------------------------------- the tutorial's pipeline
@@ -140,7 +142,7 @@ class ArrayCIFAR(Dataset):
 
 
 def tutorial_transform(train_split):
-    normalize = transforms.Normalize(utils.CIFAR10_MEAN, utils.CIFAR10_STD)
+    normalize = transforms.Normalize(data.CIFAR10_MEAN, data.CIFAR10_STD)
     if not train_split:
         return transforms.Compose([transforms.ToTensor(), normalize])
     return transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
@@ -224,10 +226,10 @@ def new_model(args, device, channels_last):
     return model, optimizer
 
 
-def measure_row(key, args, device, data, bar):
+def measure_row(key, args, device, splits, bar):
     """Training and evaluation throughput of one row, and its projected recipe wall time."""
     label, pipeline, bf16, channels_last, compile_ = ROWS[key]
-    train_images, train_labels, test_images, test_labels = data
+    train_images, train_labels, test_images, test_labels = splits
     model, optimizer = new_model(args, device, channels_last)
     train_model = torch.compile(model) if compile_ else model
 
@@ -285,7 +287,7 @@ def per_image_top(model, images, layer, channel, k):
     scores = torch.empty(len(images))
     for i in tqdm(range(len(images)), desc="per-image loop", unit="img", leave=False, dynamic_ncols=True):
         with model.capture(layer) as acts:
-            model(utils.normalize(images[i:i + 1]))
+            model(data.normalize(images[i:i + 1]))
         scores[i] = acts[layer][0, channel].sum().item()  # a host sync per image, as in the report
     top = scores.topk(k)
     return top.indices, top.values
@@ -303,16 +305,16 @@ def measure_top_activating(args, device, test_images):
     model, _ = new_model(args, device, channels_last=False)
     model.eval()
     images = test_images[:args.top_images]
-    utils.top_activating(model, images[:min(len(images), 100)], args.layer, args.channel)  # warm-up
+    visualize.top_activating(model, images[:min(len(images), 100)], args.layer, args.channel)  # warm-up
     (batched_idx, batched_scores), batched_s = time_call(
-        lambda: utils.top_activating(model, images, args.layer, args.channel, k=args.k), device)
+        lambda: visualize.top_activating(model, images, args.layer, args.channel, k=args.k), device)
     (loop_idx, loop_scores), loop_s = time_call(
         lambda: per_image_top(model, images, args.layer, args.channel, args.k), device)
     batched_idx, batched_scores = torch.as_tensor(batched_idx).cpu(), torch.as_tensor(batched_scores).float().cpu()
     # The arithmetic the batched pass must do bounds its speed: its FLOP rate, next to the device's
     # peak, says how much faster it could still get.
     with FlopCounterMode(display=False) as flops, torch.inference_mode():
-        utils.stage_output(model, utils.normalize(images[:1].to(device)), args.layer)
+        visualize.stage_output(model, data.normalize(images[:1].to(device)), args.layer)
     gflop = flops.get_total_flops() * len(images) / 1e9
     return dict(status="measured", layer=args.layer, channel=args.channel, k=args.k, images=len(images),
                 batched_s=batched_s, per_image_s=loop_s, speedup=loop_s / batched_s,
@@ -384,7 +386,7 @@ def main(argv=None):
     train_labels = torch.randint(0, 10, (args.images,), generator=g)
     test_images = torch.randint(0, 256, (args.test_images, 3, 32, 32), dtype=torch.uint8, generator=g)
     test_labels = torch.randint(0, 10, (args.test_images,), generator=g)
-    data = tuple(t.to(device) for t in (train_images, train_labels, test_images, test_labels))
+    splits = tuple(t.to(device) for t in (train_images, train_labels, test_images, test_labels))
 
     result = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
                   torchvision=torchvision.__version__, python=platform.python_version(),
@@ -395,7 +397,7 @@ def main(argv=None):
                   rows={})
     print(f"benchmarking on {result['device_name']}: {args.images:,} train / {args.test_images:,} test "
           f"random images, width {args.width}, {args.windows} windows of {args.window_steps} steps")
-    result["top_activating"] = measure_top_activating(args, device, data[2])  # first: it fails fast
+    result["top_activating"] = measure_top_activating(args, device, splits[2])  # first: it fails fast
     steps = args.warmup + args.windows * args.window_steps + 1  # + 1 for the evaluation
     for key, (label, pipeline, bf16, channels_last, compile_) in ROWS.items():
         # train.py turns bf16 and channels_last on for CUDA only, torch.compile only when asked
@@ -406,7 +408,7 @@ def main(argv=None):
             result["rows"][key] = dict(label=label, default=False, status=why)
             continue
         with tqdm(total=steps, desc=key, unit="step", leave=False, dynamic_ncols=True) as bar:
-            result["rows"][key] = dict(measure_row(key, args, device, data, bar), default=default,
+            result["rows"][key] = dict(measure_row(key, args, device, splits, bar), default=default,
                                        status="measured")
     rows = result["rows"]
     default_key = "bf16_cl" if cuda else "fp32"

@@ -5,12 +5,13 @@
 All maps share one grey scale (the colour bar); channel 0 is top left, then row by row.
 """
 import utils
+import visualize
 
 
 def main():
-    args = utils.plot_parser(__doc__, image_index=7876, layer="conv1").parse_args()
-    run = utils.load_for_plots(args)
-    utils.plot_feature_maps(run, args.layer, args.figures_dir)
+    args = visualize.plot_parser(__doc__, image_index=7876, layer="conv1").parse_args()
+    run = visualize.load_for_plots(args)
+    visualize.plot_feature_maps(run, args.layer, args.figures_dir)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,19 @@ the RGB grid maps every weight w to 0.5 + w / (2 max|w|), max over all filters, 
 from pathlib import Path
 
 import utils
+import visualize
 
 
 def main():
-    args = utils.plot_parser(__doc__).parse_args()
-    run = utils.load_for_plots(args, test_split=False)
+    args = visualize.plot_parser(__doc__).parse_args()
+    run = visualize.load_for_plots(args, test_split=False)
     weights = run.model.conv1.conv.weight.detach()  # (filters, input channels R G B, 3, 3)
     figures = Path(args.figures_dir)
     for c, colour in enumerate("RGB"):
-        utils.save_mosaic(figures / f"conv1_filters_input_channel{c}.png", weights[:, c],
+        visualize.save_mosaic(figures / f"conv1_filters_input_channel{c}.png", weights[:, c],
                           f"conv1 filters, input channel {c} ({colour}): {len(weights)} filters, filter 0 "
                           f"top left\n{run.caption}", symmetric=True)
-    utils.save_rgb_mosaic(figures / "conv1_filters_rgb.png", utils.signed_to_display(weights, per_image=False),
+    visualize.save_rgb_mosaic(figures / "conv1_filters_rgb.png", visualize.signed_to_display(weights, per_image=False),
                           f"conv1 filters as RGB images (0.5 + w / (2 max|w|), grey = 0)\n{run.caption}")
 
 

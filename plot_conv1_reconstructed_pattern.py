@@ -7,12 +7,13 @@ the transposed network (model.ResNet.reconstruct). Display: each reconstruction 
 0.5 + r / (2 max|r|), so grey is 0.
 """
 import utils
+import visualize
 
 
 def main():
-    args = utils.plot_parser(__doc__, images="4531-4546", layer="conv1", channel=0, path="both").parse_args()
-    run = utils.load_for_plots(args)
-    utils.plot_reconstructions(run, args.layer, args.channel, args.path, args.figures_dir)
+    args = visualize.plot_parser(__doc__, images="4531-4546", layer="conv1", channel=0, path="both").parse_args()
+    run = visualize.load_for_plots(args)
+    visualize.plot_reconstructions(run, args.layer, args.channel, args.path, args.figures_dir)
 
 
 if __name__ == "__main__":

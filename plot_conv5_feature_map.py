@@ -6,12 +6,13 @@ conv5_x maps are 2x2 (8x the width of channels); all share one grey scale (the c
 channel 0 is top left, then row by row.
 """
 import utils
+import visualize
 
 
 def main():
-    args = utils.plot_parser(__doc__, image_index=7876, layer="conv5_x").parse_args()
-    run = utils.load_for_plots(args)
-    utils.plot_feature_maps(run, args.layer, args.figures_dir)
+    args = visualize.plot_parser(__doc__, image_index=7876, layer="conv5_x").parse_args()
+    run = visualize.load_for_plots(args)
+    visualize.plot_feature_maps(run, args.layer, args.figures_dir)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ plot_conv5_reconstructed_pattern_shortcut.py is the same through the shortcut. D
 reconstruction r is shown as 0.5 + r / (2 max|r|), so grey is 0.
 """
 import utils
+import visualize
 
 
 def main():
-    args = utils.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1).parse_args()
-    run = utils.load_for_plots(args)
-    utils.plot_reconstructions(run, args.layer, args.channel, "trunk", args.figures_dir)
+    args = visualize.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1).parse_args()
+    run = visualize.load_for_plots(args)
+    visualize.plot_reconstructions(run, args.layer, args.channel, "trunk", args.figures_dir)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+import data
 import utils
+import visualize
 
 
 def main():
-    p = utils.plot_parser(__doc__, layer="conv5_x", channel=0)
+    p = visualize.plot_parser(__doc__, layer="conv5_x", channel=0)
     p.add_argument("--image-index", type=int, help="start from this test image (default: the top-activating one)")
     p.add_argument("--steps", type=int, default=100, help="Adam steps (default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.05,
@@ -25,24 +27,24 @@ def main():
     args = p.parse_args()
     if args.steps < 1 or args.lr <= 0 or args.penalty < 0:
         raise utils.UserError("--steps must be at least 1, --lr above 0 and --penalty at least 0")
-    run = utils.load_for_plots(args)
+    run = visualize.load_for_plots(args)
     model, layer, channel = run.model, args.layer, args.channel
     if run.indices is None:
-        (index,), (score,) = utils.top_activating(model, run.images, layer, channel)
-        print(f"test image {utils.image_label(run, index.item())} excites {layer} channel {channel} most: "
+        (index,), (score,) = visualize.top_activating(model, run.images, layer, channel)
+        print(f"test image {visualize.image_label(run, index.item())} excites {layer} channel {channel} most: "
               f"feature-map sum {score:.4f}")
         run.indices = [index.item()]
-    x0 = utils.normalize(run.images[run.indices].to(run.device))
-    x = utils.gradient_ascent(model, x0, layer, channel, args.steps, args.lr, args.penalty)
+    x0 = data.normalize(run.images[run.indices].to(run.device))
+    x = visualize.gradient_ascent(model, x0, layer, channel, args.steps, args.lr, args.penalty)
     with torch.inference_mode():
-        before, after = (utils.channel_scores(model, image, layer, channel).item() for image in (x0, x))
+        before, after = (visualize.channel_scores(model, image, layer, channel).item() for image in (x0, x))
     print(f"{layer} channel {channel} activation: {before:.4f} before, {after:.4f} after {args.steps} steps")
     if after <= before:
         print("the activation did not rise: the filter is silent on this image (no gradient) or --lr is too "
               "large; try another --image-index or a smaller --lr")
-    panels = [(utils.to_display(x0)[0], f"start: test image\n{utils.image_label(run, run.indices[0])}"),
-              (utils.to_display(x)[0], "pattern"), (utils.signed_to_display(x - x0)[0], "pattern - start")]
-    utils.save_panels(Path(args.figures_dir) / f"gradient_pattern_{layer}_channel{channel}.png", panels,
+    panels = [(visualize.to_display(x0)[0], f"start: test image\n{visualize.image_label(run, run.indices[0])}"),
+              (visualize.to_display(x)[0], "pattern"), (visualize.signed_to_display(x - x0)[0], "pattern - start")]
+    visualize.save_panels(Path(args.figures_dir) / f"gradient_pattern_{layer}_channel{channel}.png", panels,
                       f"gradient ascent on {layer} channel {channel}: activation {before:.3g} -> {after:.3g} "
                       f"({args.steps} Adam steps, lr {args.lr}, penalty {args.penalty})\n{run.caption}", cols=3)
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import utils
 from model import ResNet
 
@@ -98,13 +99,13 @@ def epoch_plan(num_images, epoch, seed):
     """Shuffle order and augmentation of one epoch, drawn from a generator seeded by (seed, epoch)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_images, generator=g)
-    offsets, flips = utils.draw_augmentation(num_images, g)
+    offsets, flips = data.draw_augmentation(num_images, g)
     return order, offsets, flips
 
 
 def prepare_batch(images, index, offsets, flips, channels_last=False):
     """Gather uint8 images on their device, crop + flip, normalise: the network's input batch."""
-    x = utils.normalize(utils.random_crop_flip(images[index], offsets, flips))
+    x = data.normalize(data.random_crop_flip(images[index], offsets, flips))
     # The gather leaves channels-last strides; convolutions on CPU are fastest on the layout asked for.
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -144,7 +145,7 @@ def evaluate(model, images, labels, bf16=False, channels_last=False, batch_size=
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device, dtype=torch.long)
     for start in range(0, len(images), batch_size):
-        x = utils.normalize(images[start:start + batch_size])
+        x = data.normalize(images[start:start + batch_size])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[start:start + batch_size]
@@ -318,9 +319,9 @@ def main(argv=None):
     cuda = device.type == "cuda"
     bf16, channels_last = config["bf16"] and cuda, config["channels_last"] and cuda
 
-    root = utils.dataset_root(config["data_dir"], config["synthetic"])
-    train_images, train_labels, classes = utils.load_cifar10(root, train=True)
-    test_images, test_labels, _ = utils.load_cifar10(root, train=False)
+    root = data.dataset_root(config["data_dir"], config["synthetic"])
+    train_images, train_labels, classes = data.load_cifar10(root, train=True)
+    test_images, test_labels, _ = data.load_cifar10(root, train=False)
     config["classes"] = classes
     data_name = "synthetic gratings (NOT CIFAR-10)" if config["synthetic"] else f"CIFAR-10 from {root}"
     train_images, train_labels = train_images.to(device), train_labels.to(device)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import bench
+import data
 import train
-import utils
 from model import ResNet
 
 
@@ -60,7 +60,7 @@ def one_step(model, batch, labels, bf16, channels_last):
 
 
 def test_cuda_default_settings_keep_the_recipe_maths_on_cpu():
-    images, labels = utils.make_synthetic_images(64, seed=3)
+    images, labels = data.make_synthetic_images(64, seed=3)
     order, offsets, flips = train.epoch_plan(len(images), epoch=0, seed=3)
     batch = (images, order[:16], offsets[:16], flips[:16])
     torch.manual_seed(3)
@@ -102,7 +102,7 @@ def test_per_image_loop_scores_equal_one_batched_pass():
     images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     indices, scores = bench.per_image_top(model, images, "conv4_x", 5, k=4)
     with torch.inference_mode(), model.capture("conv4_x") as acts:
-        model(utils.normalize(images))
+        model(data.normalize(images))
     all_scores = acts["conv4_x"][:, 5].sum((1, 2))
     top = all_scores.topk(4)
     assert indices.tolist() == top.indices.tolist()

@@ -7,6 +7,7 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 
+import data
 import utils
 from conftest import assert_one_line_error, run_script
 
@@ -25,29 +26,29 @@ def test_reader_returns_images_in_the_archive_layout(tmp_path, keys_as_bytes):
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, (7, 3072), dtype=np.uint8) for _ in range(2)]
     labels = [rng.integers(0, 10, 7).tolist() for _ in range(2)]
-    for i, (data, lab) in enumerate(zip(batches, labels), start=1):
-        write_batch(folder / f"data_batch_{i}", keys_as_bytes, data, lab)
+    for i, (pixels, lab) in enumerate(zip(batches, labels), start=1):
+        write_batch(folder / f"data_batch_{i}", keys_as_bytes, pixels, lab)
     test_data = rng.integers(0, 256, (5, 3072), dtype=np.uint8)
     write_batch(folder / "test_batch", keys_as_bytes, test_data, [9, 0, 1, 2, 3])
 
-    images, y, classes = utils.load_cifar10(tmp_path, train=True, download=False)
+    images, y, classes = data.load_cifar10(tmp_path, train=True, download=False)
     assert images.dtype == torch.uint8 and images.shape == (14, 3, 32, 32)
     assert y.dtype == torch.int64 and y.tolist() == labels[0] + labels[1]
-    assert classes == list(utils.CIFAR10_CLASSES)  # no batches.meta: the official names
+    assert classes == list(data.CIFAR10_CLASSES)  # no batches.meta: the official names
     pixel = batches[1][3]  # image 3 of batch 2, pixel (row 5, col 17)
     assert images[7 + 3, :, 5, 17].tolist() == [pixel[5 * 32 + 17], pixel[1024 + 5 * 32 + 17],
                                                 pixel[2048 + 5 * 32 + 17]]
-    test_images, test_y, _ = utils.load_cifar10(tmp_path, train=False, download=False)
+    test_images, test_y, _ = data.load_cifar10(tmp_path, train=False, download=False)
     assert test_y.tolist() == [9, 0, 1, 2, 3]
     assert torch.equal(test_images.reshape(5, 3072), torch.from_numpy(test_data))
 
 
 def test_writer_and_reader_round_trip_with_class_names(tmp_path):
-    images, labels = utils.make_synthetic_images(30, seed=3)
-    utils.write_cifar10_folder(tmp_path, images[:20], labels[:20], images[20:], labels[20:],
+    images, labels = data.make_synthetic_images(30, seed=3)
+    data.write_cifar10_folder(tmp_path, images[:20], labels[:20], images[20:], labels[20:],
                                [f"c{k}" for k in range(10)], num_train_batches=3)
     assert len(list((tmp_path / "cifar-10-batches-py").glob("data_batch_*"))) == 3
-    got, got_labels, classes = utils.load_cifar10(tmp_path, train=True, download=False)
+    got, got_labels, classes = data.load_cifar10(tmp_path, train=True, download=False)
     assert torch.equal(got, images[:20]) and torch.equal(got_labels, labels[:20])
     assert classes == [f"c{k}" for k in range(10)]
 
@@ -65,7 +66,7 @@ def test_malformed_dataset_files_give_one_clear_line(small_data_dir, tmp_path, d
     shutil.copytree(small_data_dir, data_dir)
     damage(data_dir / "cifar-10-batches-py" / "data_batch_1")
     with pytest.raises(utils.UserError) as err:
-        utils.load_cifar10(data_dir, train=True)
+        data.load_cifar10(data_dir, train=True)
     for word in words:
         assert word in str(err.value)
     proc = run_script("train.py", "--data-dir", data_dir, "--checkpoint", tmp_path / "c.pt", "--iterations", 1)
@@ -80,9 +81,9 @@ def test_absent_dataset_offline_says_where_to_put_the_archive(tmp_path):
 
 
 def test_synthetic_data_is_labelled_not_cifar10_and_read_by_the_same_reader(synthetic_data_dir):
-    root = utils.dataset_root(synthetic_data_dir, synthetic=True)
+    root = data.dataset_root(synthetic_data_dir, synthetic=True)
     assert "Not CIFAR-10" in (root / "README.txt").read_text()
-    images, labels, classes = utils.load_cifar10(root, train=False, download=False)
+    images, labels, classes = data.load_cifar10(root, train=False, download=False)
     assert images.shape == (10000, 3, 32, 32) and all(c.startswith("synthetic") for c in classes)
     assert torch.bincount(labels, minlength=10).min() > 800  # every class present, roughly balanced
 
@@ -92,8 +93,8 @@ def test_random_crop_flip_is_one_offset_and_flip_of_the_padded_image():
     flipped; over many images every one of the 9x9 offsets and both flips occur."""
     n = 3000
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-    offsets, flips = utils.draw_augmentation(n, torch.Generator().manual_seed(1))
-    out = utils.random_crop_flip(images, offsets, flips)
+    offsets, flips = data.draw_augmentation(n, torch.Generator().manual_seed(1))
+    out = data.random_crop_flip(images, offsets, flips)
     assert out.dtype == torch.uint8 and out.shape == images.shape
     padded = TF.pad(images, [4])  # torchvision's RandomCrop(32, padding=4) pads with zeros like this
     seen = set()
@@ -112,7 +113,7 @@ def test_random_crop_flip_is_one_offset_and_flip_of_the_padded_image():
 
 def test_normalize_matches_torchvision_to_tensor_and_normalize():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    reference = torch.stack([T.Normalize(utils.CIFAR10_MEAN, utils.CIFAR10_STD)(T.ToTensor()(
+    reference = torch.stack([T.Normalize(data.CIFAR10_MEAN, data.CIFAR10_STD)(T.ToTensor()(
         TF.to_pil_image(img))) for img in images])
-    torch.testing.assert_close(utils.normalize(images), reference)
-    torch.testing.assert_close(utils.denormalize(reference), images.float() / 255)
+    torch.testing.assert_close(data.normalize(images), reference)
+    torch.testing.assert_close(data.denormalize(reference), images.float() / 255)

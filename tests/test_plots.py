@@ -1,4 +1,4 @@
-"""The plot scripts and their shared code in utils.py: scores, gradient ascent, figures, bad input."""
+"""The plot scripts and their shared code in visualize.py: scores, gradient ascent, figures, bad input."""
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,14 +8,16 @@ import torch
 from matplotlib.image import imread
 
 import bench
+import data
 import utils
+import visualize
 from conftest import assert_one_line_error, run_script
 from model import ResNet
 
 
 @pytest.fixture(scope="module")
 def test_images(synthetic_data_dir):
-    return utils.load_cifar10(utils.dataset_root(synthetic_data_dir, True), train=False)[0]
+    return data.load_cifar10(data.dataset_root(synthetic_data_dir, True), train=False)[0]
 
 
 # --------------------------------------------------------------------------- scores and gradient ascent
@@ -29,7 +31,7 @@ def test_top_activating_equals_the_one_image_at_a_time_loop(test_images, layer, 
     loop_indices, loop = bench.per_image_top(model, images, layer, channel, k=len(images))
     assert loop.unique().numel() == len(loop) and loop.max() > 0  # a strict ranking to compare
     # batches of 16: three full ones and a partial one
-    indices, scores = utils.top_activating(model, images, layer, channel, k=10, batch_size=16)
+    indices, scores = visualize.top_activating(model, images, layer, channel, k=10, batch_size=16)
     assert indices.tolist() == loop_indices[:10].tolist()
     torch.testing.assert_close(scores, loop[:10], rtol=1e-5, atol=1e-6)
 
@@ -37,17 +39,17 @@ def test_top_activating_equals_the_one_image_at_a_time_loop(test_images, layer, 
 def test_gradient_ascent_raises_the_activation_within_the_pixel_range(trained_checkpoint, test_images):
     model, _ = utils.load_checkpoint(trained_checkpoint)
     layer, channel = "conv5_x", 0
-    (index,), _ = utils.top_activating(model, test_images[:200], layer, channel)
-    x0 = utils.normalize(test_images[[index.item()]])
-    results = {penalty: utils.gradient_ascent(model, x0, layer, channel, steps=15, lr=0.05, penalty=penalty)
+    (index,), _ = visualize.top_activating(model, test_images[:200], layer, channel)
+    x0 = data.normalize(test_images[[index.item()]])
+    results = {penalty: visualize.gradient_ascent(model, x0, layer, channel, steps=15, lr=0.05, penalty=penalty)
                for penalty in (0.0, 10.0)}
     with torch.no_grad():
-        before = utils.channel_scores(model, x0, layer, channel).item()
-        after = utils.channel_scores(model, results[0.0], layer, channel).item()
+        before = visualize.channel_scores(model, x0, layer, channel).item()
+        after = visualize.channel_scores(model, results[0.0], layer, channel).item()
     assert before > 0 and after > 1.2 * before
     for x in results.values():
-        # undo normalize by hand: utils.denormalize would clamp to [0, 1] and hide any excursion
-        pixels = x * torch.tensor(utils.CIFAR10_STD).view(1, 3, 1, 1) + torch.tensor(utils.CIFAR10_MEAN).view(1, 3, 1, 1)
+        # undo normalize by hand: data.denormalize would clamp to [0, 1] and hide any excursion
+        pixels = x * torch.tensor(data.CIFAR10_STD).view(1, 3, 1, 1) + torch.tensor(data.CIFAR10_MEAN).view(1, 3, 1, 1)
         assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
     # lambda * ||x - x0||^2 holds the pattern near its start image
     assert (results[10.0] - x0).norm() < 0.5 * (results[0.0] - x0).norm()
@@ -58,10 +60,10 @@ def test_gradient_ascent_raises_the_activation_within_the_pixel_range(trained_ch
 
 @pytest.mark.parametrize("n", [1, 2, 3, 16, 17, 64, 512])
 def test_grids_are_near_square_and_filled_row_by_row(n):
-    rows, cols = utils.grid_shape(n)
+    rows, cols = visualize.grid_shape(n)
     assert rows <= cols <= rows + 1 and (rows - 1) * cols < n <= rows * cols
     maps = np.arange(n * 6, dtype=np.float32).reshape(n, 2, 3)
-    mosaic = utils.tile(maps, pad=1)
+    mosaic = visualize.tile(maps, pad=1)
     assert mosaic.shape == (rows * 3 - 1, cols * 4 - 1)
     for i in range(n):
         r, c = divmod(i, cols)
@@ -72,7 +74,7 @@ def test_grids_are_near_square_and_filled_row_by_row(n):
 def test_signed_display_maps_zero_to_grey_and_each_images_peak_to_an_end():
     r = torch.randn(4, 3, 5, 5) * torch.tensor([1.0, 10.0, 100.0, 1e-3]).view(4, 1, 1, 1)
     r[:, :, 0, 0] = 0
-    shown = utils.signed_to_display(r)  # (N, H, W, 3)
+    shown = visualize.signed_to_display(r)  # (N, H, W, 3)
     assert shown.shape == (4, 5, 5, 3) and shown.min() >= 0 and shown.max() <= 1
     assert np.allclose(shown[:, 0, 0], 0.5)
     for image in shown:  # per image, the largest |r| reaches 0 or 1
@@ -84,7 +86,7 @@ def test_signed_display_maps_zero_to_grey_and_each_images_peak_to_an_end():
 @pytest.mark.parametrize("text, expected", [("4531-4546", list(range(4531, 4547))), ("1,2,3", [1, 2, 3]),
                                             ("7", [7]), ("1, 5-7", [1, 5, 6, 7])])
 def test_image_lists(text, expected):
-    assert utils.parse_indices(text) == expected
+    assert visualize.parse_indices(text) == expected
 
 
 # --------------------------------------------------------------------------- the scripts, as a user runs them
@@ -156,7 +158,7 @@ def test_gradient_script_starts_from_the_top_image_and_raises_its_activation(run
     found = re.search(r"test image (\d+) .*excites conv5_x channel 0 most: feature-map sum ([\d.]+)", out)
     index, score = found.groups()
     model, _ = utils.load_checkpoint(trained_checkpoint)
-    (expected_index,), (expected_score,) = utils.top_activating(model, test_images, "conv5_x", 0)
+    (expected_index,), (expected_score,) = visualize.top_activating(model, test_images, "conv5_x", 0)
     assert int(index) == expected_index.item() and float(score) == pytest.approx(expected_score.item(), abs=1e-4)
     before, after = map(float, re.search(r"activation: ([\d.]+) before, ([\d.]+) after 20 steps", out).groups())
     assert before == pytest.approx(float(score), abs=1e-4) and after > before

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+import data
 import train
 import utils
 from conftest import ROOT, assert_one_line_error, run_script
@@ -26,7 +27,7 @@ def test_training_on_synthetic_data_reaches_high_test_accuracy(trained_checkpoin
     assert history["test_acc"][-1] >= 0.95, history["test_acc"]
     # ...which is learned: the same network untrained is near chance on the same test set
     untrained = utils.build_model({**ckpt, "model": train.ResNet(8).state_dict()})
-    images, labels, _ = utils.load_cifar10(utils.dataset_root(synthetic_data_dir, True), train=False)
+    images, labels, _ = data.load_cifar10(data.dataset_root(synthetic_data_dir, True), train=False)
     assert train.evaluate(untrained, images, labels)[0] < 0.3
     model, _ = utils.load_checkpoint(trained_checkpoint)
     acc, loss = train.evaluate(model, images, labels)
