@@ -13,15 +13,18 @@ ResNet-18, it measures side by side
   fp32       train.py's pipeline: uint8 data on the device, batches gathered, cropped, flipped and
              normalised there (train.epoch_batches + train.train_step);
   bf16       + bf16 autocast;
-  bf16_cl    + channels_last: train.py's default on CUDA;
-  compile    + torch.compile (CUDA only, as in train.py; its compile time is reported separately).
+  bf16_cl    + channels_last;
+  cuda_graph bf16_cl with each training step replayed from a CUDA graph (train.GraphedStep): train.py's
+             default on CUDA (CUDA only; the capture time is reported separately);
+  compile    bf16_cl + torch.compile (benchmarked on CUDA only; its compile time is reported separately).
 
 Every row trains with the same train.train_step and Adam (train.make_optimizer): only the input
 pipeline and the numeric settings differ. Training throughput is the median images/s of several
 timed windows after a warm-up (CUDA is synchronised at each window's edges); evaluation throughput
 is train.evaluate (for the tutorial row: the tutorial's test loop) on the test images. The projected
 wall time of the full recipe is 52 epochs x 50,000 images (20,332 iterations at batch 128) at the
-training throughput, plus one 10,000-image test evaluation per epoch, plus the compile time. Per-epoch
+training throughput, plus one 10,000-image test evaluation per epoch, plus the compile or capture time
+(compile_s in the JSON). Per-epoch
 costs outside the two loops (checkpoint writes, DataLoader worker start-up) are not in it.
 
 Last, visualize.top_activating (batched) is timed against the report's one-image-at-a-time loop, and
@@ -56,14 +59,16 @@ RECIPE_TEST_IMAGES = 10_000
 RECIPE_BATCH = train.RECIPE["batch_size"]             # 128
 RECIPE_ITERATIONS = RECIPE_EPOCHS * -(-RECIPE_TRAIN_IMAGES // RECIPE_BATCH)  # 20,332
 
-# key -> (label, pipeline, bf16, channels_last, compile)
+# key -> (label, pipeline, bf16, channels_last, compile, cuda_graph)
 ROWS = {
-    "tutorial": ("tutorial pipeline (the report's)", "tutorial", False, False, False),
-    "fp32": ("train.py pipeline, fp32", "train.py", False, False, False),
-    "bf16": ("  + bf16 autocast", "train.py", True, False, False),
-    "bf16_cl": ("  + channels_last", "train.py", True, True, False),
-    "compile": ("  + torch.compile", "train.py", True, True, True),
+    "tutorial": ("tutorial pipeline (the report's)", "tutorial", False, False, False, False),
+    "fp32": ("train.py pipeline, fp32", "train.py", False, False, False, False),
+    "bf16": ("  + bf16 autocast", "train.py", True, False, False, False),
+    "bf16_cl": ("  + channels_last", "train.py", True, True, False, False),
+    "cuda_graph": ("  + channels_last + CUDA graph", "train.py", True, True, False, True),
+    "compile": ("  + channels_last + torch.compile", "train.py", True, True, True, False),
 }
+SETTINGS_OF_ROW = ("bf16", "channels_last", "compile", "cuda_graph")  # ROWS[key][2:], as train.py names them
 
 # Window settings: (warm-up steps, windows, steps a window, eval images, top_activating images).
 # A CPU step at width 64 takes ~0.4-0.8 s on 2 cores, a CUDA step a few ms.
@@ -97,6 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--channel", type=int, default=0, help="top_activating channel (default: %(default)s)")
     p.add_argument("--k", type=int, default=9, help="top_activating k (default: %(default)s)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile row on CUDA")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="skip the CUDA-graph row on CUDA")
     p.add_argument("--seed", type=int, default=0, help="data, weights and augmentation (default: %(default)s)")
     p.add_argument("--json", help="where the figures go (default: bench_<device type>.json)")
     return p.parse_args(argv)
@@ -217,20 +223,20 @@ def time_call(fn, device):
     return result, time.perf_counter() - start
 
 
-def new_model(args, device, channels_last):
+def new_model(args, device, channels_last, cuda_graph=False):
     torch.manual_seed(args.seed)  # every row starts from the same weights
     model = ResNet(args.width).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer, _ = train.make_optimizer(model, train.RECIPE)
+    optimizer, _ = train.make_optimizer(model, train.RECIPE, cuda_graph)
     return model, optimizer
 
 
 def measure_row(key, args, device, splits, bar):
     """Training and evaluation throughput of one row, and its projected recipe wall time."""
-    label, pipeline, bf16, channels_last, compile_ = ROWS[key]
+    label, pipeline, bf16, channels_last, compile_, cuda_graph = ROWS[key]
     train_images, train_labels, test_images, test_labels = splits
-    model, optimizer = new_model(args, device, channels_last)
+    model, optimizer = new_model(args, device, channels_last, cuda_graph)
     train_model = torch.compile(model) if compile_ else model
 
     if pipeline == "tutorial":
@@ -240,6 +246,9 @@ def measure_row(key, args, device, splits, bar):
         def step(x, y):
             loss, _ = train.train_step(train_model, optimizer, x, y)
             loss.item()  # the tutorial's `running_loss += loss.item()`: a host sync every step
+    elif cuda_graph:
+        batches = trainpy_batches(train_images, train_labels, args.batch_size, args.seed, channels_last)
+        step = train.GraphedStep(model, optimizer, bf16)
     else:
         batches = trainpy_batches(train_images, train_labels, args.batch_size, args.seed, channels_last)
 
@@ -247,8 +256,8 @@ def measure_row(key, args, device, splits, bar):
             train.train_step(train_model, optimizer, x, y, bf16)
 
     compile_s = None
-    if compile_:
-        # Both shapes of the recipe compile: the full batch and each epoch's last, partial one.
+    if compile_ or cuda_graph:
+        # Both shapes of the recipe compile (or are captured): the full batch and each epoch's last, partial one.
         partial = len(train_images) % args.batch_size or args.batch_size
         x, y = next(batches)
         _, full_s = time_call(lambda: step(x, y), device)
@@ -274,6 +283,7 @@ def measure_row(key, args, device, splits, bar):
     train_s = RECIPE_EPOCHS * RECIPE_TRAIN_IMAGES / train_rate
     eval_total_s = RECIPE_EPOCHS * RECIPE_TEST_IMAGES / eval_rate
     return dict(label=label, pipeline=pipeline, bf16=bf16, channels_last=channels_last, compile=compile_,
+                cuda_graph=cuda_graph,
                 train_images_per_s=train_rate, window_images_per_s=rates, eval_images=n,
                 eval_images_per_s=eval_rate, compile_s=compile_s, projected_train_s=train_s,
                 projected_eval_s=eval_total_s, projected_s=train_s + eval_total_s + (compile_s or 0.0))
@@ -352,7 +362,7 @@ def print_table(result):
     print(f"full recipe: {RECIPE_ITERATIONS:,} iterations at batch {RECIPE_BATCH} + {RECIPE_EPOCHS} evaluations "
           f"of {RECIPE_TEST_IMAGES:,} images\n")
     header = (f"{'pipeline':34} {'train img/s':>12} {'(min-max)':>13} {'x tutorial':>10} {'eval img/s':>11} "
-              f"{'compile':>8} {'full recipe':>12}")
+              f"{'setup':>8} {'full recipe':>12}")
     print(header)
     print("-" * len(header))
     tutorial = result["rows"].get("tutorial", {}).get("train_images_per_s")
@@ -399,28 +409,35 @@ def main(argv=None):
           f"random images, width {args.width}, {args.windows} windows of {args.window_steps} steps")
     result["top_activating"] = measure_top_activating(args, device, splits[2])  # first: it fails fast
     steps = args.warmup + args.windows * args.window_steps + 1  # + 1 for the evaluation
-    for key, (label, pipeline, bf16, channels_last, compile_) in ROWS.items():
-        # train.py turns bf16 and channels_last on for CUDA only, torch.compile only when asked
-        default = pipeline == "train.py" and (bf16, channels_last) == (cuda, cuda) and not compile_
-        if compile_ and not (cuda and args.compile):
-            why = ("skipped (--no-compile)" if cuda
-                   else "n/a: torch.compile is benchmarked on CUDA only, as train.py uses it")
-            result["rows"][key] = dict(label=label, default=False, status=why)
+    defaults = {key: values[0 if cuda else 1] for key, values in train.SPEED_DEFAULTS.items()}
+    for key, (label, pipeline, *settings) in ROWS.items():
+        settings = dict(zip(SETTINGS_OF_ROW, settings))
+        default = pipeline == "train.py" and settings == defaults  # what train.py does here unasked
+        if settings["cuda_graph"] and not (cuda and args.cuda_graph):
+            why = "skipped (--no-cuda-graph)" if cuda else "n/a: CUDA only"
+            result["rows"][key] = dict(label=label, default=default, status=why)
+            continue
+        if settings["compile"] and not (cuda and args.compile):
+            why = "skipped (--no-compile)" if cuda else "n/a: benchmarked on CUDA only"
+            result["rows"][key] = dict(label=label, default=default, status=why)
             continue
         with tqdm(total=steps, desc=key, unit="step", leave=False, dynamic_ncols=True) as bar:
             result["rows"][key] = dict(measure_row(key, args, device, splits, bar), default=default,
                                        status="measured")
     rows = result["rows"]
-    default_key = "bf16_cl" if cuda else "fp32"
+    default_key = next(key for key, row in rows.items() if row["default"])
     result["default_row"] = default_key
-    result["default_vs_tutorial"] = rows[default_key]["train_images_per_s"] / rows["tutorial"]["train_images_per_s"]
+    default_rate = rows[default_key].get("train_images_per_s")  # None if its row was skipped
+    result["default_vs_tutorial"] = default_rate and default_rate / rows["tutorial"]["train_images_per_s"]
 
     print_table(result)
     path = args.json or f"bench_{device.type}.json"
     with open(path, "w") as f:
         json.dump(result, f, indent=2, allow_nan=False)
-    print(f"\ntrain.py's default pipeline here ({default_key}) trains {result['default_vs_tutorial']:.2f}x as fast "
-          f"as the tutorial pipeline; figures written to {path}")
+    if default_rate:
+        print(f"\ntrain.py's default pipeline here ({default_key}) trains {result['default_vs_tutorial']:.2f}x as fast "
+              f"as the tutorial pipeline", end="")
+    print(f"\nfigures written to {path}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ The whole training set lives on the device as one uint8 tensor; each batch is ga
 flipped and normalised there with tensor ops (no DataLoader, no PIL). The augmentation of an epoch
 is drawn up front from a generator seeded by (seed, epoch), so a run resumed mid-epoch continues
 with exactly the batches it would have seen.
+
+Speed settings (--bf16, --channels-last, --compile, --cuda-graph) default to the device's: on CUDA bf16
+autocast, channels_last and the training step replayed from a CUDA graph; elsewhere fp32 and NCHW, as
+the report trained. Each but the CUDA graph can be turned on for any device.
 """
 import argparse
 import csv
@@ -36,6 +40,10 @@ RECIPE = dict(data_dir="data", synthetic=False, batch_size=128, lr=1e-3, weight_
               lr_step_epochs=10, lr_gamma=0.5, width=64, seed=0)
 DEFAULT_EPOCHS = 52
 LOG_EVERY = 50  # iterations between host syncs (progress bar, NaN check): fewer syncs, faster GPU
+# Speed settings a flag left unset takes: key -> (on CUDA, on any other device). A CPU run trains in
+# fp32, as the report did; every setting works on a CPU when asked, except the CUDA graph.
+SPEED_DEFAULTS = dict(bf16=(True, False), channels_last=(True, False), compile=(False, False),
+                      cuda_graph=(True, False))
 
 
 def parse_args(argv=None):
@@ -61,11 +69,15 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="start a new run over an existing --checkpoint")
     p.add_argument("--figures-dir", default="figures", help="where the learning-progress PNGs go (default: %(default)s/)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false",
-                   help="on CUDA, train in fp32 instead of bf16 autocast")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                   help="on CUDA, keep the NCHW memory layout instead of channels_last")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; costs compile time)")
+    # Speed settings: None = the device's default (SPEED_DEFAULTS), resolved in resolve_speed.
+    on = argparse.BooleanOptionalAction
+    p.add_argument("--bf16", action=on, help="bf16 autocast (default: on for CUDA, off elsewhere: fp32)")
+    p.add_argument("--channels-last", action=on,
+                   help="channels_last memory layout (default: on for CUDA, off elsewhere: NCHW)")
+    p.add_argument("--compile", action=on, help="torch.compile the model (default: off; costs compile time)")
+    p.add_argument("--cuda-graph", action=on,
+                   help="replay each training step (forward, backward, Adam) from a CUDA graph "
+                        "(default: on for CUDA unless --compile; CUDA only)")
     return p.parse_args(argv)
 
 
@@ -82,7 +94,7 @@ def resolve_config(args, ckpt):
             config[key] = default if given is None else given
     config["epochs"] = args.epochs if args.epochs is not None else config.get("epochs", DEFAULT_EPOCHS)
     config["iterations"] = args.iterations if args.iterations is not None else config.get("iterations")
-    for key in ("checkpoint", "figures_dir", "device", "bf16", "channels_last", "compile"):
+    for key in ("checkpoint", "figures_dir", "device", *SPEED_DEFAULTS):
         config[key] = getattr(args, key)
     config["data_dir"] = str(config["data_dir"])
     for key in ("epochs", "batch_size", "width", "lr_step_epochs"):
@@ -91,6 +103,29 @@ def resolve_config(args, ckpt):
     if config["iterations"] is not None and config["iterations"] < 1:
         raise utils.UserError(f"--iterations must be at least 1, got {config['iterations']}")
     return config
+
+
+def resolve_speed(config, device):
+    """Turn the speed flags left unset (None) into the device's defaults, in place: the config then
+    records the settings the run really uses."""
+    cuda = device.type == "cuda"
+    if config["cuda_graph"] and not cuda:
+        raise utils.UserError(f"--cuda-graph needs a CUDA device, and this run is on {device}; drop --cuda-graph")
+    if config["cuda_graph"] and config["compile"]:
+        raise utils.UserError("--cuda-graph and --compile are two ways to cut the launch cost; pick one")
+    if config["cuda_graph"] is None and config["compile"]:
+        config["cuda_graph"] = False  # asking for torch.compile replaces the default CUDA graph
+    for key, (on_cuda, elsewhere) in SPEED_DEFAULTS.items():
+        if config[key] is None:
+            config[key] = on_cuda if cuda else elsewhere
+    return config
+
+
+def speed_label(config):
+    """The speed settings of a run, in words, for the startup line."""
+    words = [("bf16 autocast" if config["bf16"] else "fp32"), *(["channels_last"] if config["channels_last"] else []),
+             *(["torch.compile"] if config["compile"] else []), *(["CUDA graph"] if config["cuda_graph"] else [])]
+    return ", ".join(words)
 
 
 # --------------------------------------------------------------------------- the pipeline (bench.py uses it)
@@ -121,7 +156,8 @@ def epoch_batches(images, labels, epoch, seed, batch_size, channels_last=False, 
 
 
 def autocast(device, bf16):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    # No cast cache: each weight is cast once a step anyway, and a CUDA graph must not keep casts alive.
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else nullcontext()
 
 
 def train_step(model, optimizer, x, y, bf16=False):
@@ -157,12 +193,149 @@ def evaluate(model, images, labels, bf16=False, channels_last=False, batch_size=
     return correct.item() / len(images), loss_sum.item() / len(images)
 
 
-def make_optimizer(model, config):
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], betas=(0.9, 0.999), eps=1e-8,
-                                 weight_decay=config["weight_decay"])
+def make_optimizer(model, config, cuda_graph=False):
+    """The recipe's Adam and StepLR. For a CUDA graph, Adam is capturable (its step count lives on the
+    device) and its lr is a device tensor, which StepLR updates in place, so a replay sees each decay."""
+    lr = config["lr"]
+    if cuda_graph:
+        lr = torch.tensor(lr, device=next(model.parameters()).device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=config["weight_decay"], capturable=cuda_graph)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config["lr_step_epochs"],
                                                 gamma=config["lr_gamma"])
     return optimizer, scheduler
+
+
+def plain_numbers(obj):
+    """obj with every one-element tensor in it (a tensor lr) turned into a float."""
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: plain_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain_numbers(v) for v in obj)
+    return obj
+
+
+def portable_state(optimizer, scheduler):
+    """(Adam's, StepLR's) state dicts as a checkpoint keeps them: plain-float learning rates and
+    capturable off, however this run stepped, so that any run, graphed or not, can load them."""
+    opt = optimizer.state_dict()
+    opt["param_groups"] = [dict(plain_numbers(g), capturable=False) for g in opt["param_groups"]]
+    return opt, plain_numbers(scheduler.state_dict())
+
+
+def load_optimizer_state(optimizer, state):
+    """Load a checkpoint's Adam state, keeping how this run steps: capturable or not, and the very lr
+    tensor a CUDA graph reads (filled with the checkpoint's lr)."""
+    live = [(group["capturable"], group["lr"]) for group in optimizer.param_groups]
+    groups = [dict(saved, capturable=capturable) for saved, (capturable, _) in zip(state["param_groups"], live)]
+    optimizer.load_state_dict(dict(state, param_groups=groups))  # capturable moves `step` to the device
+    for group, (_, lr) in zip(optimizer.param_groups, live):
+        if isinstance(lr, torch.Tensor):
+            lr.fill_(float(group["lr"]))
+            group["lr"] = lr
+        else:
+            group["lr"] = float(group["lr"])
+
+
+# --------------------------------------------------------------------------- the training step in a CUDA graph
+
+def training_state(model, optimizer):
+    """A copy of everything a training step changes: weights, BatchNorm buffers, Adam's state."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()})
+
+
+def restore_training_state(model, optimizer, saved):
+    """Copy `saved` back in place (a captured graph holds these very tensors). Adam state created
+    since is zeroed: Adam starts from zeros, so that equals no state at all."""
+    weights, adam = saved
+    for k, v in model.state_dict().items():
+        v.copy_(weights[k])
+    for p, s in optimizer.state.items():
+        for k, v in s.items():
+            v.copy_(adam[p][k]) if p in adam else v.zero_()
+
+
+class GraphedStep:
+    """train_step(model, optimizer, x, y, bf16), replayed from a CUDA graph: one graph launch a step
+    instead of hundreds of kernel launches, whose CPU cost is expected to bound a ResNet-18 step at
+    batch 128 on a fast GPU. (Not yet run on a GPU: no GPU was lent where this was written.)
+
+    A graph has fixed shapes and addresses, so there is one graph per batch size (an epoch's partial
+    last batch gets its own), each with static input and label buffers that a call copies the batch
+    into. The first call of a size captures it: a few eager warm-up steps on a side stream (Adam's
+    state, cuDNN's choices), then the capture, then every weight, BatchNorm buffer and Adam state is
+    put back as it was, so the warm-up leaves no trace, and the graph's first replay is this call's
+    step. That replay is checked against the first warm-up step, an eager step from the same state on
+    the same batch: a graph that updates the weights differently stops the run.
+
+    The optimizer must come from make_optimizer(..., cuda_graph=True) (capturable Adam, tensor lr).
+    Returns (loss, number correct) like train_step; they are the graph's output buffers, overwritten by
+    the next call. On a CPU (tests) the same object runs the step eagerly on its static buffers where
+    CUDA would replay the graph, so everything but the capture itself is exercised there.
+    """
+
+    WARMUP = 3
+    # |graph update - eager update| / |eager update| allowed: a graph that skips or repeats the update,
+    # or reads a stale lr or input, is off by ~1 or more; rounding by far less
+    TOLERANCE = 0.1
+
+    def __init__(self, model, optimizer, bf16=False):
+        self.model, self.optimizer, self.bf16 = model, optimizer, bf16
+        self.graphs = {}  # batch size -> (static input, static labels, replay)
+
+    def __call__(self, x, y):
+        if len(y) not in self.graphs:
+            return self.capture(x, y)
+        static_x, static_y, replay = self.graphs[len(y)]
+        static_x.copy_(x)
+        static_y.copy_(y)
+        return replay()
+
+    def capture(self, x, y):
+        static_x, static_y = x.clone(), y.clone()  # clone keeps x's memory format
+
+        def step():
+            return train_step(self.model, self.optimizer, static_x, static_y, self.bf16)
+
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        saved = training_state(self.model, self.optimizer)
+        cuda = x.device.type == "cuda"
+        side = torch.cuda.Stream(x.device) if cuda else None
+        if cuda:
+            side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side) if cuda else nullcontext():
+            for i in range(self.WARMUP):
+                step()
+                if i == 0:
+                    eager = [p.detach().clone() for p in params]
+        if cuda:
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            self.optimizer.zero_grad(set_to_none=True)  # backward then allocates .grad from the graph's pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = step()
+
+            def replay():
+                graph.replay()
+                return outputs
+        else:
+            replay = step
+        restore_training_state(self.model, self.optimizer, saved)
+        self.graphs[len(y)] = static_x, static_y, replay
+        result = replay()  # this call's step
+
+        before = saved[0]
+        names = {p: n for n, p in self.model.named_parameters()}
+        update = sum(((e - before[names[p]]) ** 2).sum() for p, e in zip(params, eager)).sqrt()
+        error = sum(((p.detach() - e) ** 2).sum() for p, e in zip(params, eager)).sqrt()
+        if error > self.TOLERANCE * update:  # one host sync per graph, once a run
+            raise utils.UserError(f"the CUDA-graph step for batch size {len(y)} updates the weights unlike "
+                                  f"the eager step (relative difference {(error / update).item():.3g}); "
+                                  f"train with --no-cuda-graph")
+        return result
 
 
 # --------------------------------------------------------------------------- history: CSV and figures
@@ -261,7 +434,8 @@ def checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, hist
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+    optimizer_state, scheduler_state = portable_state(optimizer, scheduler)
+    return dict(model=model.state_dict(), optimizer=optimizer_state, scheduler=scheduler_state,
                 iteration=iteration, epoch=epoch, rng=rng, config=config, history=history)
 
 
@@ -316,8 +490,8 @@ def main(argv=None):
                               f"to start over, or --checkpoint NEW_PATH")
     config = resolve_config(args, ckpt)
     device = utils.resolve_device(config["device"])
-    cuda = device.type == "cuda"
-    bf16, channels_last = config["bf16"] and cuda, config["channels_last"] and cuda
+    resolve_speed(config, device)
+    bf16, channels_last = config["bf16"], config["channels_last"]
 
     root = data.dataset_root(config["data_dir"], config["synthetic"])
     train_images, train_labels, classes = data.load_cifar10(root, train=True)
@@ -332,14 +506,20 @@ def main(argv=None):
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = make_optimizer(model, config)
+    optimizer, scheduler = make_optimizer(model, config, config["cuda_graph"])
     history, iteration, epoch = new_history(), 0, 0
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         history, iteration, epoch = ckpt["history"], ckpt["iteration"], ckpt["epoch"]
         torch.set_rng_state(ckpt["rng"]["torch"])
-    train_model = torch.compile(model) if config["compile"] else model
+    if config["cuda_graph"]:
+        step_fn = GraphedStep(model, optimizer, bf16)
+    else:
+        train_model = torch.compile(model) if config["compile"] else model
+
+        def step_fn(x, y):
+            return train_step(train_model, optimizer, x, y, bf16)
 
     steps_per_epoch = -(-len(train_images) // config["batch_size"])
     total = config["epochs"] * steps_per_epoch
@@ -358,8 +538,7 @@ def main(argv=None):
 
     stop = StopRequest()  # before the line below, which tells a watching process the loop is armed
     print(f"training a width-{config['width']} ResNet-18 on {data_name}: {len(train_images)} train / "
-          f"{len(test_images)} test images, {total} iterations on {device}"
-          f"{' (bf16, channels_last)' if bf16 and channels_last else ''}")
+          f"{len(test_images)} test images, {total} iterations on {device} ({speed_label(config)})")
     bar = tqdm(total=total, initial=iteration, unit="it", dynamic_ncols=True, leave=False)
     started = time.time()
     try:
@@ -373,7 +552,7 @@ def main(argv=None):
             batches = epoch_batches(train_images, train_labels, epoch, config["seed"], config["batch_size"],
                                     channels_last, first, last)
             for step, (x, y) in enumerate(batches, start=first):
-                loss, correct = train_step(train_model, optimizer, x, y, bf16)
+                loss, correct = step_fn(x, y)
                 losses[step - first], accs[step - first] = loss, correct / len(y)
                 iteration += 1
                 if step + 1 == last or (step + 1 - first) % LOG_EVERY == 0 or stop.signal is not None:
@@ -386,7 +565,7 @@ def main(argv=None):
                     history["train_acc"] += accs[done:step + 1 - first].tolist()
                     bar.update(step + 1 - first - done)
                     bar.set_postfix(loss=f"{new_losses[-1]:.3f}", acc=f"{history['train_acc'][-1]:.3f}",
-                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                                    lr=f"{float(optimizer.param_groups[0]['lr']):.2e}")
                     done = step + 1 - first
                     if stop.signal is not None:
                         break

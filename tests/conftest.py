@@ -21,6 +21,15 @@ def run_script(script, *args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture
+def one_thread():
+    """For tests of tiny models: one thread is as fast, and it does not stall when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 PROGRESS_BAR = re.compile(r"^\s*\d+%\|.*\|")
 
 

@@ -13,13 +13,7 @@ import train
 from model import ResNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and it does not stall when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_tutorial_pipeline_and_prepare_batch_give_the_same_tensors():
@@ -116,8 +110,8 @@ def test_bench_writes_measured_consistent_figures(tmp_path):
                 "--top-images", "48", "--k", "3", "--json", str(out)])
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert list(rows) == ["tutorial", "fp32", "bf16", "bf16_cl", "compile"]
-    assert rows["compile"]["status"].startswith("n/a")  # CUDA only
+    assert list(rows) == ["tutorial", "fp32", "bf16", "bf16_cl", "cuda_graph", "compile"]
+    assert rows["compile"]["status"].startswith("n/a") and rows["cuda_graph"]["status"] == "n/a: CUDA only"
     assert [k for k, row in rows.items() if row["default"]] == ["fp32"] == [result["default_row"]]
     for key in ("tutorial", "fp32", "bf16", "bf16_cl"):
         row = rows[key]

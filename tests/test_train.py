@@ -33,6 +33,8 @@ def test_training_on_synthetic_data_reaches_high_test_accuracy(trained_checkpoin
     acc, loss = train.evaluate(model, images, labels)
     assert acc == pytest.approx(history["test_acc"][-1]) and loss == pytest.approx(history["test_loss"][-1], rel=1e-4)
     assert ckpt["config"]["width"] == 8 and ckpt["config"]["synthetic"] is True
+    # a CPU run unasked trains as the report did: fp32, NCHW, eager
+    assert not any(ckpt["config"][key] for key in train.SPEED_DEFAULTS)
 
 
 def test_history_csv_and_learning_progress_figures(trained_checkpoint):
