@@ -250,7 +250,8 @@ def progress_curves(history):
     return {
         "train_accuracy": dict(each=tuple(map(list, zip(*accuracy))) if accuracy else ([], []),
                                mean=window_means(history["train_acc"], window, keep), window=window,
-                               what="train accuracy (per mini-batch)", note="; last batch of each epoch left out"),
+                               what="train accuracy (per mini-batch)",
+                               note="; last batch of each epoch left out" if last else ""),
         "train_loss": dict(each=(iterations, list(history["train_loss"])),
                            mean=window_means(history["train_loss"], window), window=window, what="train loss"),
         "test_accuracy": dict(each=(history["test_iteration"], history["test_acc"]),
