@@ -1,17 +1,19 @@
 """A test image and its conv1 feature maps (the report's figure for test image 7876).
 
-    python plot_conv1_feature_map.py [--image-index 7876] [--layer conv1]
+    python plot_conv1_feature_map.py [--image-index 7876] [--layer conv1] [--channels 0-15]
 
-All maps share one grey scale (the colour bar); channel 0 is top left, then row by row.
+All maps share one grey scale (the colour bar); channel 0 is top left, then row by row, and the
+row and column labels add up to a map's channel. --channels shows only those, each labelled with
+its channel and maximum.
 """
 import utils
 import visualize
 
 
 def main():
-    args = visualize.plot_parser(__doc__, image_index=7876, layer="conv1").parse_args()
+    args = visualize.plot_parser(__doc__, image_index=7876, layer="conv1", channels="auto").parse_args()
     run = visualize.load_for_plots(args)
-    visualize.plot_feature_maps(run, args.layer, args.figures_dir)
+    visualize.plot_feature_maps(run, args.layer, args.figures_dir, run.channels)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,23 @@
 """Test images 4531-4546, each beside its deconvnet reconstruction from conv1 (channel 0 by default).
 
-    python plot_conv1_reconstructed_pattern.py [--images 4531-4546] [--channel 0]
+    python plot_conv1_reconstructed_pattern.py [--images 4531-4546] [--channel 0] [--top1] [--scale shared]
 
-The reconstruction (Zeiler & Fergus) projects one channel's feature map back to pixel space with
-the transposed network (model.ResNet.reconstruct). Display: each reconstruction r is shown as
-0.5 + r / (2 max|r|), so grey is 0.
+The reconstruction (Zeiler & Fergus) projects one channel's feature map (with --top1 only its
+strongest activation) back to pixel space with the transposed network (model.ResNet.reconstruct).
+Above each: the channel's activation on the image, max over positions (sum), or "silent" where it is
+0. Display: each reconstruction r is shown as 0.5 + r / (2 max|r|), so grey is 0; the max is per
+image, or with --scale shared one for all panels.
 """
 import utils
 import visualize
 
 
 def main():
-    args = visualize.plot_parser(__doc__, images="4531-4546", layer="conv1", channel=0, path="both").parse_args()
+    args = visualize.plot_parser(__doc__, images="4531-4546", layer="conv1", channel=0, path="both",
+                                 top1=False, scale="image").parse_args()
     run = visualize.load_for_plots(args)
-    visualize.plot_reconstructions(run, args.layer, args.channel, args.path, args.figures_dir)
+    visualize.plot_reconstructions(run, args.layer, args.channel, args.path, args.figures_dir,
+                                   args.top1, args.scale)
 
 
 if __name__ == "__main__":

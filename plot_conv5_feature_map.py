@@ -1,18 +1,20 @@
 """A test image and its conv5_x feature maps (the report's figure for test image 7876).
 
-    python plot_conv5_feature_map.py [--image-index 7876] [--layer conv5_x]
+    python plot_conv5_feature_map.py [--image-index 7876] [--layer conv5_x] [--channels 0-15|all]
 
-conv5_x maps are 2x2 (8x the width of channels); all share one grey scale (the colour bar);
-channel 0 is top left, then row by row.
+conv5_x maps are 2x2 (8x the width of channels: 512 at width 64), too many to read at once, so by
+default the figure shows the 64 channels with the largest maximum on the image, most active first,
+each labelled with its channel and maximum; --channels chooses others (all: every map, found by row
+and column labels). All share one grey scale (the colour bar).
 """
 import utils
 import visualize
 
 
 def main():
-    args = visualize.plot_parser(__doc__, image_index=7876, layer="conv5_x").parse_args()
+    args = visualize.plot_parser(__doc__, image_index=7876, layer="conv5_x", channels="auto").parse_args()
     run = visualize.load_for_plots(args)
-    visualize.plot_feature_maps(run, args.layer, args.figures_dir)
+    visualize.plot_feature_maps(run, args.layer, args.figures_dir, run.channels)
 
 
 if __name__ == "__main__":

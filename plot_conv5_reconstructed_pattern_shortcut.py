@@ -1,19 +1,23 @@
 """Test images 4531-4546, each beside its deconvnet reconstruction from conv5_x channel 1, with the
 signal sent only through the shortcut at conv5_x's residual sums (both branches below conv5_x).
 
-    python plot_conv5_reconstructed_pattern_shortcut.py [--images 4531-4546] [--channel 1]
+    python plot_conv5_reconstructed_pattern_shortcut.py [--images 4531-4546] [--channel 1] [--top1] [--scale shared]
 
-plot_conv5_reconstructed_pattern_trunk.py is the same through the trunk. Display: each
-reconstruction r is shown as 0.5 + r / (2 max|r|), so grey is 0.
+plot_conv5_reconstructed_pattern_trunk.py is the same through the trunk. Above each
+reconstruction: the channel's activation on the image, max over positions (sum), or "silent" where it
+is 0. Display: each reconstruction r is shown as 0.5 + r / (2 max|r|), so grey is 0; the max is per
+image, or with --scale shared one for all panels. --top1 projects only the strongest activation.
 """
 import utils
 import visualize
 
 
 def main():
-    args = visualize.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1).parse_args()
+    args = visualize.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1,
+                                 top1=False, scale="image").parse_args()
     run = visualize.load_for_plots(args)
-    visualize.plot_reconstructions(run, args.layer, args.channel, "shortcut", args.figures_dir)
+    visualize.plot_reconstructions(run, args.layer, args.channel, "shortcut", args.figures_dir,
+                                   args.top1, args.scale)
 
 
 if __name__ == "__main__":

@@ -345,17 +345,41 @@ def new_history():
     return dict(train_loss=[], train_acc=[], test_iteration=[], test_epoch=[], test_acc=[], test_loss=[])
 
 
-def loss_per_100(train_loss):
-    """(iterations, mean train loss) over each complete window of 100 iterations, as in the report."""
-    loss = torch.tensor(train_loss, dtype=torch.float64)
-    windows = len(loss) // 100
-    means = loss[:windows * 100].view(windows, 100).mean(1).tolist() if windows else []
-    return [100 * (i + 1) for i in range(windows)], means
+def curve_window(n):
+    """Iterations each point of the train curves averages in a run of n: the report's 100 from 1,000
+    iterations on, else n // 10 (at least 1), so every run gets about 10 points or more."""
+    return min(100, max(1, n // 10))
+
+
+def window_means(values, window, keep=None):
+    """(centres, means) of `values` (values[i] belongs to iteration i + 1) over consecutive complete
+    windows of `window` iterations; a partial window at the end is left out, as in the report. The
+    window of iterations a..b is drawn at its centre (a + b) / 2. keep: per iteration, whether it
+    counts; a window's mean is over its kept iterations, and a window with none kept has no point."""
+    v = torch.tensor(values, dtype=torch.float64)
+    w = torch.ones_like(v) if keep is None else torch.tensor(keep, dtype=torch.float64)
+    n = len(v) // window * window
+    sums = (v * w)[:n].view(-1, window).sum(1)
+    counts = w[:n].view(-1, window).sum(1)
+    centres = torch.arange(len(sums), dtype=torch.float64) * window + (window + 1) / 2
+    kept = counts > 0
+    return centres[kept].tolist(), (sums[kept] / counts[kept]).tolist()
+
+
+def epoch_last_iterations(history):
+    """The iterations that ended an epoch: those whose evaluation counts one more epoch than the one before
+    (an evaluation at the end of a run stopped mid-epoch does not)."""
+    epochs = [0] + history["test_epoch"]
+    return {it for it, before, after in zip(history["test_iteration"], epochs, epochs[1:]) if after > before}
 
 
 def write_history_csv(history, path):
-    """One row per iteration; the 100-iteration loss mean and test columns are filled where they exist."""
-    loss100 = dict(zip(*loss_per_100(history["train_loss"])))
+    """One row per iteration; test columns are filled where they exist. train_loss_mean100 holds, on the last
+    iteration of each window, the mean train loss of the window of the train-loss figure: 100 iterations
+    (the report's) in runs of at least 1,000, curve_window(n) in shorter ones."""
+    window = curve_window(len(history["train_loss"]))
+    centres, means = window_means(history["train_loss"], window)
+    loss_means = {round(c + (window - 1) / 2): m for c, m in zip(centres, means)}
     tests = {it: (e, a, l) for it, e, a, l in zip(history["test_iteration"], history["test_epoch"],
                                                    history["test_acc"], history["test_loss"])}
     tmp = Path(path).with_suffix(".csv.tmp")
@@ -364,46 +388,77 @@ def write_history_csv(history, path):
         w.writerow(["iteration", "train_acc", "train_loss", "train_loss_mean100", "epoch", "test_acc", "test_loss"])
         for i, (loss, acc) in enumerate(zip(history["train_loss"], history["train_acc"]), start=1):
             epoch, tacc, tloss = tests.get(i, ("", "", ""))
-            w.writerow([i, f"{acc:.6f}", f"{loss:.6f}", f"{loss100[i]:.6f}" if i in loss100 else "", epoch,
+            w.writerow([i, f"{acc:.6f}", f"{loss:.6f}", f"{loss_means[i]:.6f}" if i in loss_means else "", epoch,
                         f"{tacc:.6f}" if tacc != "" else "", f"{tloss:.6f}" if tloss != "" else ""])
     tmp.replace(path)
 
 
-def band(values, columns=600):
-    """(x, low, high, mean) of `values` in `columns` buckets: a long noisy curve as a plot shows it.
+def band(x, values, columns=600):
+    """(x, low, high) of a long noisy curve in `columns` buckets: each bucket's mean x and min..max.
 
     Drawing 20k per-batch points costs ~0.4 s a figure; their min..max per pixel column looks the same.
     """
-    v = torch.tensor(values, dtype=torch.float64)
+    x, v = torch.tensor(x, dtype=torch.float64), torch.tensor(values, dtype=torch.float64)
     size = max(1, -(-len(v) // columns))
-    chunks = v.split(size)
-    x = [i * size + (len(c) + 1) / 2 for i, c in enumerate(chunks)]
-    return x, [c.min().item() for c in chunks], [c.max().item() for c in chunks], [c.mean().item() for c in chunks]
+    return ([c.mean().item() for c in x.split(size)], [c.min().item() for c in v.split(size)],
+            [c.max().item() for c in v.split(size)])
+
+
+def progress_curves(history):
+    """What the four learning-progress figures draw, as numbers: {figure name: curve}.
+
+    A train curve has `each` (x, y: every iteration counted, faint in the figure), `mean` (x, y:
+    window_means over curve_window(n) iterations, at the windows' centres), `window`, `what` (the
+    y label) and perhaps `note` (what `each` leaves out). The
+    train accuracy leaves out the last batch of every epoch: it is partial where the training set is not a
+    multiple of the batch size (50,000 = 390 x 128 + 80 for CIFAR-10), so its accuracy is noisier and drew
+    false dips. A test curve has `each` (x, y: one point per evaluation of the whole test set).
+    """
+    n = len(history["train_loss"])
+    window = curve_window(n)
+    last = epoch_last_iterations(history)
+    keep = [i not in last for i in range(1, n + 1)]
+    iterations = list(range(1, n + 1))
+    accuracy = [(i, a) for i, a, k in zip(iterations, history["train_acc"], keep) if k]
+    return {
+        "train_accuracy": dict(each=tuple(map(list, zip(*accuracy))) if accuracy else ([], []),
+                               mean=window_means(history["train_acc"], window, keep), window=window,
+                               what="train accuracy (per mini-batch)",
+                               note="; last batch of each epoch left out" if last else ""),
+        "train_loss": dict(each=(iterations, list(history["train_loss"])),
+                           mean=window_means(history["train_loss"], window), window=window, what="train loss"),
+        "test_accuracy": dict(each=(history["test_iteration"], history["test_acc"]),
+                              what="test accuracy (whole test set)"),
+        "test_loss": dict(each=(history["test_iteration"], history["test_loss"]), what="test loss (whole test set)"),
+    }
 
 
 def save_progress_figures(history, figures_dir, title):
-    """The report's four learning-progress figures, against iterations."""
+    """The report's four learning-progress figures, against iterations, for a run of any length: a train
+    curve is the mean of each window of curve_window(n) iterations over every iteration drawn faint (as a
+    min..max band where there are more iterations than pixel columns); the legend names what is drawn."""
     from matplotlib.figure import Figure
-    curves = {
-        "train_accuracy": ("train accuracy (per mini-batch)", None, None),
-        "train_loss": ("train loss (mean of each 100 iterations)", *loss_per_100(history["train_loss"])),
-        "test_accuracy": ("test accuracy (whole test set)", history["test_iteration"], history["test_acc"]),
-        "test_loss": ("test loss (whole test set)", history["test_iteration"], history["test_loss"]),
-    }
     Path(figures_dir).mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, (ylabel, x, y) in curves.items():
+    for name, curve in progress_curves(history).items():
         fig = Figure(figsize=(6, 4), dpi=100)
         ax = fig.add_subplot()
-        if name == "train_accuracy":
-            x, low, high, mean = band(history["train_acc"])
-            ax.fill_between(x, low, high, color="C0", alpha=0.3, lw=0, label="min..max per pixel column")
-            ax.plot(x, mean, color="C0", lw=1, label="mean")
-            ax.legend(loc="lower right", fontsize=8)
+        x, y = curve["each"]
+        if "mean" in curve:
+            if len(x) > 600:
+                bx, low, high = band(x, y)
+                ax.fill_between(bx, low, high, color="C0", alpha=0.25, lw=0,
+                                label=f"each iteration (min..max of every {-(-len(x) // 600)}){curve.get('note', '')}")
+            else:
+                ax.plot(x, y, color="C0", alpha=0.35, lw=0.7, label=f"each iteration{curve.get('note', '')}")
+            mx, my = curve["mean"]
+            ax.plot(mx, my, color="C1", lw=1.5, marker="o" if len(mx) <= 30 else None, ms=3,
+                    label=f"mean of each {curve['window']} iterations, at its centre")
+            ax.legend(loc="lower right" if name == "train_accuracy" else "upper right", fontsize=8)
         else:
-            ax.plot(x, y, lw=1.5, marker="o" if name.startswith("test") else None, ms=3)
+            ax.plot(x, y, lw=1.5, marker="o", ms=3)
         ax.set_xlabel("iteration")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(curve["what"])
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.92)

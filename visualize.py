@@ -22,9 +22,14 @@ from utils import OneLineArgumentParser, UserError, load_checkpoint, resolve_dev
 # colour scale per grid, and RECONSTRUCTION_DISPLAY for signed images.
 
 RECONSTRUCTION_DISPLAY = "each image shown as 0.5 + r / (2 max|r|), so grey is 0"
+SCALES = ("image", "shared")  # --scale of the reconstructions: max|r| per image, or one for all panels
+FEATURE_MAP_TILES = 64  # a feature-map figure shows every channel of a stage with at most this many
+CHANNELS_AUTO_HELP = (f"; auto: every channel of a stage with at most {FEATURE_MAP_TILES}, else the "
+                      f"{FEATURE_MAP_TILES} with the largest maximum on the image, most active first")
 
 
-def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, path=None):
+def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, path=None, channels=None,
+                top1=None, scale=None):
     """The flags every plot script has, plus those whose default is given here (None: no such flag)."""
     p = OneLineArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/resnet18_cifar10.pt",
@@ -50,11 +55,26 @@ def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, pa
     if path is not None:
         p.add_argument("--path", default=path, help=f"where the deconvnet sends the signal at the residual "
                                                     f"sums of --layer: {', '.join(PATHS)} (default: %(default)s)")
+    if channels is not None:
+        p.add_argument("--channels", default=channels,
+                       help=f"channels of --layer: a range A-B (inclusive), a list 1,2,3 or both mixed, or 'all'"
+                            f"{CHANNELS_AUTO_HELP if channels == 'auto' else ''} (default: %(default)s)")
+    if top1 is not None:
+        p.add_argument("--top1", action=argparse.BooleanOptionalAction, default=top1,
+                       help="project only the channel's strongest activation in each image, as Zeiler & Fergus "
+                            "(default: the whole feature map)")
+    if scale is not None:
+        p.add_argument("--scale", choices=SCALES, default=scale,
+                       help="image: each reconstruction scaled to its own max|r|; shared: one max|r| for all "
+                            "panels, so their strengths compare (default: %(default)s)")
     return p
 
 
-def parse_indices(text):
-    """'4531-4546' -> [4531, ..., 4546]; '1,2,3' -> [1, 2, 3]; both forms may be mixed: '1,5-7'."""
+def parse_indices(text, flag="--images", what="test image indices", example="4531-4546"):
+    """'4531-4546' -> [4531, ..., 4546]; '1,2,3' -> [1, 2, 3]; both forms may be mixed: '1,5-7'.
+
+    flag, what and example name the flag in the error for text that is not such a list.
+    """
     indices = []
     try:
         for part in text.split(","):
@@ -64,9 +84,20 @@ def parse_indices(text):
                 raise ValueError
             indices.extend(range(first, last + 1))
     except ValueError:
-        raise UserError(f"--images {text!r} is not a list of test image indices; "
-                        f"write a range like 4531-4546 or a list like 1,2,3") from None
+        raise UserError(f"{flag} {text!r} is not a list of {what}; "
+                        f"write a range like {example} or a list like 1,2,3") from None
     return indices
+
+
+def format_indices(indices):
+    """The inverse of parse_indices, with runs written as ranges: [0, 1, 2, 5] -> '0-2,5'."""
+    parts, start = [], 0
+    for i in range(1, len(indices) + 1):
+        if i == len(indices) or indices[i] != indices[i - 1] + 1:
+            first, last = indices[start], indices[i - 1]
+            parts.append(str(first) if first == last else f"{first}-{last}")
+            start = i
+    return ",".join(parts)
 
 
 def check_layer(layer):
@@ -74,11 +105,23 @@ def check_layer(layer):
         raise UserError(f"--layer {layer!r} is not a stage of the network; choose one of {', '.join(STAGES)}")
 
 
-def check_channel(model, layer, channel):
+def check_channel(model, layer, channel, flag="--channel"):
     channels = model.channels(layer)
     if not 0 <= channel < channels:
-        raise UserError(f"--channel {channel} is out of range: {layer} of this width-{model.width} network "
+        raise UserError(f"{flag} {channel} is out of range: {layer} of this width-{model.width} network "
                         f"has {channels} channels; choose 0..{channels - 1}")
+
+
+def parse_channels(text, model, layer):
+    """--channels: 'auto' -> None (the figure chooses), 'all' -> every channel, else parse_indices, checked."""
+    if text == "auto":
+        return None
+    if text == "all":
+        return list(range(model.channels(layer)))
+    channels = parse_indices(text, "--channels", "channel indices", "0-15")
+    for channel in channels:
+        check_channel(model, layer, channel, flag="--channels: channel")
+    return channels
 
 
 def check_image_indices(indices, num_images):
@@ -99,7 +142,8 @@ def load_for_plots(args, test_split=True):
     Returns a namespace: model (eval mode, on args.device), device, caption (checkpoint and data,
     for titles; synthetic data says NOT CIFAR-10) and, with test_split, the test images (uint8, on
     the CPU), labels and class names, and indices: the parsed --images, or [--image-index], where
-    the script has that flag. Only the test split is read.
+    the script has that flag; channels: the parsed --channels (None for 'auto'). Only the test split
+    is read.
     """
     for name, check in (("layer", check_layer), ("path", check_path)):
         if hasattr(args, name):
@@ -108,6 +152,7 @@ def load_for_plots(args, test_split=True):
     model, ckpt = load_checkpoint(args.checkpoint, device)
     if hasattr(args, "channel"):
         check_channel(model, args.layer, args.channel)
+    channels = parse_channels(args.channels, model, args.layer) if hasattr(args, "channels") else None
     config = ckpt["config"]
     trained_on = config.get("synthetic", False)
     synthetic = trained_on if args.synthetic is None else args.synthetic
@@ -115,7 +160,7 @@ def load_for_plots(args, test_split=True):
     caption = f"{Path(args.checkpoint).name}: width-{model.width} ResNet-18 trained on {name[trained_on]}"
     if test_split and synthetic != trained_on:
         caption += f"; test images from {name[synthetic]}"
-    run = SimpleNamespace(model=model, device=device, indices=None, caption=caption)
+    run = SimpleNamespace(model=model, device=device, indices=None, channels=channels, caption=caption)
     if test_split:
         root = dataset_root(args.data_dir or config.get("data_dir", "data"), synthetic)
         run.images, run.labels, run.classes = load_cifar10(root, train=False)
@@ -194,15 +239,18 @@ def grid_shape(n):
     return math.ceil(n / cols), cols
 
 
-def tile(maps, pad=1, fill=float("nan")):
-    """(N, H, W) or (N, H, W, 3) maps -> one array: the grid_shape(N) grid, `pad` cells of `fill` apart."""
+def tile(maps, pad=1, fill=float("nan"), header=0, cols=None):
+    """(N, H, W) or (N, H, W, 3) maps -> one array: the grid_shape(N) grid (or one of `cols` columns),
+    filled row by row, `pad` cells of `fill` apart, each map below `header` rows of `fill` (room for a
+    label)."""
     maps = np.asarray(maps, dtype=np.float32)
     n, h, w = maps.shape[:3]
-    rows, cols = grid_shape(n)
-    out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, *maps.shape[3:]), fill, dtype=np.float32)
+    rows, cols = grid_shape(n) if cols is None else (math.ceil(n / cols), cols)
+    cell_h, cell_w = header + h + pad, w + pad
+    out = np.full((rows * cell_h - pad, cols * cell_w - pad, *maps.shape[3:]), fill, dtype=np.float32)
     for i, m in enumerate(maps):
         r, c = divmod(i, cols)
-        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = m
+        out[r * cell_h + header:r * cell_h + header + h, c * cell_w:c * cell_w + w] = m
     return out
 
 
@@ -242,18 +290,61 @@ def save(fig, path):
     return path
 
 
-def show_mosaic(fig, ax, maps, symmetric=False):
-    """Draw (N, H, W) maps as one near-square mosaic on one colour scale, with its colour bar.
+def short_number(v):
+    """An activation as a panel shows it: 3 significant digits, no exponent below 1000."""
+    v = float(v)
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def show_mosaic(fig, ax, maps, symmetric=False, labels=None, index_ticks=False):
+    """Draw (N, H, W) maps as one mosaic, filled row by row, on one colour scale, with its colour bar.
 
     symmetric: the scale is -m..m around 0 (for weights) rather than min..max (for feature maps).
+    Maps under 16 pixels a side are enlarged (each pixel a block of pixels), so the one-pixel gaps stay
+    thin beside them. Without labels the grid is near-square (grid_shape). labels: a text above each
+    map, and as many columns as fill the axes. index_ticks: each row is labelled with the index of its
+    first map and each column with +0, +1, ..., so map i sits at row label + column label.
     """
     import matplotlib
     maps = maps.detach().float().cpu()
     low, high = (-maps.abs().max(), maps.abs().max()) if symmetric else (maps.min(), maps.max())
+    k = max(1, math.ceil(16 / max(maps.shape[-2:])))
+    maps = maps.repeat_interleave(k, 1).repeat_interleave(k, 2).numpy()
+    n, h, w = maps.shape
+    rows, cols = grid_shape(n)
+
+    def points_per_pixel(rows, cols, header):  # how large a mosaic pixel is drawn, from the axes' box
+        box = ax.get_position()
+        return 72 * min(box.width * fig.get_figwidth() / (cols * (w + 1)),
+                        box.height * fig.get_figheight() / (rows * (header + h + 1)))
+
+    header = 0
+    if labels is not None:  # room for a label of ~6 points above each map; as many columns as fill the axes
+        header = math.ceil(10 / points_per_pixel(rows, cols, 0))
+        box = ax.get_position()
+        shape = box.width * fig.get_figwidth() / (box.height * fig.get_figheight())
+        cols = min(n, max(1, round(math.sqrt(n * shape * (header + h + 1) / (w + 1)))))
+        rows = math.ceil(n / cols)
+        header = math.ceil(10 / points_per_pixel(rows, cols, 0))
     cmap = matplotlib.colormaps["gray"].with_extremes(bad="lightsteelblue")  # the gaps: no grey level
-    image = ax.imshow(tile(maps.numpy()), cmap=cmap, vmin=low.item(), vmax=high.item(), interpolation="nearest")
+    image = ax.imshow(tile(maps, header=header, cols=cols), cmap=cmap, vmin=low.item(), vmax=high.item(),
+                      interpolation="nearest")
     bare(ax)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    column_centres = [c * (w + 1) + (w - 1) / 2 for c in range(cols)]
+    if labels:
+        ax.apply_aspect()  # the box as drawn: the labels' size follows from it
+        size = points_per_pixel(rows, cols, header)
+        fontsize = min(6.5, 0.7 * header * size, 1.6 * w * size / max(map(len, labels)))
+        for i, label in enumerate(labels):
+            r, c = divmod(i, cols)
+            ax.text(column_centres[c], r * (header + h + 1) + (header - 1) / 2, label, ha="center",
+                    va="center", fontsize=fontsize)
+    if index_ticks:
+        ax.set_xticks(column_centres, [f"+{c}" for c in range(cols)])
+        ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(rows)], [str(r * cols) for r in range(rows)])
+        ax.xaxis.set_ticks_position("top")
+        ax.tick_params(length=0, pad=1, labelsize=6 if cols <= 12 else 5)
 
 
 def save_mosaic(path, maps, title, symmetric=False):
@@ -276,14 +367,17 @@ def save_rgb_mosaic(path, rgb, title):
 
 
 def save_panels(path, panels, title, cols=None):
-    """RGB panels [(array (H, W, 3) in [0, 1], panel title), ...] in a grid with `cols` columns."""
+    """RGB panels [(array (H, W, 3) in [0, 1], panel title[, note written across the panel]), ...] in a grid
+    with `cols` columns."""
     rows, cols = grid_shape(len(panels)) if cols is None else (math.ceil(len(panels) / cols), cols)
     size = min(max(8 / cols, 1.3), 2.6)  # inches a panel: few panels get room for their titles
     fig = new_figure(size * cols + 0.4, (size + 0.3) * rows + 0.9)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (image, panel_title) in zip(axes, panels):
+    for ax, (image, panel_title, *note) in zip(axes, panels):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(panel_title, fontsize=7)
+        if note:
+            ax.text(0.5, 0.5, note[0], transform=ax.transAxes, ha="center", va="center", fontsize=7)
     for ax in axes:
         bare(ax)
         ax.set_frame_on(ax.has_data())  # empty cells of the last row stay blank
@@ -300,37 +394,96 @@ def image_label(run, index, sep=" "):
 # --------------------------------------------------------------------------- the figures themselves
 # Scripts that show the same kind of figure for different defaults share these functions.
 
-def plot_feature_maps(run, layer, figures_dir):
-    """The test image run.indices[0] beside all of `layer`'s feature maps for it."""
+def feature_map_tiles(run, layer, channels=None):
+    """What plot_feature_maps shows for the test image run.indices[0], as numbers.
+
+    channels: the channels to show, in that order. None: every channel of a stage with at most
+    FEATURE_MAP_TILES, else the FEATURE_MAP_TILES with the largest maximum on this image, most active
+    first (ties by index). Returns a namespace: x (the normalized image), maps (all of the stage's
+    maps, (C, H, W)), peaks (each map's maximum), channels, labels (None where the channels are all of
+    them in index order, which row and column ticks label; else 'channel: maximum' per map), what (for
+    the title) and name (the file's, without .png; a chosen list is part of it).
+    """
     index = run.indices[0]
     x = normalize(run.images[[index]].to(run.device))
     with torch.inference_mode():
-        maps = stage_output(run.model, x, layer)[0]
-    fig = new_figure(11, 5.6)
+        maps = stage_output(run.model, x, layer)[0].float().cpu()
+    total, peaks = len(maps), maps.amax((1, 2))
+    name = f"{layer}_feature_maps_image{index}"
+    if channels is not None:
+        name += f"_channels{format_indices(channels)}"
+        what = f"channels {format_indices(channels)} of its {total}"
+    elif total <= FEATURE_MAP_TILES:
+        channels = list(range(total))
+    else:
+        channels = torch.argsort(peaks, descending=True, stable=True)[:FEATURE_MAP_TILES].tolist()
+        what = f"the {len(channels)} most active of its {total} channels\n(largest maximum on this image first)"
+    size = f"{maps.shape[-2]}x{maps.shape[-1]} each"
+    if channels == list(range(total)):
+        labels, what = None, f"all {total} channels, {size}\nchannel = row label + column label"
+    else:
+        labels, what = [f"{c}: {short_number(peaks[c])}" for c in channels], f"{what}, {size}; above each: channel: maximum"
+    return SimpleNamespace(x=x, maps=maps, peaks=peaks, channels=channels, labels=labels, what=what, name=name)
+
+
+def plot_feature_maps(run, layer, figures_dir, channels=None):
+    """The test image run.indices[0] beside `layer`'s feature maps for it (feature_map_tiles), each
+    findable by its channel: by row and column ticks, or by a label above it."""
+    t = feature_map_tiles(run, layer, channels)
+    grow = max(1.0, grid_shape(len(t.channels))[0] / 12)  # room for the ticks of a large grid
+    fig = new_figure(11 * grow, 5.6 * grow)
     image_ax, maps_ax = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(1, 2.2)))
-    image_ax.imshow(to_display(x)[0], interpolation="nearest")
+    image_ax.imshow(to_display(t.x)[0], interpolation="nearest")
     bare(image_ax)
-    image_ax.set_title(f"test image {image_label(run, index)}", fontsize=9)
-    show_mosaic(fig, maps_ax, maps)
-    maps_ax.set_title(f"its {layer} feature maps: {len(maps)} channels, {maps.shape[-2]}x{maps.shape[-1]} "
-                      f"each, channel 0 top left, row by row", fontsize=9)
+    image_ax.set_title(f"test image {image_label(run, run.indices[0])}", fontsize=9)
+    show_mosaic(fig, maps_ax, t.maps[t.channels], labels=t.labels, index_ticks=t.labels is None)
+    maps_ax.set_title(f"its {layer} feature maps: {t.what}", fontsize=9)
     fig.suptitle(f"{layer} feature maps; {run.caption}", fontsize=10)
-    return save(fig, Path(figures_dir) / f"{layer}_feature_maps_image{index}.png")
+    return save(fig, Path(figures_dir) / f"{t.name}.png")
 
 
-def plot_reconstructions(run, layer, channel, path, figures_dir):
-    """Each test image of run.indices beside the deconvnet projection of `layer`/`channel` for it."""
+def reconstruction_panels(run, layer, channel, path="both", top1=False, scale="image"):
+    """What plot_reconstructions shows, for each test image of run.indices, as numbers.
+
+    Returns a namespace: images (N, H, W, 3 pixels in [0, 1]); peak and total, the channel's
+    activation on each image: the maximum (Zeiler & Fergus's) and the sum (the report's ranking) of its
+    feature map over positions; silent, where peak is 0 (the stage ends in a ReLU, so the whole map is 0
+    and there is nothing to project); recon, the deconvnet projections r (top1: of the strongest
+    activation only); shown, r as drawn, 0.5 + r / (2 m) with m = max|r| of each image (scale 'image')
+    or of all of them ('shared'); and m, that max|r| per image.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
     x = normalize(run.images[run.indices].to(run.device))
-    recon = run.model.reconstruct(x, layer, channel, path=path)
+    with torch.inference_mode():
+        fmap = stage_output(run.model, x, layer)[:, channel].float().cpu()
+    recon = run.model.reconstruct(x, layer, channel, path=path, top1=top1).float().cpu()
+    peak, per_image = fmap.amax((1, 2)), scale == "image"
+    m = recon.abs().amax((1, 2, 3)) if per_image else recon.abs().max().expand(len(recon))
+    return SimpleNamespace(images=to_display(x), peak=peak, total=fmap.sum((1, 2)), silent=peak <= 0,
+                           recon=recon, shown=signed_to_display(recon, per_image), m=m)
+
+
+def plot_reconstructions(run, layer, channel, path, figures_dir, top1=False, scale="image"):
+    """Each test image of run.indices beside the deconvnet projection of `layer`/`channel` for it,
+    headed by the channel's activation on the image ("silent" where it is 0)."""
+    p = reconstruction_panels(run, layer, channel, path, top1, scale)
     panels = []
-    for index, image, projection in zip(run.indices, to_display(x), signed_to_display(recon)):
-        panels += [(image, image_label(run, index, sep="\n")), (projection, "reconstruction")]
+    for index, image, shown, peak, total, silent in zip(run.indices, p.images, p.shown, p.peak, p.total, p.silent):
+        panels.append((image, image_label(run, index, sep="\n")))
+        panels.append((shown, "silent:\nactivation 0", "silent") if silent else
+                      (shown, f"max {short_number(peak)}\n(sum {short_number(total)})"))
     if any(isinstance(m, BasicBlock) for m in run.model.stage(layer).children()):
         through = {"both": "both branches", "shortcut": "the shortcut", "trunk": "the trunk"}[path]
         through = f" through {through} of each residual sum in {layer}"
     else:
         through = ""  # conv1 has no residual sum, so every path is the same
-    title = (f"{layer} channel {channel}: deconvnet reconstruction{through}, beside its test image\n"
-             f"({RECONSTRUCTION_DISPLAY}; {run.caption})")
-    name = f"{layer}_channel{channel}_reconstructions" + ("" if path == "both" else f"_{path}") + ".png"
+    what = "deconvnet reconstruction of its strongest activation (top-1)" if top1 else "deconvnet reconstruction"
+    display = (RECONSTRUCTION_DISPLAY if scale == "image" else
+               f"one scale for all: 0.5 + r / (2 M), M = max|r| over all panels = {p.m[0]:.3g}, grey = 0")
+    title = (f"{layer} channel {channel}: {what}{through}, beside its test image\n"
+             f"above each reconstruction: the channel's activation on the image, max over positions (sum)\n"
+             f"({display}; {run.caption})")
+    name = (f"{layer}_channel{channel}_reconstructions" + ("" if path == "both" else f"_{path}")
+            + ("_top1" if top1 else "") + ("" if scale == "image" else f"_{scale}scale") + ".png")
     return save_panels(Path(figures_dir) / name, panels, title, cols=2 * grid_shape(len(run.indices))[1])

@@ -1,6 +1,7 @@
 """The plot scripts and their shared code in visualize.py: scores, gradient ascent, figures, bad input."""
 import re
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -100,6 +101,16 @@ SCRIPT_ARGS = {
     "plot_conv5_reconstructed_pattern_shortcut.py": ["--images", "0-4"],
     "plot_conv5_reconstructed_pattern_trunk.py": ["--images", "0-4"],
     "plot_gradient_pattern.py": ["--steps", 20],
+    # other choices than the report's: written beside its figures, under other names
+    "plot_conv5_reconstructed_pattern_trunk.py --top1 --scale shared": ["--images", "0-4", "--top1", "--scale", "shared"],
+    "plot_conv5_feature_map.py --channels": ["--image-index", 5, "--channels", "2,5-7"],
+}
+SCRIPT_FILES = {  # the files of the scripts whose names say what they show
+    "plot_conv5_reconstructed_pattern_trunk.py": ["conv5_x_channel1_reconstructions_trunk.png"],
+    "plot_conv5_reconstructed_pattern_trunk.py --top1 --scale shared":
+        ["conv5_x_channel1_reconstructions_trunk_top1_sharedscale.png"],
+    "plot_conv5_feature_map.py": ["conv5_x_feature_maps_image5.png"],
+    "plot_conv5_feature_map.py --channels": ["conv5_x_feature_maps_image5_channels2,5-7.png"],
 }
 BAD_INPUTS = {
     "layer": ("plot_conv5_feature_map.py", ["--layer", "conv6_x"], ["conv1, conv2_x, conv3_x, conv4_x, conv5_x"]),
@@ -109,6 +120,10 @@ BAD_INPUTS = {
     "image list": ("plot_conv1_reconstructed_pattern.py", ["--images", "4540-4550,10000"], ["10000", "0..9999"]),
     "image syntax": ("plot_conv5_reconstructed_pattern_shortcut.py", ["--images", "first"], ["4531-4546", "1,2,3"]),
     "path": ("plot_conv1_reconstructed_pattern.py", ["--path", "sideways"], ["both, shortcut, trunk"]),
+    "scale": ("plot_conv1_reconstructed_pattern.py", ["--scale", "global"], ["--scale", "'image', 'shared'"]),
+    "channels": ("plot_conv5_feature_map.py", ["--channels", "60-64"], ["--channels: channel 64", "has 64 channels",
+                                                                        "0..63"]),
+    "channels syntax": ("plot_conv1_feature_map.py", ["--channels", "many"], ["--channels 'many'", "0-15", "1,2,3"]),
     "steps": ("plot_gradient_pattern.py", ["--steps", 0], ["--steps must be at least 1"]),
     "missing checkpoint": ("plot_conv1_filters.py", ["--checkpoint", "{tmp}/none.pt"], ["not found", "train.py"]),
     "corrupt checkpoint": ("plot_gradient_pattern.py", ["--checkpoint", "{tmp}/corrupt.pt"],
@@ -121,8 +136,8 @@ def runs(trained_checkpoint, tmp_path_factory):
     """Every script on the trained width-8 checkpoint, and every bad input: the finished processes."""
     tmp = tmp_path_factory.mktemp("plots")
     (tmp / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a zip archive" * 10)
-    jobs = {script: (script, [*args, "--checkpoint", trained_checkpoint, "--figures-dir", tmp / script])
-            for script, args in SCRIPT_ARGS.items()}
+    jobs = {run: (run.split()[0], [*args, "--checkpoint", trained_checkpoint, "--figures-dir", tmp / run])
+            for run, args in SCRIPT_ARGS.items()}
     for case, (script, args, _) in BAD_INPUTS.items():
         args = [str(a).format(tmp=tmp) for a in args]
         if "--checkpoint" not in args:
@@ -143,6 +158,11 @@ def test_script_writes_the_figures_it_prints(runs, script):
     for path in written:
         image = imread(path)
         assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0.05, path
+
+
+@pytest.mark.parametrize("script", SCRIPT_FILES)
+def test_file_names_say_what_the_figure_shows(runs, script):
+    assert sorted(p.name for p in (runs[1] / script).iterdir()) == SCRIPT_FILES[script]
 
 
 def test_conv1_filters_script_writes_each_input_channel_and_rgb(runs):
@@ -168,3 +188,121 @@ def test_gradient_script_starts_from_the_top_image_and_raises_its_activation(run
 def test_bad_input_gives_one_line_naming_the_valid_range(runs, case):
     assert_one_line_error(runs[0][case], *BAD_INPUTS[case][2])
     assert not (runs[1] / "bad").exists()  # nothing written
+
+
+# --------------------------------------------------------------------------- honest reconstructions and readable maps
+
+@pytest.fixture(scope="module")
+def plot_run():
+    """What load_for_plots hands a plot function: a width-8 network whose BN layers have random statistics
+    and shifts (so that some channels are silent on some images), and 32 random test images."""
+    torch.manual_seed(0)
+    model = ResNet(8)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        with torch.no_grad():
+            bn.running_mean.normal_(0, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.bias.normal_(-0.3, 0.3)
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    return SimpleNamespace(model=model.eval(), device=torch.device("cpu"), images=images, indices=None,
+                           labels=[0] * len(images), classes=["class-0"], caption="test")
+
+
+def captured(model, images, layer):
+    """The stage's output for the images by an independent route: the whole network's forward pass, hooked."""
+    with torch.no_grad(), model.capture(layer) as acts:
+        model(data.normalize(images))
+    return acts[layer]
+
+
+@pytest.mark.parametrize("top1", [False, True])
+def test_reconstruction_panels_state_the_activation_and_which_images_are_silent(plot_run, top1):
+    run = SimpleNamespace(**{**vars(plot_run), "indices": list(range(24))})
+    layer = "conv5_x"
+    fmaps = captured(run.model, run.images[run.indices], layer)
+    peaks = fmaps.amax((2, 3))  # (images, channels)
+    silent = peaks == 0
+    # a channel silent on some of the images and active on others
+    channel = next(c for c in range(fmaps.shape[1]) if 0 < silent[:, c].sum() < len(run.indices) - 1)
+    p = visualize.reconstruction_panels(run, layer, channel, "trunk", top1=top1)
+    torch.testing.assert_close(p.peak, peaks[:, channel], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p.total, fmaps[:, channel].sum((1, 2)), rtol=1e-5, atol=1e-4)
+    assert p.silent.tolist() == silent[:, channel].tolist()
+    # nothing to project from a silent image: its reconstruction is 0 and shows as plain grey
+    assert (p.recon[p.silent] == 0).all() and np.all(p.shown[p.silent.numpy()] == 0.5)
+    assert (p.recon[~p.silent].abs().amax((1, 2, 3)) > 0).all()
+
+
+def test_shared_scale_keeps_the_relative_strength_of_the_panels(plot_run):
+    run = SimpleNamespace(**{**vars(plot_run), "indices": list(range(12))})
+    own = visualize.reconstruction_panels(run, "conv4_x", 3, "both", scale="image")
+    shared = visualize.reconstruction_panels(run, "conv4_x", 3, "both", scale="shared")
+    torch.testing.assert_close(own.recon, shared.recon)
+    r = shared.recon.permute(0, 2, 3, 1).numpy()
+    peak = np.abs(r).max((1, 2, 3))  # max|r| of each image
+    assert len(set(peak.round(6))) > 2  # panels of different strengths, to tell the scales apart
+    # image scale: every panel reaches black or white; shared: only the strongest does, the others in proportion
+    np.testing.assert_allclose(np.abs(own.shown - 0.5).max((1, 2, 3)), 0.5 * (peak > 0), atol=1e-6)
+    np.testing.assert_allclose(np.abs(shared.shown - 0.5).max((1, 2, 3)), 0.5 * peak / peak.max(), atol=1e-6)
+    np.testing.assert_allclose((shared.shown - 0.5) * 2 * peak.max(), r, atol=1e-6 * peak.max())
+    assert shared.m.tolist() == pytest.approx([peak.max()] * 12) and own.m.tolist() == pytest.approx(peak.tolist())
+
+
+def test_feature_maps_of_a_large_stage_are_its_most_active_channels_labelled(plot_run, monkeypatch):
+    monkeypatch.setattr(visualize, "FEATURE_MAP_TILES", 16)  # conv5_x of width 8 has 64 channels: show 16
+    run = SimpleNamespace(**{**vars(plot_run), "indices": [5]})
+    fmaps = captured(run.model, run.images[[5]], "conv5_x")[0]
+    peaks = fmaps.amax((1, 2))
+    t = visualize.feature_map_tiles(run, "conv5_x")
+    torch.testing.assert_close(t.maps, fmaps, rtol=1e-5, atol=1e-5)
+    chosen, rest = t.channels, [c for c in range(64) if c not in t.channels]
+    assert len(set(chosen)) == 16 and peaks[chosen].min() >= peaks[rest].max()  # the 16 largest maxima...
+    assert peaks[chosen].tolist() == sorted(peaks[chosen].tolist(), reverse=True)  # ...most active first
+    for c, label in zip(chosen, t.labels, strict=True):
+        index, value = label.split(": ")
+        assert int(index) == c and float(value) == pytest.approx(peaks[c].item(), rel=5e-3, abs=1e-6)
+    assert t.name == "conv5_x_feature_maps_image5"
+    # a stage of few channels shows them all in index order, found by the row and column ticks
+    t = visualize.feature_map_tiles(run, "conv1")
+    assert t.channels == list(range(8)) and t.labels is None
+    # channels chosen by hand: in their order, named in the file
+    t = visualize.feature_map_tiles(run, "conv5_x", [7, 2, 3])
+    assert t.channels == [7, 2, 3] and t.name == "conv5_x_feature_maps_image5_channels7,2-3"
+
+
+@pytest.mark.parametrize("n, labelled", [(64, False), (512, False), (7, True), (64, True)])
+def test_every_map_of_a_mosaic_can_be_found_by_its_index(n, labelled):
+    maps = torch.arange(n, dtype=torch.float32).view(n, 1, 1).expand(n, 2, 2)  # map i holds the value i
+    fig = visualize.new_figure(11, 5.6)
+    ax = fig.add_subplot()
+    labels = [f"{i}: x" for i in range(n)] if labelled else None
+    visualize.show_mosaic(fig, ax, maps, labels=labels, index_ticks=not labelled)
+    mosaic = ax.get_images()[0].get_array()  # the gaps are masked
+    found = []
+    if labelled:  # straight below each label, the first map is the labelled one
+        assert [t.get_text() for t in ax.texts] == labels
+        for text in ax.texts:
+            x, y = text.get_position()
+            below = mosaic[round(y):, round(x)]
+            found.append(below.compressed()[0])
+            assert found[-1] == int(text.get_text().split(":")[0])
+    else:  # the map at row label r and column label +c is map r + c
+        rows = [int(t.get_text()) for t in ax.get_yticklabels()]
+        cols = [int(t.get_text()) for t in ax.get_xticklabels()]
+        for y, r in zip(ax.get_yticks(), rows):
+            for x, c in zip(ax.get_xticks(), cols):
+                if r + c < n:
+                    found.append(mosaic[round(y), round(x)])
+                    assert found[-1] == r + c
+    assert sorted(found) == list(range(n))
+
+
+def test_channel_lists():
+    model = ResNet(8)
+    assert visualize.parse_channels("auto", model, "conv5_x") is None
+    assert visualize.parse_channels("all", model, "conv3_x") == list(range(16))
+    assert visualize.parse_channels("0-2,7", model, "conv1") == [0, 1, 2, 7]
+    for indices in ([0, 1, 2, 5], [7, 2, 3], [4], [3, 4, 5, 6, 1, 1]):
+        assert visualize.parse_indices(visualize.format_indices(indices)) == indices
+    with pytest.raises(utils.UserError, match=r"--channels: channel 64 is out of range.*0\.\.63"):
+        visualize.parse_channels("60-64", model, "conv5_x")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,13 +44,55 @@ def test_history_csv_and_learning_progress_figures(trained_checkpoint):
         rows = list(csv.DictReader(f))
     assert len(rows) == 160
     assert [float(r["train_acc"]) for r in rows] == pytest.approx(history["train_acc"], abs=1e-6)
-    mean100 = [float(r["train_loss_mean100"]) for r in rows if r["train_loss_mean100"]]
-    assert mean100 == pytest.approx([sum(history["train_loss"][:100]) / 100], rel=1e-5)
+    # 160 iterations: the loss is averaged over windows of 16 (curve_window), each written on its last row
+    means = {int(r["iteration"]): float(r["train_loss_mean100"]) for r in rows if r["train_loss_mean100"]}
+    assert list(means) == list(range(16, 161, 16))
+    assert list(means.values()) == pytest.approx(np.reshape(history["train_loss"], (10, 16)).mean(1), rel=1e-5)
     assert [int(r["iteration"]) for r in rows if r["test_acc"]] == [79, 158, 160]
     from matplotlib.image import imread
     for name in ("train_accuracy", "train_loss", "test_accuracy", "test_loss"):
         png = imread(trained_checkpoint.parent / "figures" / f"{name}.png")
         assert png.shape[0] > 100 and png.std() > 0
+
+
+def history_of(n, steps_per_epoch=79):
+    """A history of n iterations, evaluated after each epoch of steps_per_epoch and at the end, whose last
+    batch of each epoch (partial in a real run) has accuracy 0: the false dip the figure must not draw."""
+    g = torch.Generator().manual_seed(n)
+    ends = list(range(steps_per_epoch, n + 1, steps_per_epoch))
+    acc = (0.5 + 0.4 * torch.rand(n, generator=g)).tolist()
+    for end in ends:
+        acc[end - 1] = 0.0
+    tests = ends + ([n] if n % steps_per_epoch else [])
+    return dict(train_loss=torch.rand(n, generator=g).tolist(), train_acc=acc, test_iteration=tests,
+                test_epoch=[min(it // steps_per_epoch, len(ends)) for it in tests],
+                test_acc=[0.8] * len(tests), test_loss=[0.5] * len(tests)), ends
+
+
+@pytest.mark.parametrize("n, window", [(30, 3), (300, 30), (1000, 100), (20332, 100)])
+def test_train_curves_fit_any_run_length(n, window, tmp_path):
+    history, ends = history_of(n)
+    curves = train.progress_curves(history)
+    loss, acc = curves["train_loss"], curves["train_accuracy"]
+    assert loss["window"] == acc["window"] == window
+    # the loss: the mean of each complete window, drawn at the window's centre (iterations k*w+1 .. (k+1)*w)
+    k = np.arange(n // window)
+    x, y = loss["mean"]
+    np.testing.assert_allclose(y, np.reshape(history["train_loss"][:len(k) * window], (-1, window)).mean(1))
+    np.testing.assert_allclose(x, ((k * window + 1) + (k + 1) * window) / 2)
+    assert len(x) >= 10 and loss["each"] == (list(range(1, n + 1)), history["train_loss"])
+    # the accuracy leaves out the last batch of each epoch, in the faint curve and in the means
+    assert train.epoch_last_iterations(history) == set(ends)
+    a = np.array(history["train_acc"])
+    kept = np.ones(n, bool)
+    kept[np.array(ends, dtype=int) - 1] = False
+    x, y = acc["mean"]
+    np.testing.assert_allclose(y, [a[i * window:(i + 1) * window][kept[i * window:(i + 1) * window]].mean() for i in k])
+    np.testing.assert_allclose(x, ((k * window + 1) + (k + 1) * window) / 2)
+    assert acc["each"][0] == [i for i in range(1, n + 1) if kept[i - 1]] and min(acc["each"][1]) >= 0.5
+    if n == 300:
+        paths = train.save_progress_figures(history, tmp_path, "test")
+        assert [p.name for p in paths] == ["train_accuracy.png", "train_loss.png", "test_accuracy.png", "test_loss.png"]
 
 
 def train_small(data_dir, ckpt, *args):
