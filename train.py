@@ -21,6 +21,7 @@ import csv
 import math
 import signal
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -84,6 +85,8 @@ def parse_args(argv=None):
 def resolve_config(args, ckpt):
     """Merge the command line with the recipe defaults, or with the checkpoint being resumed."""
     config = dict(ckpt["config"]) if ckpt else {}
+    if args.data_dir is not None:  # stored absolute (below), so compared absolute on --resume
+        args.data_dir = str(Path(args.data_dir).resolve())
     for key, default in RECIPE.items():
         given = getattr(args, key)
         if ckpt and given is not None and given != config[key]:
@@ -96,7 +99,7 @@ def resolve_config(args, ckpt):
     config["iterations"] = args.iterations if args.iterations is not None else config.get("iterations")
     for key in ("checkpoint", "figures_dir", "device", *SPEED_DEFAULTS):
         config[key] = getattr(args, key)
-    config["data_dir"] = str(config["data_dir"])
+    config["data_dir"] = str(Path(config["data_dir"]).resolve())  # plot scripts may run from elsewhere
     for key in ("epochs", "batch_size", "width", "lr_step_epochs"):
         if config[key] < 1:
             raise utils.UserError(f"--{key.replace('_', '-')} must be at least 1, got {config[key]}")
@@ -461,7 +464,7 @@ def save_progress_figures(history, figures_dir, title):
         ax.set_ylabel(curve["what"])
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.92)
+        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.88)  # room for a two-line title
         paths.append(Path(figures_dir) / f"{name}.png")
         fig.savefig(paths[-1])
     return paths
@@ -552,7 +555,7 @@ def main(argv=None):
     train_images, train_labels, classes = data.load_cifar10(root, train=True)
     test_images, test_labels, _ = data.load_cifar10(root, train=False)
     config["classes"] = classes
-    data_name = "synthetic gratings (NOT CIFAR-10)" if config["synthetic"] else f"CIFAR-10 from {root}"
+    config["data_name"] = data_name = data.describe_dataset(root, config["synthetic"])
     train_images, train_labels = train_images.to(device), train_labels.to(device)
     test_images, test_labels = test_images.to(device), test_labels.to(device)
 
@@ -585,7 +588,8 @@ def main(argv=None):
                               f"pass a larger --epochs or --iterations to train further")
 
     writer = BackgroundWriter()
-    title = f"width-{config['width']} ResNet-18, {data_name}"
+    title = textwrap.fill(f"width-{config['width']} ResNet-18, {data_name}", 90, break_long_words=False,
+                          break_on_hyphens=False)  # a long data name takes two lines
 
     def save(figures=True):
         state = snapshot(checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, history))

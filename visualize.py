@@ -4,6 +4,7 @@ model.py.
 """
 import argparse
 import math
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import dataset_root, denormalize, load_cifar10, normalize
+from data import SYNTHETIC_NAME, dataset_root, denormalize, describe_dataset, load_cifar10, normalize
 from model import PATHS, STAGES, BasicBlock
 from utils import OneLineArgumentParser, UserError, load_checkpoint, resolve_device
 
@@ -156,14 +157,20 @@ def load_for_plots(args, test_split=True):
     config = ckpt["config"]
     trained_on = config.get("synthetic", False)
     synthetic = trained_on if args.synthetic is None else args.synthetic
-    name = {True: "synthetic gratings (NOT CIFAR-10)", False: "CIFAR-10"}
-    caption = f"{Path(args.checkpoint).name}: width-{model.width} ResNet-18 trained on {name[trained_on]}"
-    if test_split and synthetic != trained_on:
-        caption += f"; test images from {name[synthetic]}"
-    run = SimpleNamespace(model=model, device=device, indices=None, channels=channels, caption=caption)
+    trained_name = config.get("data_name",  # named by data.describe_dataset when it was trained
+                              SYNTHETIC_NAME if trained_on else f"the data in {config.get('data_dir', 'data')}")
+    caption = f"{Path(args.checkpoint).name}: width-{model.width} ResNet-18 trained on {trained_name}"
+
+    def wrap(text):  # titles hold about 90 characters a line; a long data name takes two
+        return textwrap.fill(text, 90, break_long_words=False, break_on_hyphens=False)
+
+    run = SimpleNamespace(model=model, device=device, indices=None, channels=channels, caption=wrap(caption))
     if test_split:
         root = dataset_root(args.data_dir or config.get("data_dir", "data"), synthetic)
         run.images, run.labels, run.classes = load_cifar10(root, train=False)
+        test_name = describe_dataset(root, synthetic)
+        if test_name != trained_name:
+            run.caption = wrap(f"{caption}; test images from {test_name}")
         if hasattr(args, "images"):
             run.indices = parse_indices(args.images)
         elif getattr(args, "image_index", None) is not None:

@@ -14,10 +14,11 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 
 
-def run_script(script, *args, timeout=300):
-    """Run a top-level script as a user would; returns the CompletedProcess (text output)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+def run_script(script, *args, timeout=300, cwd=ROOT, env=None):
+    """Run a top-level script as a user would (from cwd, with env added to the environment);
+    returns the CompletedProcess (text output)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

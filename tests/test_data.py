@@ -1,5 +1,11 @@
-"""The CIFAR-10 reader on folders in the official on-disk format, and the batched augmentation."""
+"""The CIFAR-10 reader on folders in the official on-disk format, what it refuses, how it names the
+data, and the batched augmentation."""
+import hashlib
+import io
+import os
 import pickle
+import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -11,32 +17,68 @@ import data
 import utils
 from conftest import assert_one_line_error, run_script
 
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy's _reconstruct, whatever module numpy calls it
 
-def write_batch(path, keys_as_bytes, data, labels):
-    key = (lambda k: k.encode()) if keys_as_bytes else (lambda k: k)
+
+class Py2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle wrote into the official archive: every str as a Python-2 str
+    (BINSTRING, which loads as bytes under encoding="bytes") and numpy.core.multiarray._reconstruct."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        raw = obj if isinstance(obj, bytes) else obj.encode("latin1")
+        head = (pickle.SHORT_BINSTRING + bytes([len(raw)]) if len(raw) < 256
+                else pickle.BINSTRING + struct.pack("<i", len(raw)))
+        self.write(head + raw)
+        self.memoize(obj)
+
+    def save_global(self, obj, name=None):
+        if obj is _RECONSTRUCT:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+    dispatch[bytes] = dispatch[str] = save_py2_str
+    dispatch[type] = save_global
+
+
+def write_pickle(path, obj, style="py3"):
+    """style: "py2" (the official files), "py3" (bytes keys, protocol 2, as write_cifar10_folder),
+    "str" (str keys, as a Python-3 tool might write)."""
+    if style == "str":
+        obj = {k.decode(): v for k, v in obj.items()}
     with open(path, "wb") as f:
-        pickle.dump({key("data"): data, key("labels"): labels, key("batch_label"): b"x"}, f, protocol=2)
+        (Py2Pickler(f, protocol=2) if style == "py2" else pickle.Pickler(f, protocol=2)).dump(obj)
 
 
-@pytest.mark.parametrize("keys_as_bytes", [True, False])
-def test_reader_returns_images_in_the_archive_layout(tmp_path, keys_as_bytes):
-    """Row layout of the archive: 1024 red, then 1024 green, then 1024 blue values, row-major."""
+def write_batch(path, pixels, labels, style="py3"):
+    write_pickle(path, {b"batch_label": b"x", b"labels": labels, b"data": pixels,
+                        b"filenames": [b"f%d.png" % i for i in range(len(labels))]}, style)
+
+
+@pytest.mark.parametrize("style", ["py2", "py3", "str"])
+def test_reader_returns_images_in_the_archive_layout(tmp_path, style):
+    """Row layout of the archive: 1024 red, then 1024 green, then 1024 blue values, row-major;
+    data_batch_1..5 in order; class names from batches.meta."""
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    batches = [rng.integers(0, 256, (7, 3072), dtype=np.uint8) for _ in range(2)]
-    labels = [rng.integers(0, 10, 7).tolist() for _ in range(2)]
+    batches = [rng.integers(0, 256, (3, 3072), dtype=np.uint8) for _ in range(5)]
+    labels = [rng.integers(0, 10, 3).tolist() for _ in range(5)]
     for i, (pixels, lab) in enumerate(zip(batches, labels), start=1):
-        write_batch(folder / f"data_batch_{i}", keys_as_bytes, pixels, lab)
+        write_batch(folder / f"data_batch_{i}", pixels, lab, style)
     test_data = rng.integers(0, 256, (5, 3072), dtype=np.uint8)
-    write_batch(folder / "test_batch", keys_as_bytes, test_data, [9, 0, 1, 2, 3])
+    write_batch(folder / "test_batch", test_data, [9, 0, 1, 2, 3], style)
+    write_pickle(folder / "batches.meta", {b"label_names": [f"c{k}".encode() for k in range(10)],
+                                           b"num_vis": 3072, b"num_cases_per_batch": 3}, style)
 
     images, y, classes = data.load_cifar10(tmp_path, train=True, download=False)
-    assert images.dtype == torch.uint8 and images.shape == (14, 3, 32, 32)
-    assert y.dtype == torch.int64 and y.tolist() == labels[0] + labels[1]
-    assert classes == list(data.CIFAR10_CLASSES)  # no batches.meta: the official names
-    pixel = batches[1][3]  # image 3 of batch 2, pixel (row 5, col 17)
-    assert images[7 + 3, :, 5, 17].tolist() == [pixel[5 * 32 + 17], pixel[1024 + 5 * 32 + 17],
+    assert images.dtype == torch.uint8 and images.shape == (15, 3, 32, 32)
+    assert y.dtype == torch.int64 and y.tolist() == sum(labels, [])
+    assert classes == [f"c{k}" for k in range(10)]
+    pixel = batches[3][2]  # image 2 of data_batch_4, pixel (row 5, col 17)
+    assert images[9 + 2, :, 5, 17].tolist() == [pixel[5 * 32 + 17], pixel[1024 + 5 * 32 + 17],
                                                 pixel[2048 + 5 * 32 + 17]]
     test_images, test_y, _ = data.load_cifar10(tmp_path, train=False, download=False)
     assert test_y.tolist() == [9, 0, 1, 2, 3]
@@ -44,40 +86,136 @@ def test_reader_returns_images_in_the_archive_layout(tmp_path, keys_as_bytes):
 
 
 def test_writer_and_reader_round_trip_with_class_names(tmp_path):
-    images, labels = data.make_synthetic_images(30, seed=3)
-    data.write_cifar10_folder(tmp_path, images[:20], labels[:20], images[20:], labels[20:],
-                               [f"c{k}" for k in range(10)], num_train_batches=3)
-    assert len(list((tmp_path / "cifar-10-batches-py").glob("data_batch_*"))) == 3
+    images, labels = data.make_synthetic_images(33, seed=3)
+    data.write_cifar10_folder(tmp_path, images[:23], labels[:23], images[23:], labels[23:],
+                              [f"c{k}" for k in range(10)])
+    assert sorted(p.name for p in (tmp_path / "cifar-10-batches-py").iterdir()) == sorted(data.DATASET_FILES)
     got, got_labels, classes = data.load_cifar10(tmp_path, train=True, download=False)
-    assert torch.equal(got, images[:20]) and torch.equal(got_labels, labels[:20])
+    assert torch.equal(got, images[:23]) and torch.equal(got_labels, labels[:23])
     assert classes == [f"c{k}" for k in range(10)]
+    # fewer training images than batches: empty batches (an empty bytes object in protocol 2) read back
+    data.write_cifar10_folder(tmp_path / "tiny", images[:3], labels[:3], images[3:4], labels[3:4], ["a", "b"] * 5)
+    assert torch.equal(data.load_cifar10(tmp_path / "tiny", train=True)[0], images[:3])
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda f: f.write_bytes(b"not a pickle"), ["data_batch_1", "not a readable"]),
-    (lambda f: f.write_bytes(f.read_bytes()[:1000]), ["data_batch_1", "not a readable"]),
-    (lambda f: write_batch(f, True, np.zeros((4, 3000), np.uint8), [0] * 4), ["expected uint8 (N, 3072)"]),
-    (lambda f: write_batch(f, True, np.zeros((4, 3072), np.uint8), [0, 1, 2, 10]), ["labels must lie in 0..9"]),
-    (lambda f: write_batch(f, True, np.zeros((4, 3072), np.uint8), [0, 1]), ["2 labels for 4 images"]),
-])
-def test_malformed_dataset_files_give_one_clear_line(small_data_dir, tmp_path, damage, words):
-    import shutil
+@pytest.fixture
+def copy_of_small(small_data_dir, tmp_path):
     data_dir = tmp_path / "data"
     shutil.copytree(small_data_dir, data_dir)
-    damage(data_dir / "cifar-10-batches-py" / "data_batch_1")
+    return data_dir
+
+
+@pytest.mark.parametrize("damage, words, cli", [
+    (lambda f: f.write_bytes(b"not a pickle"), ["data_batch_1", "not a readable"], True),
+    (lambda f: f.write_bytes(f.read_bytes()[:1000]), ["data_batch_1", "not a readable"], True),
+    (lambda f: write_batch(f, np.zeros((4, 3000), np.uint8), [0] * 4), ["expected uint8 (N, 3072)"], True),
+    (lambda f: write_batch(f, np.zeros((4, 3072), np.uint8), [0, 1, 2, 10]), ["labels must lie in 0..9"], True),
+    (lambda f: write_batch(f, np.zeros((4, 3072), np.uint8), [0, 1]), ["'labels' must be 4 integers"], True),
+    (lambda f: write_batch(f, np.zeros((4, 3072), np.float32), [0] * 4), ["dtype 'f4'", "refused unread"], False),
+    (lambda f: write_batch(f, np.zeros((4, 3072), np.uint8), np.arange(4)), ["dtype 'i8'"], False),
+    (lambda f: write_batch(f, np.zeros((4, 3072), np.uint8), [b"a"] * 4), ["'labels' must be 4 integers"], False),
+    (lambda f: write_batch(f, np.zeros((4, 3072), np.uint8), [0.5] * 4), ["holds a float"], False),
+])
+def test_malformed_dataset_files_give_one_clear_line(copy_of_small, tmp_path, damage, words, cli):
+    damage(copy_of_small / "cifar-10-batches-py" / "data_batch_1")
     with pytest.raises(utils.UserError) as err:
-        data.load_cifar10(data_dir, train=True)
+        data.load_cifar10(copy_of_small, train=True)
     for word in words:
         assert word in str(err.value)
-    proc = run_script("train.py", "--data-dir", data_dir, "--checkpoint", tmp_path / "c.pt", "--iterations", 1)
+    if not cli:  # the same UserError path as the rows above: no need to pay for another process
+        return
+    proc = run_script("train.py", "--data-dir", copy_of_small, "--checkpoint", tmp_path / "c.pt", "--iterations", 1)
     assert_one_line_error(proc, *words)
     assert not (tmp_path / "c.pt").exists()
+
+
+class WritesMarker:
+    """Unpickling this runs code: os.system or builtins.exec writing the marker file."""
+
+    def __init__(self, marker, via):
+        self.marker, self.via = str(marker), via
+
+    def __reduce__(self):
+        if self.via == "os.system":
+            return os.system, (f"echo ran > '{self.marker}'",)
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("via", ["os.system", "exec"])
+@pytest.mark.parametrize("name", ["data_batch_3", "test_batch", "batches.meta"])
+def test_a_batch_file_that_carries_code_is_refused_and_its_code_never_runs(copy_of_small, tmp_path, name, via):
+    marker = tmp_path / "code-ran"
+    path = copy_of_small / "cifar-10-batches-py" / name
+    batch = pickle.load(open(path, "rb"), encoding="bytes")
+    batch[b"labels" if name != "batches.meta" else b"label_names"] = WritesMarker(marker, via)
+    write_pickle(path, batch)
+    pickle.load(open(path, "rb"), encoding="bytes")  # the payload is live: plain pickle runs it
+    assert marker.read_text().strip() == "ran"
+    marker.unlink()
+
+    for train in {"data_batch_3": [True], "test_batch": [False], "batches.meta": [True, False]}[name]:
+        with pytest.raises(utils.UserError) as err:
+            data.load_cifar10(copy_of_small, train=train)
+        assert str(path) in str(err.value) and "refused unread" in str(err.value)
+        # the global as the pickle names it (Python 3 writes builtins as __builtin__ in protocol 2)
+        assert {"os.system": "posix.system", "exec": "__builtin__.exec"}[via] in str(err.value)
+    if name == "batches.meta":  # the one file naming the data reads; it never hashes into the others
+        with pytest.raises(utils.UserError, match="refused unread"):
+            data.describe_dataset(copy_of_small)
+    assert not marker.exists()
+
+
+def test_a_folder_is_exactly_its_seven_files_and_others_are_ignored(copy_of_small, tmp_path):
+    folder = copy_of_small / "cifar-10-batches-py"
+    before = data.load_cifar10(copy_of_small, train=True), data.load_cifar10(copy_of_small, train=False)
+    extra = data.make_synthetic_images(50, seed=99)
+    data.write_cifar10_folder(tmp_path / "other", *extra, *extra, [f"x{k}" for k in range(10)])
+    shutil.copy(tmp_path / "other" / "cifar-10-batches-py" / "data_batch_1", folder / "data_batch_1.orig")
+    shutil.copy(tmp_path / "other" / "cifar-10-batches-py" / "data_batch_2", folder / "data_batch_6")
+    shutil.copy(tmp_path / "other" / "cifar-10-batches-py" / "test_batch", folder / "test_batch~")
+    write_pickle(folder / "data_batch_7", {b"labels": WritesMarker(tmp_path / "code-ran", "exec")})
+    after = data.load_cifar10(copy_of_small, train=True), data.load_cifar10(copy_of_small, train=False)
+    for b, a in zip(before, after):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    assert not (tmp_path / "code-ran").exists()
+
+
+@pytest.mark.parametrize("remove", [["data_batch_2", "data_batch_4"], ["test_batch"], ["batches.meta"]])
+def test_a_folder_missing_some_of_its_files_is_refused_naming_them(copy_of_small, remove):
+    for name in remove:
+        (copy_of_small / "cifar-10-batches-py" / name).unlink()
+    for train in (True, False):
+        with pytest.raises(utils.UserError) as err:
+            data.load_cifar10(copy_of_small, train=train)
+        assert f"lacks {', '.join(remove)} " in str(err.value)
 
 
 def test_absent_dataset_offline_says_where_to_put_the_archive(tmp_path):
     proc = run_script("train.py", "--data-dir", tmp_path / "empty", "--checkpoint", tmp_path / "c.pt")
     line = assert_one_line_error(proc, "cifar-10-python.tar.gz", "--synthetic", str(tmp_path / "empty"))
     assert "could not be downloaded" in line
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == []  # no partial download left behind
+
+
+def test_only_files_with_the_official_md5_are_named_cifar10(copy_of_small, monkeypatch):
+    folder = copy_of_small / "cifar-10-batches-py"
+    name = data.describe_dataset(copy_of_small)
+    assert name == f"{copy_of_small} (not the official CIFAR-10; classes {', '.join(f'class-{k}' for k in range(10))})"
+    assert not data.is_official_cifar10(folder)
+    # With the published sums replaced by this folder's, the folder is recognised, by its md5 alone...
+    sums = {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in data.DATASET_FILES}
+    monkeypatch.setattr(data, "OFFICIAL_MD5", sums)
+    assert data.describe_dataset(copy_of_small) == "CIFAR-10"
+    (folder / "data_batch_1.orig").write_bytes(b"ignored")  # other files change nothing
+    assert data.describe_dataset(copy_of_small) == "CIFAR-10"
+    # ...and one changed file, still a valid batch with the same images, makes it not CIFAR-10 again
+    batch = pickle.load(open(folder / "data_batch_5", "rb"), encoding="bytes")
+    write_pickle(folder / "data_batch_5", {**batch, b"batch_label": b"edited"})
+    assert data.describe_dataset(copy_of_small) == name
+    assert data.describe_dataset(copy_of_small, synthetic=True) == "synthetic gratings (NOT CIFAR-10)"
+    write_pickle(folder / "batches.meta", {b"label_names": [b"fine-class-%d" % k for k in range(100)]})
+    many = ", ".join(f"fine-class-{k}" for k in range(6))  # as many as fit in about a title's line
+    assert data.describe_dataset(copy_of_small).endswith(f"classes {many}, ... (100 in all))")
 
 
 def test_synthetic_data_is_labelled_not_cifar10_and_read_by_the_same_reader(synthetic_data_dir):
@@ -86,6 +224,36 @@ def test_synthetic_data_is_labelled_not_cifar10_and_read_by_the_same_reader(synt
     images, labels, classes = data.load_cifar10(root, train=False, download=False)
     assert images.shape == (10000, 3, 32, 32) and all(c.startswith("synthetic") for c in classes)
     assert torch.bincount(labels, minlength=10).min() > 800  # every class present, roughly balanced
+
+
+def test_checkpoint_stores_data_dir_absolute_so_plots_run_from_elsewhere_read_it(
+        small_data_dir, synthetic_data_dir, tmp_path, monkeypatch):
+    """A relative --data-dir is stored absolute (and accepted again on --resume); a plot script
+    run from another folder then reads that data and names it in its caption."""
+    import train
+    import visualize
+    monkeypatch.chdir(small_data_dir.parent)
+    argv = ["--data-dir", small_data_dir.name, "--width", "4"]
+    config = train.resolve_config(train.parse_args(argv), None)
+    assert config["data_dir"] == str(small_data_dir.resolve())
+    train.resolve_config(train.parse_args(argv + ["--resume"]), {"config": config})  # same data: accepted
+
+    config["data_name"] = name = data.describe_dataset(config["data_dir"])
+    model = train.ResNet(4)
+    utils.save_atomic(train.checkpoint_state(model, *train.make_optimizer(model, config), 0, 0, config,
+                                             train.new_history()), tmp_path / "c.pt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run = visualize.load_for_plots(visualize.plot_parser("", image_index=3).parse_args(
+        ["--checkpoint", str(tmp_path / "c.pt"), "--device", "cpu"]))
+    assert torch.equal(run.images, data.load_cifar10(small_data_dir, train=False)[0])
+    assert " ".join(run.caption.split()) == f"c.pt: width-4 ResNet-18 trained on {name}" and "class-9" in name
+    assert list(elsewhere.iterdir()) == []  # nothing written or downloaded here
+    run = visualize.load_for_plots(visualize.plot_parser("", image_index=3).parse_args(
+        ["--checkpoint", str(tmp_path / "c.pt"), "--device", "cpu", "--synthetic",
+         "--data-dir", str(synthetic_data_dir)]))  # other test images: both are named
+    assert " ".join(run.caption.split()).endswith("; test images from synthetic gratings (NOT CIFAR-10)")
 
 
 def test_random_crop_flip_is_one_offset_and_flip_of_the_padded_image():
