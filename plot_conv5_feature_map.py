@@ -9,10 +9,10 @@ import utils
 import visualize
 
 
-def main():
-    args = visualize.plot_parser(__doc__, image_index=7876, layer="conv5_x").parse_args()
+def main(argv=None):
+    args = visualize.plot_parser(__doc__, image_index=7876, layer="conv5_x").parse_args(argv)
     run = visualize.load_for_plots(args)
-    visualize.plot_feature_maps(run, args.layer, args.figures_dir)
+    return [visualize.plot_feature_maps(run, args.layer, args.figures_dir)]
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ import utils
 import visualize
 
 
-def main():
-    args = visualize.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1).parse_args()
+def main(argv=None):
+    args = visualize.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1).parse_args(argv)
     run = visualize.load_for_plots(args)
-    visualize.plot_reconstructions(run, args.layer, args.channel, "shortcut", args.figures_dir)
+    return [visualize.plot_reconstructions(run, args.layer, args.channel, "shortcut", args.figures_dir)]
 
 
 if __name__ == "__main__":

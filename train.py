@@ -295,6 +295,16 @@ class BackgroundWriter:
             pending.result()
 
 
+def describe_data(config):
+    """How titles and messages name the run's data."""
+    return "synthetic gratings (NOT CIFAR-10)" if config["synthetic"] else f"CIFAR-10 from {Path(config['data_dir'])}"
+
+
+def progress_title(config):
+    """The title of the learning-progress figures (also when plot_learning_progress.py redraws them)."""
+    return f"width-{config['width']} ResNet-18, {describe_data(config)}"
+
+
 def write_outputs(state, ckpt_path, figures_dir, title, figures=True):
     utils.save_atomic(state, ckpt_path)
     write_history_csv(state["history"], ckpt_path.with_suffix(".csv"))
@@ -323,7 +333,7 @@ def main(argv=None):
     train_images, train_labels, classes = data.load_cifar10(root, train=True)
     test_images, test_labels, _ = data.load_cifar10(root, train=False)
     config["classes"] = classes
-    data_name = "synthetic gratings (NOT CIFAR-10)" if config["synthetic"] else f"CIFAR-10 from {root}"
+    data_name = describe_data(config)
     train_images, train_labels = train_images.to(device), train_labels.to(device)
     test_images, test_labels = test_images.to(device), test_labels.to(device)
 
@@ -350,7 +360,7 @@ def main(argv=None):
                               f"pass a larger --epochs or --iterations to train further")
 
     writer = BackgroundWriter()
-    title = f"width-{config['width']} ResNet-18, {data_name}"
+    title = progress_title(config)
 
     def save(figures=True):
         state = snapshot(checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, history))
