@@ -124,6 +124,24 @@ class ResNet(nn.Module):
         # a stage ends in a conv -> BN (-> ReLU), so its last conv sets its width
         return [m for m in self.stage(layer).modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
+    def receptive_field(self, layer, row, col, image_size=32, clip=True):
+        """[top, left, bottom, right]: the inclusive pixel bounds of the input that unit (row, col)
+        of stage `layer`'s output sees, clipped to the image_size x image_size input (clip=False:
+        the field as the layers define it, reaching into the zero padding).
+
+        Walks the modules from the stage down to the input, widening the span by the kernel,
+        stride and padding of every conv and the max-pool; a BasicBlock's field is the union of
+        its trunk's and its shortcut's.
+        """
+        self.stage(layer)  # raises for an unknown name, listing the valid ones
+        spans = [(row, row), (col, col)]
+        for name in reversed(STAGES[:STAGES.index(layer) + 1]):
+            spans = [input_span(self.stage(name), span, dim) for dim, span in enumerate(spans)]
+        if clip:
+            spans = [(max(lo, 0), min(hi, image_size - 1)) for lo, hi in spans]
+        (top, bottom), (left, right) = spans
+        return [top, left, bottom, right]
+
     @torch.no_grad()
     def reconstruct(self, x, layer, channel, path="both", top1=False):
         """Zeiler & Fergus's deconvnet: project `channel` of stage `layer` back to input space.
@@ -155,6 +173,26 @@ class ResNet(nn.Module):
         for name, tape in zip(reversed(names), reversed(tapes)):
             signal = stage_transpose(tape, signal, path if name == layer else "both")
         return signal
+
+
+def input_span(module, span, dim):
+    """The (first, last) input positions along `dim` (0: rows, 1: columns) that the outputs
+    span[0]..span[1] of `module` read, padding included (so they can lie outside the input)."""
+    if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+        kernel, stride, padding, dilation = (
+            v if isinstance(v, int) else v[dim]
+            for v in (module.kernel_size, module.stride, module.padding, module.dilation))
+        return span[0] * stride - padding, span[1] * stride - padding + dilation * (kernel - 1)
+    if isinstance(module, nn.Sequential):
+        for child in reversed(module):
+            span = input_span(child, span, dim)
+        return span
+    if isinstance(module, BasicBlock):
+        trunk, shortcut = input_span(module.trunk, span, dim), input_span(module.shortcut, span, dim)
+        return min(trunk[0], shortcut[0]), max(trunk[1], shortcut[1])
+    if isinstance(module, (nn.BatchNorm2d, nn.ReLU, nn.Identity)):
+        return span  # pointwise
+    raise TypeError(f"no receptive field rule for {type(module).__name__}")
 
 
 # --------------------------------------------------------------------------- deconvnet

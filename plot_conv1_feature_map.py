@@ -10,10 +10,10 @@ import utils
 import visualize
 
 
-def main():
-    args = visualize.plot_parser(__doc__, image_index=7876, layer="conv1", channels="auto").parse_args()
+def main(argv=None):
+    args = visualize.plot_parser(__doc__, image_index=7876, layer="conv1", channels="auto").parse_args(argv)
     run = visualize.load_for_plots(args)
-    visualize.plot_feature_maps(run, args.layer, args.figures_dir, run.channels)
+    return [visualize.plot_feature_maps(run, args.layer, args.figures_dir, run.channels)]
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ import utils
 import visualize
 
 
-def main():
+def main(argv=None):
     args = visualize.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1,
-                                 top1=False, scale="image").parse_args()
+                                 top1=False, scale="image").parse_args(argv)
     run = visualize.load_for_plots(args)
-    visualize.plot_reconstructions(run, args.layer, args.channel, "shortcut", args.figures_dir,
-                                   args.top1, args.scale)
+    return [visualize.plot_reconstructions(run, args.layer, args.channel, "shortcut", args.figures_dir,
+                                           args.top1, args.scale)]
 
 
 if __name__ == "__main__":

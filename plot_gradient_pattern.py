@@ -17,20 +17,21 @@ import utils
 import visualize
 
 
-def main():
+def main(argv=None):
     p = visualize.plot_parser(__doc__, layer="conv5_x", channel=0)
     p.add_argument("--image-index", type=int, help="start from this test image (default: the top-activating one)")
     p.add_argument("--steps", type=int, default=100, help="Adam steps (default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.05,
                    help="Adam learning rate, in normalized input units (default: %(default)s)")
     p.add_argument("--penalty", type=float, default=0.01, help="lambda of lambda * ||x - x0||^2 (default: %(default)s)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.steps < 1 or args.lr <= 0 or args.penalty < 0:
         raise utils.UserError("--steps must be at least 1, --lr above 0 and --penalty at least 0")
     run = visualize.load_for_plots(args)
     model, layer, channel = run.model, args.layer, args.channel
     if run.indices is None:
-        (index,), (score,) = visualize.top_activating(model, run.images, layer, channel)
+        scores = visualize.test_split_scores(run, [layer])[layer]  # shared with the atlas under plot_all.py
+        (index,), (score,) = visualize.top_k(scores.sum[:, channel], 1)
         print(f"test image {visualize.image_label(run, index.item())} excites {layer} channel {channel} most: "
               f"feature-map sum {score:.4f}")
         run.indices = [index.item()]
@@ -44,9 +45,10 @@ def main():
               "large; try another --image-index or a smaller --lr")
     panels = [(visualize.to_display(x0)[0], f"start: test image\n{visualize.image_label(run, run.indices[0])}"),
               (visualize.to_display(x)[0], "pattern"), (visualize.signed_to_display(x - x0)[0], "pattern - start")]
-    visualize.save_panels(Path(args.figures_dir) / f"gradient_pattern_{layer}_channel{channel}.png", panels,
-                      f"gradient ascent on {layer} channel {channel}: activation {before:.3g} -> {after:.3g} "
-                      f"({args.steps} Adam steps, lr {args.lr}, penalty {args.penalty})\n{run.caption}", cols=3)
+    return [visualize.save_panels(
+        Path(args.figures_dir) / f"gradient_pattern_{layer}_channel{channel}.png", panels,
+        f"gradient ascent on {layer} channel {channel}: activation {before:.3g} -> {after:.3g} "
+        f"({args.steps} Adam steps, lr {args.lr}, penalty {args.penalty})\n{run.caption}", cols=3)]
 
 
 if __name__ == "__main__":

@@ -527,6 +527,14 @@ class BackgroundWriter:
             pending.result()
 
 
+def progress_title(config):
+    """The title of the learning-progress figures (also when plot_learning_progress.py redraws them):
+    the data as data.describe_dataset named it when the run started; a long name takes two lines."""
+    name = config.get("data_name") or (data.SYNTHETIC_NAME if config["synthetic"] else f"the data in {config['data_dir']}")
+    return textwrap.fill(f"width-{config['width']} ResNet-18, {name}", 90, break_long_words=False,
+                         break_on_hyphens=False)
+
+
 def write_outputs(state, ckpt_path, figures_dir, title, figures=True):
     utils.save_atomic(state, ckpt_path)
     write_history_csv(state["history"], ckpt_path.with_suffix(".csv"))
@@ -588,8 +596,7 @@ def main(argv=None):
                               f"pass a larger --epochs or --iterations to train further")
 
     writer = BackgroundWriter()
-    title = textwrap.fill(f"width-{config['width']} ResNet-18, {data_name}", 90, break_long_words=False,
-                          break_on_hyphens=False)  # a long data name takes two lines
+    title = progress_title(config)
 
     def save(figures=True):
         state = snapshot(checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, history))

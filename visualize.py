@@ -3,6 +3,7 @@ scoring, gradient ascent and drawing. Each plot_*.py is a short declaration over
 model.py.
 """
 import argparse
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import SYNTHETIC_NAME, dataset_root, denormalize, describe_dataset, load_cifar10, normalize
+from data import CIFAR10_FOLDER, SYNTHETIC_NAME, dataset_root, denormalize, describe_dataset, load_cifar10, normalize
 from model import PATHS, STAGES, BasicBlock
 from utils import OneLineArgumentParser, UserError, load_checkpoint, resolve_device
 
@@ -137,23 +138,48 @@ def check_path(path):
         raise UserError(f"--path {path!r} is not a deconvnet path; choose one of {', '.join(PATHS)}")
 
 
+# What plot_all.py's scripts would otherwise each load or compute again, once per process: keyed on
+# the files (path, modification time, size) it came from, so a rewritten file is read afresh.
+_MEMO = {}
+
+
+def memo(key, compute):
+    """compute(), or what it returned the first time it was asked for under `key` in this process."""
+    if key not in _MEMO:
+        _MEMO[key] = compute()
+    return _MEMO[key]
+
+
+def file_key(path):
+    """(resolved path, mtime in ns, size) of a file; just the path if it does not exist (yet)."""
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return (str(path),)
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
 def load_for_plots(args, test_split=True):
     """Everything a plot script needs, from its parsed flags, with every flag checked.
 
-    Returns a namespace: model (eval mode, on args.device), device, caption (checkpoint and data,
-    for titles; synthetic data says NOT CIFAR-10) and, with test_split, the test images (uint8, on
-    the CPU), labels and class names, and indices: the parsed --images, or [--image-index], where
-    the script has that flag; channels: the parsed --channels (None for 'auto'). Only the test split
-    is read.
+    Returns a namespace: model (eval mode, on args.device), checkpoint (its dict), device, caption
+    (checkpoint and data, for titles; the data named by data.describe_dataset) and, with test_split,
+    the test images (uint8, on the CPU), labels and class names, and indices: the parsed --images, or
+    [--image-index], where the script has that flag; channels: the parsed --channels of --layer (None
+    for 'auto'). Only the test split is read. The model and the test split are loaded once per
+    process (memo), so plot_all.py's scripts share them; they must not be changed in place.
     """
     for name, check in (("layer", check_layer), ("path", check_path)):
         if hasattr(args, name):
             check(getattr(args, name))
     device = resolve_device(args.device)
-    model, ckpt = load_checkpoint(args.checkpoint, device)
+    checkpoint_key = ("checkpoint", file_key(args.checkpoint), str(device))
+    model, ckpt = memo(checkpoint_key, lambda: load_checkpoint(args.checkpoint, device))
     if hasattr(args, "channel"):
         check_channel(model, args.layer, args.channel)
-    channels = parse_channels(args.channels, model, args.layer) if hasattr(args, "channels") else None
+    # --channels of one --layer (the atlas has its own, for several layers)
+    channels = parse_channels(args.channels, model, args.layer) if hasattr(args, "layer") and hasattr(args, "channels") else None
     config = ckpt["config"]
     trained_on = config.get("synthetic", False)
     synthetic = trained_on if args.synthetic is None else args.synthetic
@@ -164,10 +190,13 @@ def load_for_plots(args, test_split=True):
     def wrap(text):  # titles hold about 90 characters a line; a long data name takes two
         return textwrap.fill(text, 90, break_long_words=False, break_on_hyphens=False)
 
-    run = SimpleNamespace(model=model, device=device, indices=None, channels=channels, caption=wrap(caption))
+    run = SimpleNamespace(model=model, checkpoint=ckpt, device=device, indices=None, channels=channels,
+                          caption=wrap(caption))
     if test_split:
         root = dataset_root(args.data_dir or config.get("data_dir", "data"), synthetic)
-        run.images, run.labels, run.classes = load_cifar10(root, train=False)
+        data_key = ("test split", file_key(Path(root) / CIFAR10_FOLDER / "test_batch"))
+        run.images, run.labels, run.classes = memo(data_key, lambda: load_cifar10(root, train=False))
+        run.key = (checkpoint_key, data_key)  # what test_split_scores are memoized on
         test_name = describe_dataset(root, synthetic)
         if test_name != trained_name:
             run.caption = wrap(f"{caption}; test images from {test_name}")
@@ -182,13 +211,20 @@ def load_for_plots(args, test_split=True):
 
 # --------------------------------------------------------------------------- what the plots compute
 
-def stage_output(model, x, layer):
-    """The output of stage `layer` for the normalized batch x, running only the stages up to it."""
-    for name in STAGES[:STAGES.index(layer) + 1]:
+def stage_outputs(model, x, last):
+    """Yield (name, output) of every stage from conv1 to `last` for the normalized batch x."""
+    for name in STAGES[:STAGES.index(last) + 1]:
         # oneDNN's CPU convolutions and max-pool are ~2x faster channels-last on the 32x32 maps of
         # the first two stages, and faster in NCHW on the small maps after; the values are the same
         big = x.shape[-1] >= 32
         x = model.stage(name)(x.contiguous(memory_format=torch.channels_last if big else torch.contiguous_format))
+        yield name, x
+
+
+def stage_output(model, x, layer):
+    """The output of stage `layer` for the normalized batch x, running only the stages up to it."""
+    for _, x in stage_outputs(model, x, layer):
+        pass
     return x
 
 
@@ -197,24 +233,63 @@ def channel_scores(model, x, layer, channel):
     return stage_output(model, x, layer)[:, channel].sum((1, 2))
 
 
-def top_activating(model, images, layer, channel, k=1, batch_size=None):
-    """(indices, scores) of the k images whose `channel` at `layer` has the largest feature-map sum.
+def score_units(model, images, layers, batch_size=None):
+    """Score every channel of every stage in `layers` on every image, in one batched pass.
 
     images: uint8 (N, 3, 32, 32) as load_cifar10 returns them, on any device; they are normalized
-    here, batch by batch, on the model's device. Equal to scoring one image at a time (tested), but
-    batched, under inference mode and stopping at `layer`. batch_size defaults to 100 on a CPU
-    (fastest on 2 cores: the activations stay in cache) and 1000 on a GPU.
+    here, batch by batch, on the model's device, and the stages run once, up to the deepest in
+    `layers`, under inference mode. batch_size defaults to 100 on a CPU (fastest on 2 cores: the
+    activations stay in cache) and 1000 on a GPU. Returns {layer: namespace} holding, per image and
+    channel (N, C) on the CPU:
+      max     the largest activation in the channel's map (Zeiler & Fergus's criterion),
+      argmax  its position as a flat index into the (H, W) map, the first one on ties,
+      sum     the sum of the map (the report's criterion, as channel_scores),
+    and size, the (H, W) of the stage's maps.
     """
     device = next(model.parameters()).device
     batch_size = batch_size or (100 if device.type == "cpu" else 1000)
-    scores = []
+    layers = sorted(set(layers), key=STAGES.index)
+    parts = {layer: [] for layer in layers}
+    sizes = {}
     with torch.inference_mode():
-        for start in tqdm(range(0, len(images), batch_size), desc=f"scoring {layer} channel {channel}",
+        for start in tqdm(range(0, len(images), batch_size), desc=f"scoring {', '.join(layers)}",
                           unit="batch", leave=False, dynamic_ncols=True):
             x = normalize(images[start:start + batch_size].to(device))
-            scores.append(channel_scores(model, x, layer, channel).float())
-    top = torch.cat(scores).topk(k)
-    return top.indices.cpu(), top.values.cpu()
+            for name, out in stage_outputs(model, x, layers[-1]):
+                if name in parts:
+                    sizes[name] = tuple(out.shape[-2:])
+                    flat = out.flatten(2).float()
+                    peak, where = flat.max(2)
+                    parts[name].append((peak.cpu(), where.int().cpu(), flat.sum(2).cpu()))
+    return {layer: SimpleNamespace(**{key: torch.cat(column) for key, column in
+                                      zip(("max", "argmax", "sum"), zip(*parts[layer]))}, size=sizes[layer])
+            for layer in layers}
+
+
+def top_k(values, k):
+    """(indices, values) of the k largest entries of a 1-D tensor, largest first; ties: lower index first."""
+    order = torch.sort(values, descending=True, stable=True).indices[:k]
+    return order, values[order]
+
+
+def top_activating(model, images, layer, channel, k=1, batch_size=None):
+    """(indices, scores) of the k images whose `channel` at `layer` has the largest feature-map sum.
+
+    score_units's pass, so equal to scoring one image at a time (tested), but batched, under
+    inference mode and stopping at `layer`.
+    """
+    return top_k(score_units(model, images, [layer], batch_size)[layer].sum[:, channel], k)
+
+
+def test_split_scores(run, layers):
+    """score_units over run's test split, computed once per process for each checkpoint, test split,
+    device and layer: the scripts plot_all.py runs share one pass (the atlas computes what the
+    gradient pattern's search needs)."""
+    missing = [layer for layer in layers if (run.key, layer) not in _MEMO]
+    if missing:
+        for layer, scores in score_units(run.model, run.images, missing).items():
+            _MEMO[run.key, layer] = scores
+    return {layer: _MEMO[run.key, layer] for layer in layers}
 
 
 def gradient_ascent(model, x0, layer, channel, steps=100, lr=0.05, penalty=0.01):
@@ -494,3 +569,148 @@ def plot_reconstructions(run, layer, channel, path, figures_dir, top1=False, sca
     name = (f"{layer}_channel{channel}_reconstructions" + ("" if path == "both" else f"_{path}")
             + ("_top1" if top1 else "") + ("" if scale == "image" else f"_{scale}scale") + ".png")
     return save_panels(Path(figures_dir) / name, panels, title, cols=2 * grid_shape(len(run.indices))[1])
+
+
+# --------------------------------------------------------------------------- the atlas
+# Zeiler & Fergus's Figure 2 for a ResNet: per channel, the 9 test images with the largest single
+# activation, each as the top-1 deconvnet projection and the image patch, both cropped to the
+# receptive field of the strongest unit.
+
+ATLAS_LAYERS = "conv2_x,conv3_x,conv4_x,conv5_x"
+ATLAS_CHANNELS = 16  # the default: channels 0-15, or every channel of a stage with fewer
+OUTSIDE_IMAGE = (0.69, 0.77, 0.87)  # light steel blue: where a receptive field reaches past the image
+
+
+def parse_layers(text):
+    """'conv2_x,conv5_x' -> ['conv2_x', 'conv5_x'], each checked."""
+    layers = [name.strip() for name in text.split(",") if name.strip()]
+    if not layers:
+        raise UserError(f"--layer {text!r} names no stage; choose from {', '.join(STAGES)}")
+    for layer in layers:
+        check_layer(layer)
+    return list(dict.fromkeys(layers))
+
+
+def atlas_channels(model, layers, text=None):
+    """{layer: channels}: the parsed --channels, checked against each layer, or the default."""
+    if text is None:
+        return {layer: list(range(min(ATLAS_CHANNELS, model.channels(layer)))) for layer in layers}
+    channels = parse_indices(text, "--channels", "channel indices")
+    for layer in layers:
+        bad = [c for c in channels if not 0 <= c < model.channels(layer)]
+        if bad:
+            raise UserError(f"--channels: channel {bad[0]} is out of range: {layer} of this width-{model.width} "
+                            f"network has {model.channels(layer)} channels; choose 0..{model.channels(layer) - 1}")
+    return {layer: channels for layer in layers}
+
+
+def unit_atlas(run, channels, k=9):
+    """{layer: units} for channels = {layer: [channel, ...]}, from one pass over the test split.
+
+    A unit is {"channel": c, "top": [{"image", "activation", "row", "col", "box"}, ... k entries]}:
+    the k test images with the largest single activation of the channel, largest first (ties:
+    lower image index first); (row, col) is the strongest position in the stage's output and box
+    its receptive field [top, left, bottom, right] (inclusive, clipped to the image).
+    """
+    scores = test_split_scores(run, list(channels))
+    size = run.images.shape[-1]
+    atlas = {}
+    for layer, layer_channels in channels.items():
+        s = scores[layer]
+        atlas[layer] = []
+        for channel in layer_channels:
+            top = []
+            for image, activation in zip(*(t.tolist() for t in top_k(s.max[:, channel], k))):
+                row, col = divmod(int(s.argmax[image, channel]), s.size[1])
+                top.append(dict(image=image, activation=activation, row=row, col=col,
+                                box=run.model.receptive_field(layer, row, col, size)))
+            atlas[layer].append(dict(channel=channel, top=top))
+    return atlas
+
+
+def crop(image, box):
+    """The part of an (H, W, ...) array inside box = [top, left, bottom, right] (inclusive)."""
+    top, left, bottom, right = box
+    return image[top:bottom + 1, left:right + 1]
+
+
+def atlas_crops(run, layer, unit):
+    """(projections, patches) of one atlas unit: per entry, an (h, w, 3) array in [0, 1] cropped to
+    its box. The projections are ResNet.reconstruct(..., top1=True) of the unit's channel, all k
+    on one display scale, 0.5 + r / (2 max|r|) with the max over the k, so strengths compare."""
+    x = normalize(run.images[[entry["image"] for entry in unit["top"]]].to(run.device))
+    projections = signed_to_display(run.model.reconstruct(x, layer, unit["channel"], top1=True), per_image=False)
+    boxes = [entry["box"] for entry in unit["top"]]
+    return ([crop(p, box) for p, box in zip(projections, boxes)],
+            [crop(p, box) for p, box in zip(to_display(x), boxes)])
+
+
+def field_canvas(patch, box, field, size):
+    """A cropped patch on a canvas as large as its receptive field (at most size x size), placed
+    where the image lies within the field; the rest, outside the image, is OUTSIDE_IMAGE.
+
+    field: the unclipped field [top, left, bottom, right] (ResNet.receptive_field(clip=False)).
+    A field larger than the image gets a size x size canvas, and the patch sits on the side where
+    it meets the image border.
+    """
+    height, width = (min(field[i + 2] - field[i] + 1, size) for i in (0, 1))
+    canvas = np.empty((height, width, 3), dtype=np.float32)
+    canvas[:] = OUTSIDE_IMAGE
+    h, w = patch.shape[:2]
+    top, left = (min(box[i] - field[i], extent - n) for i, extent, n in ((0, height, h), (1, width, w)))
+    canvas[top:top + h, left:left + w] = patch
+    return canvas
+
+
+def plot_unit_atlas(run, layer, units, checkpoint, figures_dir, blocks_per_row=4):
+    """figures_dir/atlas_<layer>.png and .json of unit_atlas's units for one stage; returns both paths."""
+    size = run.images.shape[-1]
+    cols = min(blocks_per_row, len(units))
+    rows = math.ceil(len(units) / cols)
+    fig = new_figure(3.5 * cols + 0.3, 1.9 * rows + 1.1)
+    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=dict(wspace=0.08, hspace=0.3)).ravel()
+    for ax, unit in zip(axes, units):
+        halves = ([], [])  # the projections' canvases, the patches'
+        for entry, *crops in zip(unit["top"], *atlas_crops(run, layer, unit)):
+            field = run.model.receptive_field(layer, entry["row"], entry["col"], size, clip=False)
+            for canvases, patch in zip(halves, crops):
+                canvases.append(field_canvas(patch, entry["box"], field, size))
+                if entry["activation"] <= 0:
+                    canvases[-1][:] = 1.0  # silent on this image: no strongest unit to show
+        halves = [tile(canvases, fill=1.0) for canvases in halves]
+        gap = np.ones((halves[0].shape[0], max(2, halves[0].shape[1] // 12), 3), dtype=np.float32)
+        ax.imshow(np.concatenate([halves[0], gap, halves[1]], axis=1), interpolation="nearest")
+        best = unit["top"][0]["activation"]
+        silent = sum(entry["activation"] <= 0 for entry in unit["top"])
+        label = f"channel {unit['channel']}: max {best:.3g}"
+        if silent == len(unit["top"]):
+            label = f"channel {unit['channel']}: silent on every test image"
+        elif silent:
+            firing = len(unit["top"]) - silent
+            label += f"; fires on only {firing} test image{'s' if firing > 1 else ''}"
+        ax.set_title(label, fontsize=8, loc="left")
+    for ax in axes:
+        bare(ax)
+        ax.set_frame_on(ax.has_data())
+    top, _, bottom, _ = run.model.receptive_field(layer, 0, 0, size, clip=False)
+    extent = bottom - top + 1  # the side of every unit's field in this stage
+    if all(entry["box"] == [0, 0, size - 1, size - 1] for unit in units for entry in unit["top"]):
+        seen = "the whole image"
+    else:
+        seen = (f"the receptive field of the strongest unit ({extent}x{extent}" +
+                (f", at most the {size}x{size} image" if extent > size else "") + "; light blue: outside the image)")
+    fig.suptitle(f"{layer}: for each channel, the {len(units[0]['top'])} test images with its largest single "
+                 f"activation (largest top left, row by row);\nleft: the top-1 deconvnet projection, one "
+                 f"scale per channel (0.5 + r / (2 max|r|), grey = 0); right: the image; both show {seen}\n"
+                 f"{run.caption}", fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.75 / fig.get_figheight())
+    figures_dir = Path(figures_dir)
+    png = save(fig, figures_dir / f"atlas_{layer}.png")
+    json_path = figures_dir / f"atlas_{layer}.json"
+    # {"layer": ..., "checkpoint": ..., "units": [...]}, one line per image for a reader
+    units_text = ",\n".join(f' {{"channel": {unit["channel"]}, "top": [\n  ' +
+                            ",\n  ".join(json.dumps(entry) for entry in unit["top"]) + "]}" for unit in units)
+    json_path.write_text(f'{{"layer": {json.dumps(layer)}, "checkpoint": {json.dumps(str(checkpoint))}, '
+                         f'"units": [\n{units_text}]}}\n')
+    print(f"wrote {json_path}")
+    return [png, json_path]

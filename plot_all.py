@@ -1,0 +1,50 @@
+"""Every figure, in one Python process: each plot script's own code, run with its defaults (the
+report's figures and the unit atlas), on one checkpoint.
+
+    python plot_all.py [--checkpoint checkpoints/resnet18_cifar10.pt] [--figures-dir figures]
+
+The checkpoint and the test split are loaded once and the atlas's pass over the test split also
+serves the gradient pattern's search (visualize.memo), so this is much faster than running the
+scripts one by one. Prints every file it writes, and the time each script took.
+"""
+import importlib
+import time
+
+import utils
+import visualize
+
+# Run in this order; a new figure script is one more line. The atlas comes before the gradient
+# pattern, whose search then reuses the atlas's conv5_x scores instead of scoring the test split again.
+SCRIPTS = (
+    "plot_learning_progress",
+    "plot_conv1_filters",
+    "plot_conv1_feature_map",
+    "plot_conv5_feature_map",
+    "plot_conv1_reconstructed_pattern",
+    "plot_conv5_reconstructed_pattern_shortcut",
+    "plot_conv5_reconstructed_pattern_trunk",
+    "plot_unit_atlas",
+    "plot_gradient_pattern",
+)
+
+
+def main(argv=None):
+    args = visualize.plot_parser(__doc__).parse_args(argv)
+    shared = ["--checkpoint", args.checkpoint, "--figures-dir", args.figures_dir, "--device", args.device]
+    if args.data_dir is not None:
+        shared += ["--data-dir", args.data_dir]
+    if args.synthetic is not None:
+        shared += ["--synthetic" if args.synthetic else "--no-synthetic"]
+    start = time.perf_counter()
+    paths = []
+    for name in SCRIPTS:
+        began = time.perf_counter()
+        written = importlib.import_module(name).main(shared)
+        print(f"{name}.py: {len(written)} files in {time.perf_counter() - began:.1f} s")
+        paths += written
+    print(f"plot_all.py: {len(paths)} files in {args.figures_dir}/ in {time.perf_counter() - start:.1f} s")
+    return paths
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

@@ -1,0 +1,24 @@
+"""train.py's four learning-progress figures (train accuracy and loss, test accuracy and loss against
+iterations), redrawn from the history stored in a checkpoint.
+
+    python plot_learning_progress.py [--checkpoint checkpoints/resnet18_cifar10.pt]
+
+train.py draws the same figures after every epoch; this redraws them without training, e.g. into
+another --figures-dir. Only the checkpoint is read, no data.
+"""
+import train
+import utils
+import visualize
+
+
+def main(argv=None):
+    args = visualize.plot_parser(__doc__).parse_args(argv)
+    ckpt = visualize.load_for_plots(args, test_split=False).checkpoint
+    paths = train.save_progress_figures(ckpt["history"], args.figures_dir, train.progress_title(ckpt["config"]))
+    for path in paths:
+        print(f"wrote {path}")
+    return paths
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
