@@ -667,7 +667,9 @@ def plot_unit_atlas(run, layer, units, checkpoint, figures_dir, blocks_per_row=4
     size = run.images.shape[-1]
     cols = min(blocks_per_row, len(units))
     rows = math.ceil(len(units) / cols)
-    fig = new_figure(3.5 * cols + 0.3, 1.9 * rows + 1.1)
+    title_lines = 2 + run.caption.count("\n") + 1  # the suptitle below: two lines, then the caption
+    head = 0.2 + 0.17 * title_lines  # inches a 9-pt title needs, so it never runs into the first row
+    fig = new_figure(3.5 * cols + 0.3, 1.9 * rows + 0.4 + head)
     axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=dict(wspace=0.08, hspace=0.3)).ravel()
     for ax, unit in zip(axes, units):
         halves = ([], [])  # the projections' canvases, the patches'
@@ -703,7 +705,7 @@ def plot_unit_atlas(run, layer, units, checkpoint, figures_dir, blocks_per_row=4
                  f"activation (largest top left, row by row);\nleft: the top-1 deconvnet projection, one "
                  f"scale per channel (0.5 + r / (2 max|r|), grey = 0); right: the image; both show {seen}\n"
                  f"{run.caption}", fontsize=9)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.75 / fig.get_figheight())
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (head + 0.25) / fig.get_figheight())
     figures_dir = Path(figures_dir)
     png = save(fig, figures_dir / f"atlas_{layer}.png")
     json_path = figures_dir / f"atlas_{layer}.json"
