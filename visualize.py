@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from data import dataset_root, denormalize, load_cifar10, normalize
 from model import PATHS, STAGES, BasicBlock
-from utils import OneLineArgumentParser, UserError, load_checkpoint, resolve_device
+from utils import OneLineArgumentParser, UserError, check_writable, load_checkpoint, resolve_device
 
 # --------------------------------------------------------------------------- the plot scripts
 # What the seven plot_*.py scripts share: their flags, loading a checkpoint with its test split,
@@ -22,6 +22,7 @@ from utils import OneLineArgumentParser, UserError, load_checkpoint, resolve_dev
 # colour scale per grid, and RECONSTRUCTION_DISPLAY for signed images.
 
 RECONSTRUCTION_DISPLAY = "each image shown as 0.5 + r / (2 max|r|), so grey is 0"
+MAX_IMAGES = 64  # test images a figure may show (--images): beyond that the panels are too small to read
 
 
 def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, path=None):
@@ -40,8 +41,8 @@ def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, pa
                        help="index of the test image (default: %(default)s)")
     if images is not None:
         p.add_argument("--images", default=images,
-                       help="test image indices: a range A-B (inclusive), a list 1,2,3 or both mixed "
-                            "(default: %(default)s)")
+                       help=f"test image indices: a range A-B (inclusive), a list 1,2,3 or both mixed; at most "
+                            f"{MAX_IMAGES} a figure (default: %(default)s)")
     if layer is not None:
         p.add_argument("--layer", default=layer, help=f"one of {', '.join(STAGES)} (default: %(default)s)")
     if channel is not None:
@@ -54,19 +55,26 @@ def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, pa
 
 
 def parse_indices(text):
-    """'4531-4546' -> [4531, ..., 4546]; '1,2,3' -> [1, 2, 3]; both forms may be mixed: '1,5-7'."""
-    indices = []
+    """'4531-4546' -> [4531, ..., 4546]; '1,2,3' -> [1, 2, 3]; both forms may be mixed: '1,5-7'.
+
+    At most MAX_IMAGES indices, counted before any list is made.
+    """
+    ranges = []
     try:
         for part in text.split(","):
             first, _, last = part.strip().partition("-")
             first, last = int(first), int(last or first)
             if last < first:
                 raise ValueError
-            indices.extend(range(first, last + 1))
+            ranges.append(range(first, last + 1))
     except ValueError:
         raise UserError(f"--images {text!r} is not a list of test image indices; "
                         f"write a range like 4531-4546 or a list like 1,2,3") from None
-    return indices
+    count = sum(map(len, ranges))
+    if count > MAX_IMAGES:
+        raise UserError(f"--images {text} names {count} images, but a figure shows at most {MAX_IMAGES}; "
+                        f"pick fewer, e.g. 4531-4546")
+    return [i for r in ranges for i in r]
 
 
 def check_layer(layer):
@@ -93,9 +101,21 @@ def check_path(path):
         raise UserError(f"--path {path!r} is not a deconvnet path; choose one of {', '.join(PATHS)}")
 
 
+def check_ascent(steps, lr, penalty):
+    """The gradient-ascent flags of plot_gradient_pattern.py: each out-of-range one gets its own line."""
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr must be a finite number above 0, got {lr}; the default is 0.05")
+    if not (math.isfinite(penalty) and penalty >= 0):
+        raise UserError(f"--penalty must be a finite number, 0 or above (0: no pull towards the start image), "
+                        f"got {penalty}; the default is 0.01")
+
+
 def load_for_plots(args, test_split=True):
     """Everything a plot script needs, from its parsed flags, with every flag checked.
 
+    The flags are checked first, --figures-dir included, before anything is loaded or computed.
     Returns a namespace: model (eval mode, on args.device), device, caption (checkpoint and data,
     for titles; synthetic data says NOT CIFAR-10) and, with test_split, the test images (uint8, on
     the CPU), labels and class names, and indices: the parsed --images, or [--image-index], where
@@ -104,6 +124,10 @@ def load_for_plots(args, test_split=True):
     for name, check in (("layer", check_layer), ("path", check_path)):
         if hasattr(args, name):
             check(getattr(args, name))
+    if hasattr(args, "steps"):
+        check_ascent(args.steps, args.lr, args.penalty)
+    indices = parse_indices(args.images) if hasattr(args, "images") else None
+    check_writable(args.figures_dir, "--figures-dir", folder=True)
     device = resolve_device(args.device)
     model, ckpt = load_checkpoint(args.checkpoint, device)
     if hasattr(args, "channel"):
@@ -119,8 +143,8 @@ def load_for_plots(args, test_split=True):
     if test_split:
         root = dataset_root(args.data_dir or config.get("data_dir", "data"), synthetic)
         run.images, run.labels, run.classes = load_cifar10(root, train=False)
-        if hasattr(args, "images"):
-            run.indices = parse_indices(args.images)
+        if indices is not None:
+            run.indices = indices
         elif getattr(args, "image_index", None) is not None:
             run.indices = [args.image_index]
         if run.indices is not None:
