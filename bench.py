@@ -28,7 +28,8 @@ training throughput, plus one 10,000-image test evaluation per epoch, plus the c
 costs outside the two loops (checkpoint writes, DataLoader worker start-up) are not in it.
 
 Last, visualize.top_activating (batched) is timed against the report's one-image-at-a-time loop, and
-their top-k indices are compared. All figures go to a JSON file (--json).
+their top-k indices are compared. All figures go to a JSON file (--json; a --quick run writes
+bench_<device>_quick.json, so it never overwrites the full run's bench_<device>.json).
 """
 import argparse
 import datetime
@@ -104,7 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile row on CUDA")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="skip the CUDA-graph row on CUDA")
     p.add_argument("--seed", type=int, default=0, help="data, weights and augmentation (default: %(default)s)")
-    p.add_argument("--json", help="where the figures go (default: bench_<device type>.json)")
+    p.add_argument("--json", help="where the figures go (default: bench_<device type>.json, with --quick "
+                                  "bench_<device type>_quick.json, so a quick check never overwrites a full run's)")
     return p.parse_args(argv)
 
 
@@ -385,6 +387,11 @@ def print_table(result):
           f"(an fp32 matmul here: {top['matmul_gflop_per_s']:.0f})")
 
 
+def json_path(args, device):
+    """Where the figures go: --json, else bench_cpu.json / bench_cuda.json, or bench_cpu_quick.json with --quick."""
+    return args.json or f"bench_{device.type}{'_quick' if args.quick else ''}.json"
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = utils.resolve_device(args.device)
@@ -431,7 +438,7 @@ def main(argv=None):
     result["default_vs_tutorial"] = default_rate and default_rate / rows["tutorial"]["train_images_per_s"]
 
     print_table(result)
-    path = args.json or f"bench_{device.type}.json"
+    path = json_path(args, device)
     with open(path, "w") as f:
         json.dump(result, f, indent=2, allow_nan=False)
     if default_rate:

@@ -195,6 +195,17 @@ def input_span(module, span, dim):
     raise TypeError(f"no receptive field rule for {type(module).__name__}")
 
 
+def state_shapes(width, num_classes=10):
+    """{name: shape} of ResNet(width, num_classes).state_dict(), found without building that network.
+
+    Every dimension of every tensor is a constant or a multiple of the width, so the shapes at widths
+    1 and 2 give them at any width (tested against real networks). Lets a checkpoint's weights, or a
+    width too large to allocate, be checked before anything is allocated.
+    """
+    one, two = (ResNet(w, num_classes).state_dict() for w in (1, 2))
+    return {name: tuple(a + (b - a) * (width - 1) for a, b in zip(one[name].shape, two[name].shape)) for name in one}
+
+
 # --------------------------------------------------------------------------- deconvnet
 # The transposes below map a signal at a module's output back to its input. Each needs only the
 # module's weights and, from the forward pass, the input size (strided convs round sizes down, so the

@@ -20,14 +20,13 @@ import visualize
 def main(argv=None):
     p = visualize.plot_parser(__doc__, layer="conv5_x", channel=0)
     p.add_argument("--image-index", type=int, help="start from this test image (default: the top-activating one)")
-    p.add_argument("--steps", type=int, default=100, help="Adam steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=100, help="Adam steps, at least 1 (default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.05,
-                   help="Adam learning rate, in normalized input units (default: %(default)s)")
-    p.add_argument("--penalty", type=float, default=0.01, help="lambda of lambda * ||x - x0||^2 (default: %(default)s)")
+                   help="Adam learning rate, in normalized input units, above 0 (default: %(default)s)")
+    p.add_argument("--penalty", type=float, default=0.01,
+                   help="lambda of lambda * ||x - x0||^2, 0 or above (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.lr <= 0 or args.penalty < 0:
-        raise utils.UserError("--steps must be at least 1, --lr above 0 and --penalty at least 0")
-    run = visualize.load_for_plots(args)
+    run = visualize.load_for_plots(args)  # checks every flag, --steps, --lr and --penalty included
     model, layer, channel = run.model, args.layer, args.channel
     if run.indices is None:
         scores = visualize.test_split_scores(run, [layer])[layer]  # shared with the atlas under plot_all.py

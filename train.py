@@ -19,6 +19,7 @@ the report trained. Each but the CUDA graph can be turned on for any device.
 import argparse
 import csv
 import math
+import os
 import signal
 import sys
 import textwrap
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from model import ResNet
+from model import ResNet, state_shapes
 
 # Settings a checkpoint fixes: on --resume they come from the checkpoint (an explicit, different
 # value is an error). The others (--epochs, --iterations, --device, ...) may change on resume.
@@ -48,7 +49,7 @@ SPEED_DEFAULTS = dict(bf16=(True, False), channels_last=(True, False), compile=(
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Recipe flags default to None so that --resume can tell "not given" from "given".
     p.add_argument("--data-dir", help=f"folder holding cifar-10-batches-py/ (default: {RECIPE['data_dir']}/)")
     p.add_argument("--synthetic", action="store_true", default=None,
@@ -68,7 +69,8 @@ def parse_args(argv=None):
                    help="checkpoint to write, or to continue with --resume (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start a new run over an existing --checkpoint")
-    p.add_argument("--figures-dir", default="figures", help="where the learning-progress PNGs go (default: %(default)s/)")
+    p.add_argument("--figures-dir", help="where the learning-progress PNGs go (default: figures/; with --resume, "
+                                         "the resumed run's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
     # Speed settings: None = the device's default (SPEED_DEFAULTS), resolved in resolve_speed.
     on = argparse.BooleanOptionalAction
@@ -97,14 +99,26 @@ def resolve_config(args, ckpt):
             config[key] = default if given is None else given
     config["epochs"] = args.epochs if args.epochs is not None else config.get("epochs", DEFAULT_EPOCHS)
     config["iterations"] = args.iterations if args.iterations is not None else config.get("iterations")
-    for key in ("checkpoint", "figures_dir", "device", *SPEED_DEFAULTS):
+    for key in ("checkpoint", "device", *SPEED_DEFAULTS):
         config[key] = getattr(args, key)
+    # a resumed run keeps its own figures folder unless given another; kept absolute, so a run
+    # resumed from another working directory still draws into it
+    figures_dir = args.figures_dir if args.figures_dir is not None else config.get("figures_dir", "figures")
+    config["figures_dir"] = str(Path(figures_dir).absolute())
     config["data_dir"] = str(Path(config["data_dir"]).resolve())  # plot scripts may run from elsewhere
     for key in ("epochs", "batch_size", "width", "lr_step_epochs"):
         if config[key] < 1:
             raise utils.UserError(f"--{key.replace('_', '-')} must be at least 1, got {config[key]}")
     if config["iterations"] is not None and config["iterations"] < 1:
         raise utils.UserError(f"--iterations must be at least 1, got {config['iterations']}")
+    if not (math.isfinite(config["lr"]) and config["lr"] > 0):
+        raise utils.UserError(f"--lr must be a finite number above 0, got {config['lr']}; the recipe's is 1e-3")
+    if not (math.isfinite(config["weight_decay"]) and config["weight_decay"] >= 0):
+        raise utils.UserError(f"--weight-decay must be a finite number, 0 or above (0 turns it off), "
+                              f"got {config['weight_decay']}; the recipe's is 5e-4")
+    if not 0 < config["lr_gamma"] <= 1:
+        raise utils.UserError(f"--lr-gamma must lie in (0, 1] (1 keeps the lr constant), got {config['lr_gamma']}; "
+                              f"the recipe's is 0.5")
     return config
 
 
@@ -129,6 +143,65 @@ def speed_label(config):
     words = [("bf16 autocast" if config["bf16"] else "fp32"), *(["channels_last"] if config["channels_last"] else []),
              *(["torch.compile"] if config["compile"] else []), *(["CUDA graph"] if config["cuda_graph"] else [])]
     return ", ".join(words)
+
+
+def training_memory(width, batch_size, num_classes=10):
+    """(bytes, parameters, activation floats per image) that training this network needs, estimated
+    without allocating it:
+
+        bytes = 16 x parameters           (fp32 weights, gradients, Adam's two moments)
+              + 4 x batch x activations   (every layer's output per image, kept for the backward pass)
+
+    Parameters come from model.state_shapes. Every layer's output is a multiple of the width (the
+    classifier's excepted), so activations are counted in one-image forward passes at widths 1 and 2
+    and extrapolated exactly. Within ~15 % of the peak memory measured on a CPU (widths 16-128,
+    batches 64-1024).
+    """
+    shapes = state_shapes(width, num_classes)
+    parameters = sum(math.prod(shapes[name]) for name, _ in ResNet(1, num_classes).named_parameters())
+    counts = []
+    for small in (1, 2):
+        outputs = []
+        model = ResNet(small, num_classes).eval()
+        for m in model.modules():
+            if not list(m.children()):
+                m.register_forward_hook(lambda m, i, out: outputs.append(out.numel()))
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, 32, 32))
+        counts.append(sum(outputs))
+    activations = counts[0] + (counts[1] - counts[0]) * (width - 1)
+    return 16 * parameters + 4 * batch_size * activations, parameters, activations
+
+
+def check_memory(config, device):
+    """UserError, before anything is allocated, if --width and --batch-size need more memory than
+    `device` has free (where that is known)."""
+    free = utils.available_memory(device)
+    if free is None:
+        return
+    need, parameters, activations = training_memory(config["width"], config["batch_size"])
+    if need > free:
+        raise utils.UserError(
+            f"--width {config['width']} with --batch-size {config['batch_size']} needs about {need / 2**30:.3g} GiB "
+            f"on {device} (16 B x {parameters / 1e6:.3g} M parameters + 4 B x batch x {activations / 1e6:.3g} M "
+            f"activations an image), but {free / 2**30:.3g} GiB are free; lower --width or --batch-size")
+
+
+def check_outputs(ckpt_path, figures_dir):
+    """UserError, before any work, unless the checkpoint, its history CSV and the figures can all be written."""
+    csv_path = ckpt_path.with_suffix(".csv")
+    if csv_path.absolute() == ckpt_path.absolute():
+        raise utils.UserError(f"--checkpoint {ckpt_path} ends in .csv, where the history CSV goes, so one would "
+                              f"overwrite the other; name the checkpoint {ckpt_path.with_suffix('.pt')}")
+    figures_dir = Path(figures_dir)
+    if figures_dir.absolute() in (ckpt_path.absolute(), csv_path.absolute()):
+        raise utils.UserError(f"--figures-dir {figures_dir} is where the checkpoint or its history CSV goes; "
+                              f"pass another --figures-dir")
+    utils.check_writable(ckpt_path, "--checkpoint")
+    utils.check_writable(csv_path, "the history CSV")
+    utils.check_writable(figures_dir, "--figures-dir", folder=True)
+    for name in PROGRESS_FIGURES:
+        utils.check_writable(figures_dir / f"{name}.png", "the figure")
 
 
 # --------------------------------------------------------------------------- the pipeline (bench.py uses it)
@@ -344,8 +417,8 @@ class GraphedStep:
 # --------------------------------------------------------------------------- history: CSV and figures
 
 def new_history():
-    # Per-iteration train loss and accuracy (index i = iteration i + 1); one entry per evaluation.
-    return dict(train_loss=[], train_acc=[], test_iteration=[], test_epoch=[], test_acc=[], test_loss=[])
+    # Per-iteration train_loss and train_acc (index i = iteration i + 1); test_* once per evaluation.
+    return {key: [] for key in utils.HISTORY_KEYS}
 
 
 def curve_window(n):
@@ -436,6 +509,9 @@ def progress_curves(history):
     }
 
 
+PROGRESS_FIGURES = ("train_accuracy", "train_loss", "test_accuracy", "test_loss")  # each NAME.png
+
+
 def save_progress_figures(history, figures_dir, title):
     """The report's four learning-progress figures, against iterations, for a run of any length: a train
     curve is the mean of each window of curve_window(n) iterations over every iteration drawn faint (as a
@@ -473,15 +549,29 @@ def save_progress_figures(history, figures_dir, title):
 # --------------------------------------------------------------------------- the run
 
 class StopRequest:
-    """Turns the first Ctrl-C / SIGTERM into a flag, so the loop can save a checkpoint and exit."""
+    """Turns the first Ctrl-C / SIGTERM into a flag, so the loop can save a checkpoint and exit.
 
-    def __init__(self):
+    A second one exits at once with os._exit, after saying what is on disk (`on_disk()`): no
+    exception unwinds and no interpreter shutdown runs, so the exit cannot hang, wherever the signal
+    lands. (A KeyboardInterrupt raised while the writer's thread was starting left a job that never
+    ran, and the wait for it never ended.) A save in progress is abandoned: save_atomic leaves the
+    previous checkpoint whole.
+    """
+
+    def __init__(self, on_disk):
         self.signal = None
+        self.on_disk = on_disk
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
-        self.signal = signum
-        signal.signal(signum, self.previous[signum])  # a second one stops at once
+        if self.signal is None:
+            self.signal = signum
+            return
+        try:
+            sys.stdout.flush()
+            print(f"\nstopped at once by a second signal ({signum}): {self.on_disk()}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(130)
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -511,7 +601,7 @@ def snapshot(obj):
 class BackgroundWriter:
     """Runs one output job at a time on a worker thread, so a GPU keeps training while the checkpoint,
     CSV and figures of the last epoch are written. A new job first waits for the previous one, and
-    wait() re-raises a job's error in the training thread."""
+    wait() re-raises a job's error in the training thread (an OSError as one line)."""
 
     def __init__(self):
         self.pool = ThreadPoolExecutor(max_workers=1)
@@ -524,7 +614,11 @@ class BackgroundWriter:
     def wait(self):
         pending, self.pending = self.pending, None
         if pending is not None:
-            pending.result()
+            try:
+                pending.result()
+            except OSError as err:
+                raise utils.UserError(f"could not write {err.filename or 'the outputs'}: {err.strerror or err}; "
+                                      f"the last checkpoint written stays as it was") from None
 
 
 def progress_title(config):
@@ -535,8 +629,11 @@ def progress_title(config):
                          break_on_hyphens=False)
 
 
-def write_outputs(state, ckpt_path, figures_dir, title, figures=True):
+def write_outputs(state, ckpt_path, figures_dir, title, figures=True, saved=None):
+    """Checkpoint, history CSV and (with figures) the figures; saved(iteration) once the checkpoint is on disk."""
     utils.save_atomic(state, ckpt_path)
+    if saved is not None:
+        saved(state["iteration"])
     write_history_csv(state["history"], ckpt_path.with_suffix(".csv"))
     if figures:
         save_progress_figures(state["history"], figures_dir, title)
@@ -546,17 +643,25 @@ def main(argv=None):
     args = parse_args(argv)
     ckpt_path = Path(args.checkpoint)
     ckpt = None
+    if args.resume and args.overwrite:
+        raise utils.UserError("--resume continues the run in --checkpoint, --overwrite starts a new one over it; "
+                              "pass one of them")
+    if ckpt_path.is_dir():
+        utils.check_writable(ckpt_path, "--checkpoint")  # says: a folder where the file must go
     if args.resume:
         if not ckpt_path.is_file():
             raise utils.UserError(f"--resume given, but there is no checkpoint at {ckpt_path}; "
                                   f"drop --resume to start a new run, or pass --checkpoint PATH")
-        ckpt = utils.read_checkpoint(ckpt_path)
+        ckpt = utils.read_checkpoint(ckpt_path, config_keys=(*RECIPE, "epochs"))
     elif ckpt_path.exists() and not args.overwrite:
         raise utils.UserError(f"{ckpt_path} already exists; pass --resume to continue it, --overwrite "
                               f"to start over, or --checkpoint NEW_PATH")
     config = resolve_config(args, ckpt)
+    check_outputs(ckpt_path, config["figures_dir"])
     device = utils.resolve_device(config["device"])
+    check_memory(config, device)
     resolve_speed(config, device)
+    config["device"] = str(device)  # as used: "auto" resolved
     bf16, channels_last = config["bf16"], config["channels_last"]
 
     root = data.dataset_root(config["data_dir"], config["synthetic"])
@@ -597,12 +702,22 @@ def main(argv=None):
 
     writer = BackgroundWriter()
     title = progress_title(config)
+    saved = [ckpt["iteration"] if ckpt else None]  # the iteration of the checkpoint on disk from this run
 
     def save(figures=True):
         state = snapshot(checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, history))
-        writer.submit(write_outputs, state, ckpt_path, config["figures_dir"], title, figures)
+        writer.submit(write_outputs, state, ckpt_path, config["figures_dir"], title, figures,
+                      lambda it: saved.__setitem__(0, it))
 
-    stop = StopRequest()  # before the line below, which tells a watching process the loop is armed
+    def on_disk():
+        if saved[0] is not None:
+            return f"{ckpt_path} holds the last good state, iteration {saved[0]}"
+        if ckpt_path.exists():
+            return f"no checkpoint of this run was written yet; {ckpt_path} is still the earlier run's"
+        return f"no checkpoint was written yet ({ckpt_path} does not exist)"
+
+    # installed before the line below, which tells a watching process the loop is armed
+    stop = StopRequest(lambda: on_disk() + ("; continue with --resume" if saved[0] is not None else ""))
     print(f"training a width-{config['width']} ResNet-18 on {data_name}: {len(train_images)} train / "
           f"{len(test_images)} test images, {total} iterations on {device} ({speed_label(config)})")
     bar = tqdm(total=total, initial=iteration, unit="it", dynamic_ncols=True, leave=False)
@@ -624,9 +739,10 @@ def main(argv=None):
                 if step + 1 == last or (step + 1 - first) % LOG_EVERY == 0 or stop.signal is not None:
                     new_losses = losses[done:step + 1 - first].tolist()
                     if not all(map(math.isfinite, new_losses)):
+                        writer.wait()  # a save in flight lands first, so the message says what is on disk
                         raise utils.UserError(
-                            f"the loss became {new_losses[-1]} by iteration {iteration}; stopped without saving, "
-                            f"so {ckpt_path} keeps the last good state; lower --lr and train again")
+                            f"the loss became {new_losses[-1]} by iteration {iteration}; stopped without saving "
+                            f"it: {on_disk()}; lower --lr and train again")
                     history["train_loss"] += new_losses
                     history["train_acc"] += accs[done:step + 1 - first].tolist()
                     bar.update(step + 1 - first - done)
@@ -651,8 +767,10 @@ def main(argv=None):
             save(figures=False)
     finally:
         bar.close()
-        stop.restore()
-        writer.wait()  # whatever happened, the last good state is on disk before we exit
+        try:
+            writer.wait()  # whatever happened, the last good state is on disk before we exit
+        finally:
+            stop.restore()  # only now: until the writer is done, a second signal must exit at once
     if stop.signal is not None:
         print(f"stopped by signal {stop.signal} at iteration {iteration}: saved {ckpt_path}; "
               f"continue with --resume", file=sys.stderr)

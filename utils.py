@@ -6,11 +6,12 @@ import argparse
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-from model import ResNet
+from model import ResNet, state_shapes
 
 # --------------------------------------------------------------------------- errors for people
 
@@ -19,24 +20,95 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run `main()`; turn a UserError into one line on stderr and exit status 2."""
+    """Run `main()`; turn a UserError into one line on stderr and exit status 2, Ctrl-C into one line
+    and exit status 130."""
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_writable(path, what, folder=False):
+    """UserError unless `path` can be written as a file (or, with folder, made a folder of files).
+
+    Refused: a folder where the file must go, a file where the folder must go, a file among the
+    folders above it, and a folder in which no file can be created. The last is tried for real (a
+    temporary file is made and removed in the nearest existing folder), so it also holds for root
+    and on read-only file systems. `what` names the path in the message ("--checkpoint", ...).
+    """
+    path = Path(path)
+    kind, other = ("folder", "file") if folder else ("file", "folder")
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{what} {path} is a {other}, but a {kind} must go there; move it away or pass "
+                        f"another path")
+    existing = (path if folder else path.parent).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {path} cannot be made: {existing} is a file, not a folder; pass another path")
+    try:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{what} {path} cannot be written: no file can be made in {existing} "
+                        f"({err.strerror or err}); pass a path you can write to") from None
 
 
 def resolve_device(name="auto"):
+    """The torch device `name` names, if this machine has it; UserError otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r} is not a device ({err}); use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+        with warnings.catch_warnings():  # torch warns about some legacy names ("mkldnn")
+            warnings.simplefilter("ignore")
+            device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu or cuda "
+                        f"(cuda:1 for a second GPU)") from None
+    fix = "use --device cpu" + (" or cuda" if torch.cuda.is_available() else "") + ", or leave out --device"
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise UserError(f"--device meta holds shapes but no numbers, so nothing can be computed on it; {fix}")
+    if device.type == "mps":
+        count = int(torch.backends.mps.is_available())
+    else:  # cuda, xpu, mtia: torch's backend module says how many this machine has
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        count = backend.device_count() if callable(available) and available() else 0
+    if count == 0:
+        raise UserError(f"--device {name}: torch knows the name, but this machine has no {device.type} "
+                        f"device that torch can use; {fix}")
+    if device.index is not None and device.index >= count:
+        raise UserError(f"--device {name}: this machine has {count} {device.type} device{'s' * (count > 1)}, "
+                        f"{device.type}:0..{device.type}:{count - 1}")
     return device
+
+
+def available_memory(device):
+    """Bytes that `device` has free now (CPU: MemAvailable of /proc/meminfo); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 
@@ -70,10 +142,16 @@ def save_atomic(obj, path):
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "iteration", "epoch", "rng", "config", "history")
+HISTORY_KEYS = ("train_loss", "train_acc", "test_iteration", "test_epoch", "test_acc", "test_loss")
+CONFIG_KEYS = ("width", "classes", "data_dir", "synthetic")  # what every script reads from a config
 
 
-def read_checkpoint(path):
-    """The checkpoint dict at `path`, loaded with weights_only=True; UserError if it is not one."""
+def read_checkpoint(path, config_keys=()):
+    """The checkpoint dict at `path`, loaded with weights_only=True; UserError if it is not one.
+
+    Checked: every key train.py writes, a config dict holding CONFIG_KEYS and `config_keys`, a
+    positive integer width and a list of class names, and a history with every list.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; train one with `python train.py` "
@@ -81,25 +159,55 @@ def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        reason = " ".join(str(err).split()) or type(err).__name__  # the whole reason, on one line
         raise UserError(f"{path} is not a readable checkpoint ({reason}); "
                         f"delete it and train again, or pass another --checkpoint") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)}); "
                         f"pass a checkpoint written by train.py")
+    damaged = "it is damaged or was not written by train.py; train again or pass another --checkpoint"
+    config, history = ckpt["config"], ckpt["history"]
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: its config is a {type(config).__name__}, not a dict of the run's settings; {damaged}")
+    missing = [k for k in (*CONFIG_KEYS, *config_keys) if k not in config]
+    if missing:
+        raise UserError(f"{path}: its config lacks {', '.join(missing)}; {damaged}")
+    width, classes = config["width"], config["classes"]
+    if type(width) is not int or width < 1:
+        raise UserError(f"{path}: its config's width is {width!r}, not a positive integer; {damaged}")
+    if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{path}: its config's classes are {classes!r:.60}, not a list of class names; {damaged}")
+    if not isinstance(history, dict) or not all(isinstance(history.get(k), list) for k in HISTORY_KEYS):
+        raise UserError(f"{path}: its history lacks the lists {', '.join(HISTORY_KEYS)}; {damaged}")
+    if not isinstance(ckpt["model"], dict):
+        raise UserError(f"{path}: its weights are a {type(ckpt['model']).__name__}, not a state dict; {damaged}")
     return ckpt
 
 
 def build_model(ckpt, path="checkpoint"):
-    """A ResNet of the checkpoint's width with its weights loaded; UserError if they do not fit."""
-    width = ckpt["config"].get("width", 64)
-    model = ResNet(width=width, num_classes=len(ckpt["config"].get("classes", range(10))))
+    """A ResNet of the checkpoint's width with its weights loaded (a read_checkpoint dict).
+
+    UserError if the weights do not fit that network, found from the shapes before anything is
+    allocated, or if any of them is NaN or infinite.
+    """
+    width, num_classes, state = ckpt["config"]["width"], len(ckpt["config"]["classes"]), ckpt["model"]
+    unfit = UserError(f"{path}: its weights do not fit a width-{width} ResNet; the checkpoint is "
+                      f"damaged or was made by other code; train again")
+    expected = state_shapes(width, num_classes)
+    if set(state) != set(expected) or any(not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != shape
+                                          for k, shape in expected.items()):
+        raise unfit
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise UserError(f"{path}: its weights hold NaN or inf (in {bad[0]}{more}); the run that saved them "
+                        f"had diverged; train again with a lower --lr")
+    model = ResNet(width=width, num_classes=num_classes)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError:
-        raise UserError(f"{path}: its weights do not fit a width-{width} ResNet; the checkpoint is "
-                        f"damaged or was made by other code; train again") from None
+        raise unfit from None
     return model
 
 

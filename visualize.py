@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from data import CIFAR10_FOLDER, SYNTHETIC_NAME, dataset_root, denormalize, describe_dataset, load_cifar10, normalize
 from model import PATHS, STAGES, BasicBlock
-from utils import OneLineArgumentParser, UserError, load_checkpoint, resolve_device
+from utils import OneLineArgumentParser, UserError, check_writable, load_checkpoint, resolve_device
 
 # --------------------------------------------------------------------------- the plot scripts
 # What the seven plot_*.py scripts share: their flags, loading a checkpoint with its test split,
@@ -28,6 +28,7 @@ SCALES = ("image", "shared")  # --scale of the reconstructions: max|r| per image
 FEATURE_MAP_TILES = 64  # a feature-map figure shows every channel of a stage with at most this many
 CHANNELS_AUTO_HELP = (f"; auto: every channel of a stage with at most {FEATURE_MAP_TILES}, else the "
                       f"{FEATURE_MAP_TILES} with the largest maximum on the image, most active first")
+MAX_IMAGES = 64  # test images a figure may show (--images): beyond that the panels are too small to read
 
 
 def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, path=None, channels=None,
@@ -47,8 +48,8 @@ def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, pa
                        help="index of the test image (default: %(default)s)")
     if images is not None:
         p.add_argument("--images", default=images,
-                       help="test image indices: a range A-B (inclusive), a list 1,2,3 or both mixed "
-                            "(default: %(default)s)")
+                       help=f"test image indices: a range A-B (inclusive), a list 1,2,3 or both mixed; at most "
+                            f"{MAX_IMAGES} a figure (default: %(default)s)")
     if layer is not None:
         p.add_argument("--layer", default=layer, help=f"one of {', '.join(STAGES)} (default: %(default)s)")
     if channel is not None:
@@ -72,23 +73,28 @@ def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, pa
     return p
 
 
-def parse_indices(text, flag="--images", what="test image indices", example="4531-4546"):
+def parse_indices(text, flag="--images", what="test image indices", example="4531-4546", limit=MAX_IMAGES):
     """'4531-4546' -> [4531, ..., 4546]; '1,2,3' -> [1, 2, 3]; both forms may be mixed: '1,5-7'.
 
-    flag, what and example name the flag in the error for text that is not such a list.
+    flag, what and example name the flag in the error for text that is not such a list. At most
+    `limit` indices (None: any number), counted before any list is made.
     """
-    indices = []
+    ranges = []
     try:
         for part in text.split(","):
             first, _, last = part.strip().partition("-")
             first, last = int(first), int(last or first)
             if last < first:
                 raise ValueError
-            indices.extend(range(first, last + 1))
+            ranges.append(range(first, last + 1))
     except ValueError:
         raise UserError(f"{flag} {text!r} is not a list of {what}; "
                         f"write a range like {example} or a list like 1,2,3") from None
-    return indices
+    count = sum(map(len, ranges))
+    if limit is not None and count > limit:
+        raise UserError(f"{flag} {text} names {count} {what}, but at most {limit} fit here; "
+                        f"pick fewer, e.g. {example}")
+    return [i for r in ranges for i in r]
 
 
 def format_indices(indices):
@@ -120,7 +126,7 @@ def parse_channels(text, model, layer):
         return None
     if text == "all":
         return list(range(model.channels(layer)))
-    channels = parse_indices(text, "--channels", "channel indices", "0-15")
+    channels = parse_indices(text, "--channels", "channel indices", "0-15", limit=model.channels(layer))
     for channel in channels:
         check_channel(model, layer, channel, flag="--channels: channel")
     return channels
@@ -160,9 +166,21 @@ def file_key(path):
     return str(path), stat.st_mtime_ns, stat.st_size
 
 
+def check_ascent(steps, lr, penalty):
+    """The gradient-ascent flags of plot_gradient_pattern.py: each out-of-range one gets its own line."""
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr must be a finite number above 0, got {lr}; the default is 0.05")
+    if not (math.isfinite(penalty) and penalty >= 0):
+        raise UserError(f"--penalty must be a finite number, 0 or above (0: no pull towards the start image), "
+                        f"got {penalty}; the default is 0.01")
+
+
 def load_for_plots(args, test_split=True):
     """Everything a plot script needs, from its parsed flags, with every flag checked.
 
+    The flags are checked first, --figures-dir included, before anything is loaded or computed.
     Returns a namespace: model (eval mode, on args.device), checkpoint (its dict), device, caption
     (checkpoint and data, for titles; the data named by data.describe_dataset) and, with test_split,
     the test images (uint8, on the CPU), labels and class names, and indices: the parsed --images, or
@@ -173,6 +191,10 @@ def load_for_plots(args, test_split=True):
     for name, check in (("layer", check_layer), ("path", check_path)):
         if hasattr(args, name):
             check(getattr(args, name))
+    if hasattr(args, "steps"):
+        check_ascent(args.steps, args.lr, args.penalty)
+    indices = parse_indices(args.images) if hasattr(args, "images") else None
+    check_writable(args.figures_dir, "--figures-dir", folder=True)
     device = resolve_device(args.device)
     checkpoint_key = ("checkpoint", file_key(args.checkpoint), str(device))
     model, ckpt = memo(checkpoint_key, lambda: load_checkpoint(args.checkpoint, device))
@@ -200,8 +222,8 @@ def load_for_plots(args, test_split=True):
         test_name = describe_dataset(root, synthetic)
         if test_name != trained_name:
             run.caption = wrap(f"{caption}; test images from {test_name}")
-        if hasattr(args, "images"):
-            run.indices = parse_indices(args.images)
+        if indices is not None:
+            run.indices = indices
         elif getattr(args, "image_index", None) is not None:
             run.indices = [args.image_index]
         if run.indices is not None:
@@ -595,7 +617,8 @@ def atlas_channels(model, layers, text=None):
     """{layer: channels}: the parsed --channels, checked against each layer, or the default."""
     if text is None:
         return {layer: list(range(min(ATLAS_CHANNELS, model.channels(layer)))) for layer in layers}
-    channels = parse_indices(text, "--channels", "channel indices")
+    channels = parse_indices(text, "--channels", "channel indices", "0-15",
+                             limit=max(model.channels(layer) for layer in layers))
     for layer in layers:
         bad = [c for c in channels if not 0 <= c < model.channels(layer)]
         if bad:

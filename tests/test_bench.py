@@ -127,3 +127,11 @@ def test_bench_writes_measured_consistent_figures(tmp_path):
                                                           / rows["tutorial"]["train_images_per_s"])
     top = result["top_activating"]
     assert top["status"] == "measured" and top["same_indices"] and top["max_score_rel_diff"] < 1e-4
+
+
+def test_a_quick_run_never_overwrites_the_recorded_figures():
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        full = bench.json_path(bench.parse_args([]), device)
+        assert full == f"bench_{device.type}.json"  # what the README quotes
+        assert bench.json_path(bench.parse_args(["--quick"]), device) != full
+    assert bench.json_path(bench.parse_args(["--quick", "--json", "x.json"]), torch.device("cpu")) == "x.json"

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from model import STAGES, BasicBlock, ResNet
+from model import STAGES, BasicBlock, ResNet, state_shapes
 
 
 @pytest.mark.parametrize("width", [4, 64])
@@ -62,3 +62,9 @@ def test_capture_removes_its_hooks_even_on_error():
     assert all(not m._forward_hooks for m in model.modules())
     with pytest.raises(ValueError, match="conv1, conv2_x"):
         model.stage("conv6_x")
+
+
+@pytest.mark.parametrize("width, num_classes", [(3, 10), (8, 7), (64, 10)])
+def test_state_shapes_are_those_of_the_network_built(width, num_classes):
+    built = ResNet(width, num_classes).state_dict()
+    assert state_shapes(width, num_classes) == {name: tuple(t.shape) for name, t in built.items()}
