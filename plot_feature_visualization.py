@@ -48,6 +48,8 @@ def main(argv=None):
         raise utils.UserError(f"--steps {args.steps}: must be at least 1")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise utils.UserError(f"--lr {args.lr}: must be a finite number above 0, such as 0.05")
+    if not 0 <= args.seed < 2 ** 63:
+        raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
     if not (math.isfinite(args.penalty) and args.penalty >= 0):
         raise utils.UserError(f"--penalty {args.penalty}: must be a finite number at least 0, such as 0.01")
     run = visualize.load_for_plots(args, test_split=args.start == "top" or args.measure)

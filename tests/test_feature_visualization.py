@@ -178,6 +178,7 @@ def test_script_measures(trained_checkpoint, tmp_path, capsys):
     (["--steps", "0"], ["--steps 0", "at least 1"]),
     (["--lr", "nan"], ["--lr nan", "finite"]),
     (["--penalty", "-1"], ["--penalty -1", "at least 0"]),
+    (["--seed", str(2 ** 64)], ["--seed", "0..9223372036854775807"]),
 ])
 def test_bad_values_name_the_flag_and_the_valid_range(trained_checkpoint, tmp_path, args, words):
     with pytest.raises(utils.UserError) as err:
