@@ -3,6 +3,7 @@
     python bench.py --quick          # a short CPU run (under 2 minutes on 2 cores)
     python bench.py                  # the full run on the default device (cuda if available)
     python bench.py --device cuda    # the GPU figures for the README
+    python bench.py --feature-vis    # only: plot_feature_visualization.py's optimisation at width 64
 
 On 50,000 CIFAR-shaped random images (random content: speed does not depend on it) and the same
 ResNet-18, it measures side by side
@@ -107,6 +108,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="data, weights and augmentation (default: %(default)s)")
     p.add_argument("--json", help="where the figures go (default: bench_<device type>.json, with --quick "
                                   "bench_<device type>_quick.json, so a quick check never overwrites a full run's)")
+    p.add_argument("--feature-vis", action="store_true",
+                   help="instead of the table: time plot_feature_visualization.py's optimisation (16 conv5_x "
+                        "channels, its default steps) at --width, and print it")
     return p.parse_args(argv)
 
 
@@ -337,6 +341,27 @@ def measure_top_activating(args, device, test_images):
                                     / loop_scores.abs().max().clamp_min(1e-12)).item())
 
 
+# --------------------------------------------------------------------------- feature visualization
+
+def measure_feature_visualization(args, device, channels=16):
+    """Seconds for plot_feature_visualization.py's optimisation with its defaults (all channels as
+    one batch), on a ResNet of --width with its initial weights (speed does not depend on them) and
+    unit colour statistics; a 4-step warm-up first. Python start-up, loading the checkpoint and
+    drawing are not in it: time the script itself for those (see the README)."""
+    model, _ = new_model(args, device, channels_last=False)
+    model.eval()
+    colour = (torch.full((3,), 0.5), torch.eye(3) / 16)
+    run = lambda steps: visualize.feature_visualization(model, "conv5_x", list(range(channels)), colour, steps=steps)
+    run(4)
+    _, seconds = time_call(lambda: run(visualize.FV_STEPS), device)
+    result = dict(device=str(device), device_name=device_name(device), threads=torch.get_num_threads(),
+                  width=args.width, layer="conv5_x", channels=channels, steps=visualize.FV_STEPS, seconds=seconds,
+                  seconds_per_step=seconds / visualize.FV_STEPS)
+    print(f"feature visualization on {result['device_name']}: {channels} conv5_x channels of a width-{args.width} "
+          f"ResNet-18, {visualize.FV_STEPS} steps: {seconds:.1f} s ({1000 * seconds / visualize.FV_STEPS:.0f} ms a step)")
+    return result
+
+
 # --------------------------------------------------------------------------- report
 
 def device_name(device):
@@ -396,6 +421,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = utils.resolve_device(args.device)
     resolve_settings(args, device)
+    if args.feature_vis:
+        return measure_feature_visualization(args, device)
     cuda = device.type == "cuda"
 
     g = torch.Generator().manual_seed(args.seed)

@@ -1,0 +1,63 @@
+"""Feature visualization: for each of a stage's channels, the image that excites it, regularised so
+that it shows a feature rather than per-pixel speckle.
+
+    python plot_feature_visualization.py [--layer conv5_x] [--channels 0-15] [--steps 160] [--lr 0.08]
+                                         [--seed 0] [--objective channel] [--start noise] [--measure]
+
+One image per channel, all channels optimised as one batch by Adam. Each image is the sigmoid of a
+colour-decorrelated Fourier image whose coefficients are scaled by 1/frequency (colour statistics
+of the checkpoint's own training split, computed once and cached beside it), and at every step it
+must excite its channel through a random shift (up to 2 px), zoom (0.9-1.1) and rotation (up to
+5 degrees). Objective: the channel's mean over the stage's output, or its centre unit (neuron).
+
+--start top starts each image from the test image that excites its channel most, with the report's
+distance term (--penalty), and draws the report's pattern (plot_gradient_pattern.py's pixel-space
+gradient ascent with the same steps and penalty) beside it. --measure prints how robust and how
+smooth the patterns are (see the README). Saved: feature_visualization_<layer>.png and, beside it,
+feature_visualization_<layer>.pt = {"channels": [c, ...], "images": (N, 3, 32, 32) in [0, 1], ...};
+a non-default --objective or --start is added to both names.
+"""
+import math
+
+import utils
+import visualize
+
+
+def main(argv=None):
+    p = visualize.plot_parser(__doc__, layer="conv5_x")
+    p.add_argument("--channels", default="0-15",
+                   help="channels of --layer: a range A-B, a list 1,2,3 or both mixed (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=visualize.FV_STEPS, help="Adam steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=visualize.FV_LR,
+                   help="Adam learning rate on the Fourier coefficients (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="start and transformations; the same seed gives the same images on a CPU (default: %(default)s)")
+    p.add_argument("--objective", choices=visualize.OBJECTIVES, default="channel",
+                   help="channel: the channel's mean over the stage's output; neuron: its centre unit "
+                        "(default: %(default)s)")
+    p.add_argument("--start", choices=visualize.STARTS, default="noise",
+                   help="noise: the data's mean colour with faint 1/f noise; top: the test image that "
+                        "excites the channel most, with the distance term (default: %(default)s)")
+    p.add_argument("--penalty", type=float, default=0.01,
+                   help="with --start top, lambda of the report's lambda * ||x - x0||^2 (default: %(default)s)")
+    p.add_argument("--measure", action="store_true",
+                   help="also print the shift-averaged activation against the most exciting test image's, "
+                        "and the high-frequency energy against plain pixel-space gradient ascent")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        raise utils.UserError(f"--steps {args.steps}: must be at least 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise utils.UserError(f"--lr {args.lr}: must be a finite number above 0, such as 0.05")
+    if not 0 <= args.seed < 2 ** 63:
+        raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
+    if not (math.isfinite(args.penalty) and args.penalty >= 0):
+        raise utils.UserError(f"--penalty {args.penalty}: must be a finite number at least 0, such as 0.01")
+    run = visualize.load_for_plots(args, test_split=args.start == "top" or args.measure)
+    channels = visualize.parse_channels(args.channels, run.model, args.layer)
+    return visualize.plot_feature_visualization(run, args.layer, channels, args.figures_dir, steps=args.steps,
+                                                lr=args.lr, seed=args.seed, objective=args.objective,
+                                                start=args.start, penalty=args.penalty, measure=args.measure)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
