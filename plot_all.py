@@ -1,5 +1,5 @@
 """Every figure, in one Python process: each plot script's own code, run with its defaults (the
-report's figures and the unit atlas), on one checkpoint.
+report's figures, the unit atlas and the feature visualization), on one checkpoint.
 
     python plot_all.py [--checkpoint checkpoints/resnet18_cifar10.pt] [--figures-dir figures]
 
@@ -25,6 +25,7 @@ SCRIPTS = (
     "plot_conv5_reconstructed_pattern_trunk",
     "plot_unit_atlas",
     "plot_gradient_pattern",
+    "plot_feature_visualization",
 )
 
 

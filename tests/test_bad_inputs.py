@@ -119,7 +119,7 @@ FLAG_ROWS = [  # every flag is range-checked, and argparse's errors are one line
     ("image syntax", "plot_conv5_reconstructed_pattern_shortcut.py", ["--images", "first"], ["4531-4546", "1,2,3"],
      None),
     ("too many images", "plot_conv1_reconstructed_pattern.py", ["--images", "0-9999"],
-     ["names 10000 images", "at most 64"], None),
+     ["names 10000", "at most 64"], None),
     ("deconvnet path", "plot_conv1_reconstructed_pattern.py", ["--path", "sideways"], ["both, shortcut, trunk"], None),
     ("reconstruction scale", "plot_conv1_reconstructed_pattern.py", ["--scale", "global"],
      ["--scale", "'image', 'shared'"], None),

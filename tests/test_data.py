@@ -239,6 +239,7 @@ def test_checkpoint_stores_data_dir_absolute_so_plots_run_from_elsewhere_read_it
     train.resolve_config(train.parse_args(argv + ["--resume"]), {"config": config})  # same data: accepted
 
     config["data_name"] = name = data.describe_dataset(config["data_dir"])
+    config["classes"] = data.load_cifar10(small_data_dir, train=False)[2]  # as train.py records them
     model = train.ResNet(4)
     utils.save_atomic(train.checkpoint_state(model, *train.make_optimizer(model, config), 0, 0, config,
                                              train.new_history()), tmp_path / "c.pt")

@@ -73,7 +73,7 @@ def test_grids_are_near_square_and_filled_row_by_row(n):
 
 
 def test_signed_display_maps_zero_to_grey_and_each_images_peak_to_an_end():
-    r = torch.randn(4, 3, 5, 5) * torch.tensor([1.0, 10.0, 100.0, 1e-3]).view(4, 1, 1, 1)
+    r = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 10.0, 100.0, 1e-3]).view(4, 1, 1, 1)
     r[:, :, 0, 0] = 0
     shown = visualize.signed_to_display(r)  # (N, H, W, 3)
     assert shown.shape == (4, 5, 5, 3) and shown.min() >= 0 and shown.max() <= 1
@@ -81,7 +81,8 @@ def test_signed_display_maps_zero_to_grey_and_each_images_peak_to_an_end():
     for image in shown:  # per image, the largest |r| reaches 0 or 1
         assert np.isclose(np.abs(image - 0.5).max(), 0.5)
     peak = np.abs(r.numpy()).max((1, 2, 3), keepdims=True).transpose(0, 2, 3, 1)
-    np.testing.assert_allclose((shown - 0.5) * 2 * peak, r.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
+    # r / max|r| of its image, to float32 rounding of numbers in [-1, 1]
+    np.testing.assert_allclose((shown - 0.5) * 2, r.permute(0, 2, 3, 1).numpy() / peak, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("text, expected", [("4531-4546", list(range(4531, 4547))), ("1,2,3", [1, 2, 3]),
