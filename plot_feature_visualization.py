@@ -17,8 +17,6 @@ smooth the patterns are (see the README). Saved: feature_visualization_<layer>.p
 feature_visualization_<layer>.pt = {"channels": [c, ...], "images": (N, 3, 32, 32) in [0, 1], ...};
 a non-default --objective or --start is added to both names.
 """
-import math
-
 import utils
 import visualize
 
@@ -44,16 +42,11 @@ def main(argv=None):
                    help="also print the shift-averaged activation against the most exciting test image's, "
                         "and the high-frequency energy against plain pixel-space gradient ascent")
     args = p.parse_args(argv)
-    if args.steps < 1:
-        raise utils.UserError(f"--steps {args.steps}: must be at least 1")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise utils.UserError(f"--lr {args.lr}: must be a finite number above 0, such as 0.05")
     if not 0 <= args.seed < 2 ** 63:
         raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
-    if not (math.isfinite(args.penalty) and args.penalty >= 0):
-        raise utils.UserError(f"--penalty {args.penalty}: must be a finite number at least 0, such as 0.01")
     run = visualize.load_for_plots(args, test_split=args.start == "top" or args.measure)
-    channels = visualize.parse_channels(args.channels, run.model, args.layer)
+    # --steps, --lr, --penalty and --channels are checked by load_for_plots; "auto" means the default
+    channels = run.channels if run.channels is not None else list(range(min(16, run.model.channels(args.layer))))
     return visualize.plot_feature_visualization(run, args.layer, channels, args.figures_dir, steps=args.steps,
                                                 lr=args.lr, seed=args.seed, objective=args.objective,
                                                 start=args.start, penalty=args.penalty, measure=args.measure)

@@ -167,14 +167,15 @@ def file_key(path):
 
 
 def check_ascent(steps, lr, penalty):
-    """The gradient-ascent flags of plot_gradient_pattern.py: each out-of-range one gets its own line."""
+    """The optimisation flags of plot_gradient_pattern.py and plot_feature_visualization.py: each
+    out-of-range one gets its own line."""
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     if not (math.isfinite(lr) and lr > 0):
-        raise UserError(f"--lr must be a finite number above 0, got {lr}; the default is 0.05")
+        raise UserError(f"--lr must be a finite number above 0, got {lr}")
     if not (math.isfinite(penalty) and penalty >= 0):
         raise UserError(f"--penalty must be a finite number, 0 or above (0: no pull towards the start image), "
-                        f"got {penalty}; the default is 0.01")
+                        f"got {penalty}")
 
 
 def load_for_plots(args, test_split=True):
@@ -776,21 +777,6 @@ FV_DECAY = 1.0            # the Fourier coefficients are scaled by 1 / max(f, 1/
 FV_EPS = 0.02             # an image is clamped into [eps, 1 - eps] before the sigmoid is inverted
 FV_INIT = 0.01           # --start noise: the standard deviation of the random coefficients
 FV_HIGH_FREQUENCY = 0.25  # cycles/pixel: half the Nyquist frequency, where "speckle" begins
-
-
-def parse_channels(text, model, layer):
-    """--channels (the syntax of --images) -> a list of channels of `layer`, each checked."""
-    try:
-        channels = parse_indices(text)
-    except UserError:
-        raise UserError(f"--channels {text!r} is not a list of channels; write a range like 0-15 or a list "
-                        f"like 0,3,7") from None
-    count = model.channels(layer)
-    bad = [c for c in channels if not 0 <= c < count]
-    if bad:
-        raise UserError(f"--channels: channel {bad[0]} is out of range: {layer} of this width-{model.width} "
-                        f"network has {count} channels; choose 0..{count - 1}")
-    return channels
 
 
 def colour_statistics(root):

@@ -175,9 +175,9 @@ def test_script_measures(trained_checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("args, words", [
     (["--channels", "60-64"], ["--channels", "channel 64", "0..63"]),
     (["--channels", "three"], ["--channels", "0-15"]),
-    (["--steps", "0"], ["--steps 0", "at least 1"]),
-    (["--lr", "nan"], ["--lr nan", "finite"]),
-    (["--penalty", "-1"], ["--penalty -1", "at least 0"]),
+    (["--steps", "0"], ["--steps", "at least 1"]),
+    (["--lr", "nan"], ["--lr", "finite", "nan"]),
+    (["--penalty", "-1"], ["--penalty", "0 or above", "-1"]),
     (["--seed", str(2 ** 64)], ["--seed", "0..9223372036854775807"]),
 ])
 def test_bad_values_name_the_flag_and_the_valid_range(trained_checkpoint, tmp_path, args, words):
