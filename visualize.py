@@ -547,14 +547,19 @@ def plot_feature_maps(run, layer, figures_dir, channels=None):
     findable by its channel: by row and column ticks, or by a label above it."""
     t = feature_map_tiles(run, layer, channels)
     grow = max(1.0, grid_shape(len(t.channels))[0] / 12)  # room for the ticks of a large grid
-    fig = new_figure(11 * grow, 5.6 * grow)
+    title = f"{layer} feature maps; {run.caption}"
+    maps_title = f"its {layer} feature maps: {t.what}"
+    # inches above the axes for the figure's title (10 pt) and the mosaic's (9 pt), however many lines
+    head = 0.3 + 0.19 * (title.count("\n") + 1) + 0.17 * (maps_title.count("\n") + 1)
+    fig = new_figure(11 * grow, 5.6 * grow + head)
     image_ax, maps_ax = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(1, 2.2)))
+    fig.subplots_adjust(top=1 - head / fig.get_figheight(), bottom=0.5 / fig.get_figheight())
     image_ax.imshow(to_display(t.x)[0], interpolation="nearest")
     bare(image_ax)
     image_ax.set_title(f"test image {image_label(run, run.indices[0])}", fontsize=9)
     show_mosaic(fig, maps_ax, t.maps[t.channels], labels=t.labels, index_ticks=t.labels is None)
-    maps_ax.set_title(f"its {layer} feature maps: {t.what}", fontsize=9)
-    fig.suptitle(f"{layer} feature maps; {run.caption}", fontsize=10)
+    maps_ax.set_title(maps_title, fontsize=9)
+    fig.suptitle(title, fontsize=10)
     return save(fig, Path(figures_dir) / f"{t.name}.png")
 
 
