@@ -577,6 +577,14 @@ class StopRequest:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
+    def exit(self, message):
+        """The last words of a stopped run, then exit status 130 at once. Signals are blocked first, so a
+        second one arriving now neither adds a line nor lands in the interpreter's shutdown."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        sys.stdout.flush()
+        print(message, file=sys.stderr, flush=True)
+        os._exit(130)
+
 
 def checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, history):
     rng = {"torch": torch.get_rng_state()}
@@ -770,11 +778,11 @@ def main(argv=None):
         try:
             writer.wait()  # whatever happened, the last good state is on disk before we exit
         finally:
-            stop.restore()  # only now: until the writer is done, a second signal must exit at once
+            if stop.signal is None:
+                stop.restore()  # a stopped run keeps its handler to its end: a second signal exits at once
     if stop.signal is not None:
-        print(f"stopped by signal {stop.signal} at iteration {iteration}: saved {ckpt_path}; "
-              f"continue with --resume", file=sys.stderr)
-        sys.exit(130)
+        stop.exit(f"stopped by signal {stop.signal} at iteration {iteration}: saved {ckpt_path}; "
+                  f"continue with --resume")
     print(f"done in {time.time() - started:.0f} s: test accuracy {history['test_acc'][-1]:.4f}; "
           f"{ckpt_path}, {ckpt_path.with_suffix('.csv')} and the learning-progress figures in {config['figures_dir']}/")
 
