@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import textwrap
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,9 +14,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import CIFAR10_FOLDER, SYNTHETIC_NAME, dataset_root, denormalize, describe_dataset, load_cifar10, normalize
+from data import (CIFAR10_FOLDER, SYNTHETIC_NAME, TRAIN_FILES, dataset_root, denormalize, describe_dataset,
+                  draw_augmentation, load_cifar10, normalize, random_crop_flip)
 from model import PATHS, STAGES, BasicBlock
-from utils import OneLineArgumentParser, UserError, check_writable, load_checkpoint, resolve_device
+from utils import (OneLineArgumentParser, UserError, check_writable, load_checkpoint, resolve_device,
+                   save_atomic)
 
 # --------------------------------------------------------------------------- the plot scripts
 # What the seven plot_*.py scripts share: their flags, loading a checkpoint with its test split,
@@ -763,12 +766,7 @@ def plot_unit_atlas(run, layer, units, checkpoint, figures_dir, blocks_per_row=4
 # image is parametrised as a sigmoid of a colour-decorrelated, 1/f-scaled Fourier image, and it must
 # excite its channel through small random jitters, scalings and rotations. The colour statistics
 # come from the checkpoint's own training data, the transformation ranges from the network's own
-# training augmentation (crops shifted by up to 4 px). (Its imports stay here, with the section.)
-
-from contextlib import contextmanager, nullcontext  # noqa: E402
-
-from data import CIFAR10_FOLDER, draw_augmentation, random_crop_flip  # noqa: E402
-from utils import save_atomic  # noqa: E402
+# training augmentation (crops shifted by up to 4 px).
 
 OBJECTIVES = ("channel", "neuron")  # the channel's mean over the stage's output, or its centre unit
 STARTS = ("noise", "top")
@@ -792,8 +790,9 @@ def colour_statistics(root):
     file, so a changed data set is measured again. An unwritable folder only costs the caching.
     """
     root = Path(root)
-    files = sorted((root / CIFAR10_FOLDER).glob("data_batch_*"))
-    key = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    # the five files load_cifar10 reads; other files in the folder (backups) neither count nor invalidate
+    files = [(name, (root / CIFAR10_FOLDER / name).stat()) for name in TRAIN_FILES]
+    key = [[name, stat.st_size, stat.st_mtime_ns] for name, stat in files]
     cache = root / COLOUR_STATISTICS_FILE
     if cache.is_file():
         try:

@@ -15,7 +15,6 @@ import os
 import pickle
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The CIFAR-10 reader on folders in the official on-disk format, what it refuses, how it names the
 data, and the batched augmentation."""
 import hashlib
-import io
 import os
 import pickle
 import shutil
