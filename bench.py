@@ -28,7 +28,7 @@ training throughput, plus one 10,000-image test evaluation per epoch, plus the c
 (compile_s in the JSON). Per-epoch
 costs outside the two loops (checkpoint writes, DataLoader worker start-up) are not in it.
 
-Last, visualize.top_activating (batched) is timed against the report's one-image-at-a-time loop, and
+Last, scoring.top_activating (batched) is timed against the report's one-image-at-a-time loop, and
 their top-k indices are compared. All figures go to a JSON file (--json; a --quick run writes
 bench_<device>_quick.json, so it never overwrites the full run's bench_<device>.json).
 """
@@ -51,7 +51,7 @@ from tqdm import tqdm
 import data
 import train
 import utils
-import visualize
+from visualize import cli, featurevis, scoring
 from model import STAGES, ResNet
 
 # The full recipe the throughputs are projected to: train.py's defaults on CIFAR-10.
@@ -132,8 +132,8 @@ def resolve_settings(args, device):
         if getattr(args, name) > args.test_images:
             raise utils.UserError(f"--{name.replace('_', '-')} must be in 1..{args.test_images} "
                                   f"(--test-images), got {getattr(args, name)}")
-    visualize.check_layer(args.layer)
-    visualize.check_channel(ResNet(args.width), args.layer, args.channel)
+    cli.check_layer(args.layer)
+    cli.check_channel(ResNet(args.width), args.layer, args.channel)
 
 
 # --------------------------------------------------------------------------- the tutorial's pipeline
@@ -321,16 +321,16 @@ def measure_top_activating(args, device, test_images):
     model, _ = new_model(args, device, channels_last=False)
     model.eval()
     images = test_images[:args.top_images]
-    visualize.top_activating(model, images[:min(len(images), 100)], args.layer, args.channel)  # warm-up
+    scoring.top_activating(model, images[:min(len(images), 100)], args.layer, args.channel)  # warm-up
     (batched_idx, batched_scores), batched_s = time_call(
-        lambda: visualize.top_activating(model, images, args.layer, args.channel, k=args.k), device)
+        lambda: scoring.top_activating(model, images, args.layer, args.channel, k=args.k), device)
     (loop_idx, loop_scores), loop_s = time_call(
         lambda: per_image_top(model, images, args.layer, args.channel, args.k), device)
     batched_idx, batched_scores = torch.as_tensor(batched_idx).cpu(), torch.as_tensor(batched_scores).float().cpu()
     # The arithmetic the batched pass must do bounds its speed: its FLOP rate, next to the device's
     # peak, says how much faster it could still get.
     with FlopCounterMode(display=False) as flops, torch.inference_mode():
-        visualize.stage_output(model, data.normalize(images[:1].to(device)), args.layer)
+        scoring.stage_output(model, data.normalize(images[:1].to(device)), args.layer)
     gflop = flops.get_total_flops() * len(images) / 1e9
     return dict(status="measured", layer=args.layer, channel=args.channel, k=args.k, images=len(images),
                 batched_s=batched_s, per_image_s=loop_s, speedup=loop_s / batched_s,
@@ -351,14 +351,14 @@ def measure_feature_visualization(args, device, channels=16):
     model, _ = new_model(args, device, channels_last=False)
     model.eval()
     colour = (torch.full((3,), 0.5), torch.eye(3) / 16)
-    run = lambda steps: visualize.feature_visualization(model, "conv5_x", list(range(channels)), colour, steps=steps)
+    run = lambda steps: featurevis.feature_visualization(model, "conv5_x", list(range(channels)), colour, steps=steps)
     run(4)
-    _, seconds = time_call(lambda: run(visualize.FV_STEPS), device)
+    _, seconds = time_call(lambda: run(featurevis.FV_STEPS), device)
     result = dict(device=str(device), device_name=device_name(device), threads=torch.get_num_threads(),
-                  width=args.width, layer="conv5_x", channels=channels, steps=visualize.FV_STEPS, seconds=seconds,
-                  seconds_per_step=seconds / visualize.FV_STEPS)
+                  width=args.width, layer="conv5_x", channels=channels, steps=featurevis.FV_STEPS, seconds=seconds,
+                  seconds_per_step=seconds / featurevis.FV_STEPS)
     print(f"feature visualization on {result['device_name']}: {channels} conv5_x channels of a width-{args.width} "
-          f"ResNet-18, {visualize.FV_STEPS} steps: {seconds:.1f} s ({1000 * seconds / visualize.FV_STEPS:.0f} ms a step)")
+          f"ResNet-18, {featurevis.FV_STEPS} steps: {seconds:.1f} s ({1000 * seconds / featurevis.FV_STEPS:.0f} ms a step)")
     return result
 
 

@@ -124,6 +124,13 @@ class ResNet(nn.Module):
         # a stage ends in a conv -> BN (-> ReLU), so its last conv sets its width
         return [m for m in self.stage(layer).modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
+    def check_channel(self, layer, channel, name="channel"):
+        """ValueError unless `channel` is a channel of stage `layer`'s output; the message calls it `name`."""
+        channels = self.channels(layer)  # raises for an unknown name, listing the valid ones
+        if not 0 <= channel < channels:
+            raise ValueError(f"{name} {channel} is out of range: {layer} of this width-{self.width} network "
+                             f"has {channels} channels; choose 0..{channels - 1}")
+
     def receptive_field(self, layer, row, col, image_size=32, clip=True):
         """[top, left, bottom, right]: the inclusive pixel bounds of the input that unit (row, col)
         of stage `layer`'s output sees, clipped to the image_size x image_size input (clip=False:
@@ -155,10 +162,7 @@ class ResNet(nn.Module):
         below always use both. The model must be in eval mode: BN is the fixed affine map of its
         running statistics, and this leaves them untouched.
         """
-        self.stage(layer)  # raises for an unknown name, listing the valid ones
-        if not 0 <= channel < self.channels(layer):
-            raise ValueError(f"channel {channel} is out of range for {layer}; "
-                             f"choose 0..{self.channels(layer) - 1}")
+        self.check_channel(layer, channel)
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}; choose one of {', '.join(PATHS)}")
         if self.training:

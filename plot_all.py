@@ -4,14 +4,14 @@ report's figures, the unit atlas and the feature visualization), on one checkpoi
     python plot_all.py [--checkpoint checkpoints/resnet18_cifar10.pt] [--figures-dir figures]
 
 The checkpoint and the test split are loaded once and the atlas's pass over the test split also
-serves the gradient pattern's search (visualize.memo), so this is much faster than running the
+serves the gradient pattern's search (visualize.context.memo), so this is much faster than running the
 scripts one by one. Prints every file it writes, and the time each script took.
 """
 import importlib
 import time
 
 import utils
-import visualize
+from visualize import cli
 
 # Run in this order; a new figure script is one more line. The atlas comes before the gradient
 # pattern, whose search then reuses the atlas's conv5_x scores instead of scoring the test split again.
@@ -30,8 +30,8 @@ SCRIPTS = (
 
 
 def main(argv=None):
-    args = visualize.plot_parser(__doc__).parse_args(argv)
-    shared = ["--checkpoint", args.checkpoint, "--figures-dir", args.figures_dir, "--device", args.device]
+    args = cli.plot_parser(__doc__).parse_args(argv)
+    shared = ["--checkpoint", args.checkpoint, "--figures-dir", args.figures_dir, "--device", str(args.device)]
     if args.data_dir is not None:
         shared += ["--data-dir", args.data_dir]
     if args.synthetic is not None:

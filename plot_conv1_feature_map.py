@@ -7,13 +7,14 @@ row and column labels add up to a map's channel. --channels shows only those, ea
 its channel and maximum.
 """
 import utils
-import visualize
+from visualize import cli, figures
 
 
 def main(argv=None):
-    args = visualize.plot_parser(__doc__, image_index=7876, layer="conv1", channels="auto").parse_args(argv)
-    run = visualize.load_for_plots(args)
-    return [visualize.plot_feature_maps(run, args.layer, args.figures_dir, run.channels)]
+    parser = cli.plot_parser(__doc__, image_index=7876, layer="conv1", channels="auto")
+    args = parser.parse_args(argv)
+    run = parser.load(args)
+    return [figures.plot_feature_maps(run, args.image_index, args.layer, args.figures_dir, args.channels)]
 
 
 if __name__ == "__main__":

@@ -9,22 +9,23 @@ the RGB grid maps every weight w to 0.5 + w / (2 max|w|), max over all filters, 
 from pathlib import Path
 
 import utils
-import visualize
+from visualize import cli, drawing
 
 
 def main(argv=None):
-    args = visualize.plot_parser(__doc__).parse_args(argv)
-    run = visualize.load_for_plots(args, test_split=False)
+    parser = cli.plot_parser(__doc__)
+    args = parser.parse_args(argv)
+    run = parser.load(args, test_split=False)
     weights = run.model.conv1.conv.weight.detach()  # (filters, input channels R G B, 3, 3)
     figures = Path(args.figures_dir)
     paths = []
     for c, colour in enumerate("RGB"):
-        paths.append(visualize.save_mosaic(
+        paths.append(drawing.save_mosaic(
             figures / f"conv1_filters_input_channel{c}.png", weights[:, c],
             f"conv1 filters, input channel {c} ({colour}): {len(weights)} filters, filter 0 top left\n{run.caption}",
             symmetric=True))
-    paths.append(visualize.save_rgb_mosaic(
-        figures / "conv1_filters_rgb.png", visualize.signed_to_display(weights, per_image=False),
+    paths.append(drawing.save_rgb_mosaic(
+        figures / "conv1_filters_rgb.png", drawing.signed_to_display(weights, per_image=False),
         f"conv1 filters as RGB images (0.5 + w / (2 max|w|), grey = 0)\n{run.caption}"))
     return paths
 

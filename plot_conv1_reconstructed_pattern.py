@@ -9,15 +9,16 @@ Above each: the channel's activation on the image, max over positions (sum), or 
 image, or with --scale shared one for all panels.
 """
 import utils
-import visualize
+from visualize import cli, figures
 
 
 def main(argv=None):
-    args = visualize.plot_parser(__doc__, images="4531-4546", layer="conv1", channel=0, path="both",
-                                 top1=False, scale="image").parse_args(argv)
-    run = visualize.load_for_plots(args)
-    return [visualize.plot_reconstructions(run, args.layer, args.channel, args.path, args.figures_dir,
-                                           args.top1, args.scale)]
+    parser = cli.plot_parser(__doc__, images="4531-4546", layer="conv1", channel=0, path="both", top1=False,
+                             scale="image")
+    args = parser.parse_args(argv)
+    run = parser.load(args)
+    return [figures.plot_reconstructions(run, args.images, args.layer, args.channel, args.path, args.figures_dir,
+                                         args.top1, args.scale)]
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ each labelled with its channel and maximum; --channels chooses others (all: ever
 and column labels). All share one grey scale (the colour bar).
 """
 import utils
-import visualize
+from visualize import cli, figures
 
 
 def main(argv=None):
-    args = visualize.plot_parser(__doc__, image_index=7876, layer="conv5_x", channels="auto").parse_args(argv)
-    run = visualize.load_for_plots(args)
-    return [visualize.plot_feature_maps(run, args.layer, args.figures_dir, run.channels)]
+    parser = cli.plot_parser(__doc__, image_index=7876, layer="conv5_x", channels="auto")
+    args = parser.parse_args(argv)
+    run = parser.load(args)
+    return [figures.plot_feature_maps(run, args.image_index, args.layer, args.figures_dir, args.channels)]
 
 
 if __name__ == "__main__":

@@ -9,15 +9,15 @@ is 0. Display: each reconstruction r is shown as 0.5 + r / (2 max|r|), so grey i
 image, or with --scale shared one for all panels. --top1 projects only the strongest activation.
 """
 import utils
-import visualize
+from visualize import cli, figures
 
 
 def main(argv=None):
-    args = visualize.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1,
-                                 top1=False, scale="image").parse_args(argv)
-    run = visualize.load_for_plots(args)
-    return [visualize.plot_reconstructions(run, args.layer, args.channel, "trunk", args.figures_dir,
-                                           args.top1, args.scale)]
+    parser = cli.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1, top1=False, scale="image")
+    args = parser.parse_args(argv)
+    run = parser.load(args)
+    return [figures.plot_reconstructions(run, args.images, args.layer, args.channel, "trunk", args.figures_dir,
+                                         args.top1, args.scale)]
 
 
 if __name__ == "__main__":

@@ -18,38 +18,34 @@ feature_visualization_<layer>.pt = {"channels": [c, ...], "images": (N, 3, 32, 3
 a non-default --objective or --start is added to both names.
 """
 import utils
-import visualize
+from visualize import cli, featurevis
 
 
 def main(argv=None):
-    p = visualize.plot_parser(__doc__, layer="conv5_x")
-    p.add_argument("--channels", default="0-15",
-                   help="channels of --layer: a range A-B, a list 1,2,3 or both mixed (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=visualize.FV_STEPS, help="Adam steps (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=visualize.FV_LR,
-                   help="Adam learning rate on the Fourier coefficients (default: %(default)s)")
+    p = cli.plot_parser(__doc__, layer="conv5_x", channels="0-15")
+    p.add_ascent_flags(steps=featurevis.FV_STEPS, lr=featurevis.FV_LR, penalty=0.01,
+                       lr_help="Adam learning rate on the Fourier coefficients",
+                       penalty_help="with --start top, lambda of the report's lambda * ||x - x0||^2")
     p.add_argument("--seed", type=int, default=0,
                    help="start and transformations; the same seed gives the same images on a CPU (default: %(default)s)")
-    p.add_argument("--objective", choices=visualize.OBJECTIVES, default="channel",
+    p.add_argument("--objective", choices=featurevis.OBJECTIVES, default="channel",
                    help="channel: the channel's mean over the stage's output; neuron: its centre unit "
                         "(default: %(default)s)")
-    p.add_argument("--start", choices=visualize.STARTS, default="noise",
+    p.add_argument("--start", choices=featurevis.STARTS, default="noise",
                    help="noise: the data's mean colour with faint 1/f noise; top: the test image that "
                         "excites the channel most, with the distance term (default: %(default)s)")
-    p.add_argument("--penalty", type=float, default=0.01,
-                   help="with --start top, lambda of the report's lambda * ||x - x0||^2 (default: %(default)s)")
     p.add_argument("--measure", action="store_true",
                    help="also print the shift-averaged activation against the most exciting test image's, "
                         "and the high-frequency energy against plain pixel-space gradient ascent")
     args = p.parse_args(argv)
     if not 0 <= args.seed < 2 ** 63:
         raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
-    run = visualize.load_for_plots(args, test_split=args.start == "top" or args.measure)
-    # --steps, --lr, --penalty and --channels are checked by load_for_plots; "auto" means the default
-    channels = run.channels if run.channels is not None else list(range(min(16, run.model.channels(args.layer))))
-    return visualize.plot_feature_visualization(run, args.layer, channels, args.figures_dir, steps=args.steps,
-                                                lr=args.lr, seed=args.seed, objective=args.objective,
-                                                start=args.start, penalty=args.penalty, measure=args.measure)
+    run = p.load(args, test_split=args.start == "top" or args.measure)
+    # "auto" (None) means the default: channels 0-15, or all of a stage with fewer
+    channels = args.channels if args.channels is not None else list(range(min(16, run.model.channels(args.layer))))
+    return featurevis.plot_feature_visualization(run, args.layer, channels, args.figures_dir, steps=args.steps,
+                                                 lr=args.lr, seed=args.seed, objective=args.objective,
+                                                 start=args.start, penalty=args.penalty, measure=args.measure)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,15 @@ iterations), redrawn from the history stored in a checkpoint.
 train.py draws the same figures after every epoch; this redraws them without training, e.g. into
 another --figures-dir. Only the checkpoint is read, no data.
 """
-import train
 import utils
-import visualize
+from visualize import cli, progress
 
 
 def main(argv=None):
-    args = visualize.plot_parser(__doc__).parse_args(argv)
-    ckpt = visualize.load_for_plots(args, test_split=False).checkpoint
-    paths = train.save_progress_figures(ckpt["history"], args.figures_dir, train.progress_title(ckpt["config"]))
+    parser = cli.plot_parser(__doc__)
+    args = parser.parse_args(argv)
+    ckpt = parser.load(args, test_split=False).checkpoint
+    paths = progress.save_progress_figures(ckpt["history"], args.figures_dir, progress.progress_title(ckpt["config"]))
     for path in paths:
         print(f"wrote {path}")
     return paths

@@ -12,22 +12,22 @@ display scale, 0.5 + r / (2 max|r|) (grey = 0), so their strengths compare; ligh
 receptive field reaches past the image border.
 """
 import utils
-import visualize
+from visualize import atlas, cli
 
 
 def main(argv=None):
-    p = visualize.plot_parser(__doc__)
-    p.add_argument("--layer", dest="layers", default=visualize.ATLAS_LAYERS,
+    p = cli.plot_parser(__doc__)
+    p.add_argument("--layer", dest="layers", default=atlas.ATLAS_LAYERS,
                    help="stages, a comma list from conv1, conv2_x, ..., conv5_x (default: %(default)s)")
     p.add_argument("--channels", help="channels of each stage, as --images elsewhere: a range A-B, a list "
-                                      "1,2,3 or both mixed (default: 0-15, or every channel of a stage with fewer)")
+                                      "1,2,3 or both mixed, or all (default: 0-15, or every channel of a stage "
+                                      "with fewer)")
     args = p.parse_args(argv)
-    layers = visualize.parse_layers(args.layers)
-    run = visualize.load_for_plots(args)
-    channels = visualize.atlas_channels(run.model, layers, args.channels)
-    atlas = visualize.unit_atlas(run, channels)
-    return [path for layer, units in atlas.items()
-            for path in visualize.plot_unit_atlas(run, layer, units, args.checkpoint, args.figures_dir)]
+    layers = cli.parse_layers(args.layers)
+    run = p.load(args)
+    units = atlas.unit_atlas(run, cli.atlas_channels(run.model, layers, args.channels))
+    return [path for layer, layer_units in units.items()
+            for path in atlas.plot_unit_atlas(run, layer, layer_units, args.checkpoint, args.figures_dir)]
 
 
 if __name__ == "__main__":

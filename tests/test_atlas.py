@@ -11,7 +11,7 @@ import data
 import plot_all
 import plot_unit_atlas
 import utils
-import visualize
+from visualize import atlas, cli, scoring
 from conftest import assert_one_line_error, run_script
 from model import STAGES, ResNet
 
@@ -66,10 +66,10 @@ def test_receptive_fields_equal_the_pixels_that_change_each_unit(bump_fields):
 
 
 def test_field_canvas_puts_the_patch_where_the_image_lies_in_the_field():
-    outside = np.array(visualize.OUTSIDE_IMAGE, dtype=np.float32)
+    outside = np.array(atlas.OUTSIDE_IMAGE, dtype=np.float32)
     patch = np.random.default_rng(0).random((11, 15, 3), dtype=np.float32)
     # a 21x21 field reaching 10 rows above the image and 6 columns left of it: the patch sits at (10, 6)
-    canvas = visualize.field_canvas(patch, [0, 0, 10, 14], [-10, -6, 10, 14], 32)
+    canvas = atlas.field_canvas(patch, [0, 0, 10, 14], [-10, -6, 10, 14], 32)
     assert canvas.shape == (21, 21, 3)
     np.testing.assert_array_equal(canvas[10:21, 6:21], patch)
     mask = np.ones((21, 21), dtype=bool)
@@ -77,7 +77,7 @@ def test_field_canvas_puts_the_patch_where_the_image_lies_in_the_field():
     assert (canvas[mask] == outside).all()
     # a 49x49 field cut by the top border only: a 32x32 canvas, the patch at its bottom
     patch = patch[:, :1].repeat(32, axis=1)[:1].repeat(25, axis=0)  # (25, 32, 3)
-    canvas = visualize.field_canvas(patch, [0, 0, 24, 31], [-24, -8, 24, 40], 32)
+    canvas = atlas.field_canvas(patch, [0, 0, 24, 31], [-24, -8, 24, 40], 32)
     assert canvas.shape == (32, 32, 3)
     np.testing.assert_array_equal(canvas[7:], patch)
     assert (canvas[:7] == outside).all()
@@ -97,8 +97,8 @@ def atlas_run(trained_checkpoint, small_data_dir, tmp_path_factory):
             "--figures-dir", str(out), "--layer", ",".join(ATLAS_LAYERS),
             "--channels", ",".join(map(str, ATLAS_CHANNELS))]
     written = plot_unit_atlas.main(argv)
-    args = visualize.plot_parser("").parse_args(argv[:7])
-    return written, out, visualize.load_for_plots(args)
+    parser = cli.plot_parser("")
+    return written, out, parser.load(parser.parse_args(argv[:7]))
 
 
 def brute_force_top9(acts, layer, channel):
@@ -154,7 +154,7 @@ def test_atlas_crops_are_the_boxes_and_hold_the_whole_projection(atlas_run):
     _, out, run = atlas_run
     for layer in ATLAS_LAYERS:
         for unit in json.loads((out / f"atlas_{layer}.json").read_text())["units"]:
-            projections, patches = visualize.atlas_crops(run, layer, unit)
+            projections, patches = atlas.atlas_crops(run, layer, unit)
             indices = [e["image"] for e in unit["top"]]
             recon = run.model.reconstruct(data.normalize(run.images[indices]), layer, unit["channel"], top1=True)
             shown = 0.5 + recon / (2 * recon.abs().max())  # one scale for the channel's 9
@@ -199,7 +199,7 @@ def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_pat
                 "conv1_channel0_reconstructions.png", "conv5_x_channel1_reconstructions_shortcut.png",
                 "conv5_x_channel1_reconstructions_trunk.png", "gradient_pattern_conv5_x_channel0.png",
                 "feature_visualization_conv5_x.png", "feature_visualization_conv5_x.pt",
-                *(f"atlas_{layer}.{ext}" for layer in visualize.ATLAS_LAYERS.split(",") for ext in ("png", "json")),
+                *(f"atlas_{layer}.{ext}" for layer in atlas.ATLAS_LAYERS.split(",") for ext in ("png", "json")),
                 *(f"conv1_filters_input_channel{c}.png" for c in range(3))}
     assert names == expected
     for name in plot_all.SCRIPTS:
@@ -208,8 +208,8 @@ def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_pat
     # top_activating's own pass finds
     model, _ = utils.load_checkpoint(trained_checkpoint)
     images = data.load_cifar10(data.dataset_root(synthetic_data_dir, True), train=False)[0]
-    (index,), _ = visualize.top_activating(model, images, "conv5_x", 0)
+    (index,), _ = scoring.top_activating(model, images, "conv5_x", 0)
     assert re.search(rf"test image {index.item()} \(.*\) excites conv5_x channel 0 most", proc.stdout)
     # default channels: 0-15, or every channel of a stage with fewer (conv2_x has 8 at width 8)
-    atlas = json.loads((tmp_path / "atlas_conv2_x.json").read_text())
-    assert [unit["channel"] for unit in atlas["units"]] == list(range(8))
+    record = json.loads((tmp_path / "atlas_conv2_x.json").read_text())
+    assert [unit["channel"] for unit in record["units"]] == list(range(8))

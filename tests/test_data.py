@@ -230,7 +230,7 @@ def test_checkpoint_stores_data_dir_absolute_so_plots_run_from_elsewhere_read_it
     """A relative --data-dir is stored absolute (and accepted again on --resume); a plot script
     run from another folder then reads that data and names it in its caption."""
     import train
-    import visualize
+    from visualize import cli
     monkeypatch.chdir(small_data_dir.parent)
     argv = ["--data-dir", small_data_dir.name, "--width", "4"]
     config = train.resolve_config(train.parse_args(argv), None)
@@ -245,14 +245,13 @@ def test_checkpoint_stores_data_dir_absolute_so_plots_run_from_elsewhere_read_it
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    run = visualize.load_for_plots(visualize.plot_parser("", image_index=3).parse_args(
-        ["--checkpoint", str(tmp_path / "c.pt"), "--device", "cpu"]))
+    parser = cli.plot_parser("", image_index=3)
+    run = parser.load(parser.parse_args(["--checkpoint", str(tmp_path / "c.pt"), "--device", "cpu"]))
     assert torch.equal(run.images, data.load_cifar10(small_data_dir, train=False)[0])
     assert " ".join(run.caption.split()) == f"c.pt: width-4 ResNet-18 trained on {name}" and "class-9" in name
     assert list(elsewhere.iterdir()) == []  # nothing written or downloaded here
-    run = visualize.load_for_plots(visualize.plot_parser("", image_index=3).parse_args(
-        ["--checkpoint", str(tmp_path / "c.pt"), "--device", "cpu", "--synthetic",
-         "--data-dir", str(synthetic_data_dir)]))  # other test images: both are named
+    run = parser.load(parser.parse_args(["--checkpoint", str(tmp_path / "c.pt"), "--device", "cpu", "--synthetic",
+                                         "--data-dir", str(synthetic_data_dir)]))  # other test images: both are named
     assert " ".join(run.caption.split()).endswith("; test images from synthetic gratings (NOT CIFAR-10)")
 
 

@@ -1,7 +1,6 @@
-"""The plot scripts and their shared code in visualize.py: scores, gradient ascent, figures, bad input."""
+"""The plot scripts and their shared code in visualize/: scores, gradient ascent, figures, bad input."""
 import re
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +10,8 @@ from matplotlib.image import imread
 import bench
 import data
 import utils
-import visualize
+from visualize import ascent, cli, drawing, figures, scoring
+from visualize.context import PlotRun
 from conftest import run_script
 from model import ResNet
 
@@ -32,7 +32,7 @@ def test_top_activating_equals_the_one_image_at_a_time_loop(test_images, layer, 
     loop_indices, loop = bench.per_image_top(model, images, layer, channel, k=len(images))
     assert loop.unique().numel() == len(loop) and loop.max() > 0  # a strict ranking to compare
     # batches of 16: three full ones and a partial one
-    indices, scores = visualize.top_activating(model, images, layer, channel, k=10, batch_size=16)
+    indices, scores = scoring.top_activating(model, images, layer, channel, k=10, batch_size=16)
     assert indices.tolist() == loop_indices[:10].tolist()
     torch.testing.assert_close(scores, loop[:10], rtol=1e-5, atol=1e-6)
 
@@ -40,13 +40,13 @@ def test_top_activating_equals_the_one_image_at_a_time_loop(test_images, layer, 
 def test_gradient_ascent_raises_the_activation_within_the_pixel_range(trained_checkpoint, test_images):
     model, _ = utils.load_checkpoint(trained_checkpoint)
     layer, channel = "conv5_x", 0
-    (index,), _ = visualize.top_activating(model, test_images[:200], layer, channel)
+    (index,), _ = scoring.top_activating(model, test_images[:200], layer, channel)
     x0 = data.normalize(test_images[[index.item()]])
-    results = {penalty: visualize.gradient_ascent(model, x0, layer, channel, steps=15, lr=0.05, penalty=penalty)
+    results = {penalty: ascent.gradient_ascent(model, x0, layer, channel, steps=15, lr=0.05, penalty=penalty)
                for penalty in (0.0, 10.0)}
     with torch.no_grad():
-        before = visualize.channel_scores(model, x0, layer, channel).item()
-        after = visualize.channel_scores(model, results[0.0], layer, channel).item()
+        before = scoring.channel_scores(model, x0, layer, channel).item()
+        after = scoring.channel_scores(model, results[0.0], layer, channel).item()
     assert before > 0 and after > 1.2 * before
     for x in results.values():
         # undo normalize by hand: data.denormalize would clamp to [0, 1] and hide any excursion
@@ -61,10 +61,10 @@ def test_gradient_ascent_raises_the_activation_within_the_pixel_range(trained_ch
 
 @pytest.mark.parametrize("n", [1, 2, 3, 16, 17, 64, 512])
 def test_grids_are_near_square_and_filled_row_by_row(n):
-    rows, cols = visualize.grid_shape(n)
+    rows, cols = drawing.grid_shape(n)
     assert rows <= cols <= rows + 1 and (rows - 1) * cols < n <= rows * cols
     maps = np.arange(n * 6, dtype=np.float32).reshape(n, 2, 3)
-    mosaic = visualize.tile(maps, pad=1)
+    mosaic = drawing.tile(maps, pad=1)
     assert mosaic.shape == (rows * 3 - 1, cols * 4 - 1)
     for i in range(n):
         r, c = divmod(i, cols)
@@ -75,7 +75,7 @@ def test_grids_are_near_square_and_filled_row_by_row(n):
 def test_signed_display_maps_zero_to_grey_and_each_images_peak_to_an_end():
     r = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 10.0, 100.0, 1e-3]).view(4, 1, 1, 1)
     r[:, :, 0, 0] = 0
-    shown = visualize.signed_to_display(r)  # (N, H, W, 3)
+    shown = drawing.signed_to_display(r)  # (N, H, W, 3)
     assert shown.shape == (4, 5, 5, 3) and shown.min() >= 0 and shown.max() <= 1
     assert np.allclose(shown[:, 0, 0], 0.5)
     for image in shown:  # per image, the largest |r| reaches 0 or 1
@@ -88,7 +88,7 @@ def test_signed_display_maps_zero_to_grey_and_each_images_peak_to_an_end():
 @pytest.mark.parametrize("text, expected", [("4531-4546", list(range(4531, 4547))), ("1,2,3", [1, 2, 3]),
                                             ("7", [7]), ("1, 5-7", [1, 5, 6, 7])])
 def test_image_lists(text, expected):
-    assert visualize.parse_indices(text) == expected
+    assert cli.parse_indices(text) == expected
 
 
 # --------------------------------------------------------------------------- the scripts, as a user runs them
@@ -156,7 +156,7 @@ def test_gradient_script_starts_from_the_top_image_and_raises_its_activation(run
     found = re.search(r"test image (\d+) .*excites conv5_x channel 0 most: feature-map sum ([\d.]+)", out)
     index, score = found.groups()
     model, _ = utils.load_checkpoint(trained_checkpoint)
-    (expected_index,), (expected_score,) = visualize.top_activating(model, test_images, "conv5_x", 0)
+    (expected_index,), (expected_score,) = scoring.top_activating(model, test_images, "conv5_x", 0)
     assert int(index) == expected_index.item() and float(score) == pytest.approx(expected_score.item(), abs=1e-4)
     before, after = map(float, re.search(r"activation: ([\d.]+) before, ([\d.]+) after 20 steps", out).groups())
     assert before == pytest.approx(float(score), abs=1e-4) and after > before
@@ -167,7 +167,7 @@ def test_gradient_script_starts_from_the_top_image_and_raises_its_activation(run
 
 @pytest.fixture(scope="module")
 def plot_run():
-    """What load_for_plots hands a plot function: a width-8 network whose BN layers have random statistics
+    """What PlotParser.load hands a plot function: a width-8 network whose BN layers have random statistics
     and shifts (so that some channels are silent on some images), and 32 random test images."""
     torch.manual_seed(0)
     model = ResNet(8)
@@ -177,8 +177,8 @@ def plot_run():
             bn.running_var.uniform_(0.5, 2.0)
             bn.bias.normal_(-0.3, 0.3)
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
-    return SimpleNamespace(model=model.eval(), device=torch.device("cpu"), images=images, indices=None,
-                           labels=[0] * len(images), classes=["class-0"], caption="test")
+    return PlotRun(model=model.eval(), checkpoint={}, device=torch.device("cpu"), caption="test", images=images,
+                   labels=[0] * len(images), classes=["class-0"])
 
 
 def captured(model, images, layer):
@@ -190,14 +190,14 @@ def captured(model, images, layer):
 
 @pytest.mark.parametrize("top1", [False, True])
 def test_reconstruction_panels_state_the_activation_and_which_images_are_silent(plot_run, top1):
-    run = SimpleNamespace(**{**vars(plot_run), "indices": list(range(24))})
+    run, indices = plot_run, list(range(24))
     layer = "conv5_x"
-    fmaps = captured(run.model, run.images[run.indices], layer)
+    fmaps = captured(run.model, run.images[indices], layer)
     peaks = fmaps.amax((2, 3))  # (images, channels)
     silent = peaks == 0
     # a channel silent on some of the images and active on others
-    channel = next(c for c in range(fmaps.shape[1]) if 0 < silent[:, c].sum() < len(run.indices) - 1)
-    p = visualize.reconstruction_panels(run, layer, channel, "trunk", top1=top1)
+    channel = next(c for c in range(fmaps.shape[1]) if 0 < silent[:, c].sum() < len(indices) - 1)
+    p = figures.reconstruction_panels(run, indices, layer, channel, "trunk", top1=top1)
     torch.testing.assert_close(p.peak, peaks[:, channel], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p.total, fmaps[:, channel].sum((1, 2)), rtol=1e-5, atol=1e-4)
     assert p.silent.tolist() == silent[:, channel].tolist()
@@ -207,9 +207,9 @@ def test_reconstruction_panels_state_the_activation_and_which_images_are_silent(
 
 
 def test_shared_scale_keeps_the_relative_strength_of_the_panels(plot_run):
-    run = SimpleNamespace(**{**vars(plot_run), "indices": list(range(12))})
-    own = visualize.reconstruction_panels(run, "conv4_x", 3, "both", scale="image")
-    shared = visualize.reconstruction_panels(run, "conv4_x", 3, "both", scale="shared")
+    run, indices = plot_run, list(range(12))
+    own = figures.reconstruction_panels(run, indices, "conv4_x", 3, "both", scale="image")
+    shared = figures.reconstruction_panels(run, indices, "conv4_x", 3, "both", scale="shared")
     torch.testing.assert_close(own.recon, shared.recon)
     r = shared.recon.permute(0, 2, 3, 1).numpy()
     peak = np.abs(r).max((1, 2, 3))  # max|r| of each image
@@ -222,11 +222,11 @@ def test_shared_scale_keeps_the_relative_strength_of_the_panels(plot_run):
 
 
 def test_feature_maps_of_a_large_stage_are_its_most_active_channels_labelled(plot_run, monkeypatch):
-    monkeypatch.setattr(visualize, "FEATURE_MAP_TILES", 16)  # conv5_x of width 8 has 64 channels: show 16
-    run = SimpleNamespace(**{**vars(plot_run), "indices": [5]})
+    monkeypatch.setattr(figures, "FEATURE_MAP_TILES", 16)  # conv5_x of width 8 has 64 channels: show 16
+    run = plot_run
     fmaps = captured(run.model, run.images[[5]], "conv5_x")[0]
     peaks = fmaps.amax((1, 2))
-    t = visualize.feature_map_tiles(run, "conv5_x")
+    t = figures.feature_map_tiles(run, 5, "conv5_x")
     torch.testing.assert_close(t.maps, fmaps, rtol=1e-5, atol=1e-5)
     chosen, rest = t.channels, [c for c in range(64) if c not in t.channels]
     assert len(set(chosen)) == 16 and peaks[chosen].min() >= peaks[rest].max()  # the 16 largest maxima...
@@ -236,20 +236,20 @@ def test_feature_maps_of_a_large_stage_are_its_most_active_channels_labelled(plo
         assert int(index) == c and float(value) == pytest.approx(peaks[c].item(), rel=5e-3, abs=1e-6)
     assert t.name == "conv5_x_feature_maps_image5"
     # a stage of few channels shows them all in index order, found by the row and column ticks
-    t = visualize.feature_map_tiles(run, "conv1")
+    t = figures.feature_map_tiles(run, 5, "conv1")
     assert t.channels == list(range(8)) and t.labels is None
     # channels chosen by hand: in their order, named in the file
-    t = visualize.feature_map_tiles(run, "conv5_x", [7, 2, 3])
+    t = figures.feature_map_tiles(run, 5, "conv5_x", [7, 2, 3])
     assert t.channels == [7, 2, 3] and t.name == "conv5_x_feature_maps_image5_channels7,2-3"
 
 
 @pytest.mark.parametrize("n, labelled", [(64, False), (512, False), (7, True), (64, True)])
 def test_every_map_of_a_mosaic_can_be_found_by_its_index(n, labelled):
     maps = torch.arange(n, dtype=torch.float32).view(n, 1, 1).expand(n, 2, 2)  # map i holds the value i
-    fig = visualize.new_figure(11, 5.6)
+    fig = drawing.new_figure(11, 5.6)
     ax = fig.add_subplot()
     labels = [f"{i}: x" for i in range(n)] if labelled else None
-    visualize.show_mosaic(fig, ax, maps, labels=labels, index_ticks=not labelled)
+    drawing.show_mosaic(fig, ax, maps, labels=labels, index_ticks=not labelled)
     mosaic = ax.get_images()[0].get_array()  # the gaps are masked
     found = []
     if labelled:  # straight below each label, the first map is the labelled one
@@ -272,10 +272,10 @@ def test_every_map_of_a_mosaic_can_be_found_by_its_index(n, labelled):
 
 def test_channel_lists():
     model = ResNet(8)
-    assert visualize.parse_channels("auto", model, "conv5_x") is None
-    assert visualize.parse_channels("all", model, "conv3_x") == list(range(16))
-    assert visualize.parse_channels("0-2,7", model, "conv1") == [0, 1, 2, 7]
+    assert cli.parse_channels("auto", model, "conv5_x") is None
+    assert cli.parse_channels("all", model, "conv3_x") == list(range(16))
+    assert cli.parse_channels("0-2,7", model, "conv1") == [0, 1, 2, 7]
     for indices in ([0, 1, 2, 5], [7, 2, 3], [4], [3, 4, 5, 6, 1, 1]):
-        assert visualize.parse_indices(visualize.format_indices(indices)) == indices
+        assert cli.parse_indices(drawing.format_indices(indices)) == indices
     with pytest.raises(utils.UserError, match=r"--channels: channel 64 is out of range.*0\.\.63"):
-        visualize.parse_channels("60-64", model, "conv5_x")
+        cli.parse_channels("60-64", model, "conv5_x")

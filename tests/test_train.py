@@ -13,6 +13,7 @@ import data
 import train
 import utils
 from conftest import PROGRESS_BAR, ROOT, run_script
+from visualize import progress
 
 
 def load(path):
@@ -73,7 +74,7 @@ def history_of(n, steps_per_epoch=79):
 @pytest.mark.parametrize("n, window", [(30, 3), (300, 30), (1000, 100), (20332, 100)])
 def test_train_curves_fit_any_run_length(n, window, tmp_path):
     history, ends = history_of(n)
-    curves = train.progress_curves(history)
+    curves = progress.progress_curves(history)
     loss, acc = curves["train_loss"], curves["train_accuracy"]
     assert loss["window"] == acc["window"] == window
     # the loss: the mean of each complete window, drawn at the window's centre (iterations k*w+1 .. (k+1)*w)
@@ -83,7 +84,7 @@ def test_train_curves_fit_any_run_length(n, window, tmp_path):
     np.testing.assert_allclose(x, ((k * window + 1) + (k + 1) * window) / 2)
     assert len(x) >= 10 and loss["each"] == (list(range(1, n + 1)), history["train_loss"])
     # the accuracy leaves out the last batch of each epoch, in the faint curve and in the means
-    assert train.epoch_last_iterations(history) == set(ends)
+    assert progress.epoch_last_iterations(history) == set(ends)
     a = np.array(history["train_acc"])
     kept = np.ones(n, bool)
     kept[np.array(ends, dtype=int) - 1] = False
@@ -92,7 +93,7 @@ def test_train_curves_fit_any_run_length(n, window, tmp_path):
     np.testing.assert_allclose(x, ((k * window + 1) + (k + 1) * window) / 2)
     assert acc["each"][0] == [i for i in range(1, n + 1) if kept[i - 1]] and min(acc["each"][1]) >= 0.5
     if n == 300:
-        paths = train.save_progress_figures(history, tmp_path, "test")
+        paths = progress.save_progress_figures(history, tmp_path, "test")
         assert [p.name for p in paths] == ["train_accuracy.png", "train_loss.png", "test_accuracy.png", "test_loss.png"]
 
 

@@ -1,0 +1,15 @@
+"""What the plot scripts share, one concern a module. Imports point one way, down this list:
+
+    cli         the scripts' shared flags and their checks           -> context, figures, atlas
+    featurevis  feature visualization at 32x32                       -> ascent, scoring, drawing
+    atlas       the top-9 unit atlas per stage                       -> context, scoring, drawing
+    ascent      the report's gradient-ascent pattern                 -> context, scoring, drawing
+    figures     feature maps and reconstructions of the report       -> scoring, drawing
+    context     PlotRun: the checkpoint and test split, memoized     -> scoring, drawing
+    progress    the learning-progress figures (train.py draws them)  -> drawing
+    scoring     running stages, scoring units on images              -> model, data
+    drawing     every matplotlib figure is made and saved here       -> data
+
+Import the modules themselves (`from visualize import cli, figures`); this file imports nothing, so
+train.py can draw its progress figures without loading the rest.
+"""

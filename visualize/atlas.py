@@ -1,0 +1,130 @@
+"""The unit atlas: Zeiler & Fergus's Figure 2 for a ResNet. Per channel, the 9 test images with the
+largest single activation, each as the top-1 projection back to the pixels and the image patch, both
+cropped to the receptive field of the strongest unit (ResNet.receptive_field, from the architecture).
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from data import normalize
+from visualize.context import test_split_scores
+from visualize.drawing import bare, new_figure, save, signed_to_display, tile, to_display
+from visualize.scoring import top_k
+
+ATLAS_LAYERS = "conv2_x,conv3_x,conv4_x,conv5_x"
+ATLAS_CHANNELS = 16  # the default: channels 0-15, or every channel of a stage with fewer
+OUTSIDE_IMAGE = (0.69, 0.77, 0.87)  # light steel blue: where a receptive field reaches past the image
+
+
+def unit_atlas(run, channels, k=9):
+    """{layer: units} for channels = {layer: [channel, ...]}, from one pass over the test split.
+
+    A unit is {"channel": c, "top": [{"image", "activation", "row", "col", "box"}, ... k entries]}:
+    the k test images with the largest single activation of the channel, largest first (ties:
+    lower image index first); (row, col) is the strongest position in the stage's output and box
+    its receptive field [top, left, bottom, right] (inclusive, clipped to the image).
+    """
+    scores = test_split_scores(run, list(channels))
+    size = run.images.shape[-1]
+    atlas = {}
+    for layer, layer_channels in channels.items():
+        s = scores[layer]
+        atlas[layer] = []
+        for channel in layer_channels:
+            top = []
+            for image, activation in zip(*(t.tolist() for t in top_k(s.max[:, channel], k))):
+                row, col = divmod(int(s.argmax[image, channel]), s.size[1])
+                top.append(dict(image=image, activation=activation, row=row, col=col,
+                                box=run.model.receptive_field(layer, row, col, size)))
+            atlas[layer].append(dict(channel=channel, top=top))
+    return atlas
+
+
+def crop(image, box):
+    """The part of an (H, W, ...) array inside box = [top, left, bottom, right] (inclusive)."""
+    top, left, bottom, right = box
+    return image[top:bottom + 1, left:right + 1]
+
+
+def atlas_crops(run, layer, unit):
+    """(projections, patches) of one atlas unit: per entry, an (h, w, 3) array in [0, 1] cropped to
+    its box. The projections are ResNet.reconstruct(..., top1=True) of the unit's channel, all k
+    on one display scale, 0.5 + r / (2 max|r|) with the max over the k, so strengths compare."""
+    x = normalize(run.images[[entry["image"] for entry in unit["top"]]].to(run.device))
+    projections = signed_to_display(run.model.reconstruct(x, layer, unit["channel"], top1=True), per_image=False)
+    boxes = [entry["box"] for entry in unit["top"]]
+    return ([crop(p, box) for p, box in zip(projections, boxes)],
+            [crop(p, box) for p, box in zip(to_display(x), boxes)])
+
+
+def field_canvas(patch, box, field, size):
+    """A cropped patch on a canvas as large as its receptive field (at most size x size), placed
+    where the image lies within the field; the rest, outside the image, is OUTSIDE_IMAGE.
+
+    field: the unclipped field [top, left, bottom, right] (ResNet.receptive_field(clip=False)).
+    A field larger than the image gets a size x size canvas, and the patch sits on the side where
+    it meets the image border.
+    """
+    height, width = (min(field[i + 2] - field[i] + 1, size) for i in (0, 1))
+    canvas = np.empty((height, width, 3), dtype=np.float32)
+    canvas[:] = OUTSIDE_IMAGE
+    h, w = patch.shape[:2]
+    top, left = (min(box[i] - field[i], extent - n) for i, extent, n in ((0, height, h), (1, width, w)))
+    canvas[top:top + h, left:left + w] = patch
+    return canvas
+
+
+def plot_unit_atlas(run, layer, units, checkpoint, figures_dir, blocks_per_row=4):
+    """figures_dir/atlas_<layer>.png and .json of unit_atlas's units for one stage; returns both paths."""
+    size = run.images.shape[-1]
+    cols = min(blocks_per_row, len(units))
+    rows = math.ceil(len(units) / cols)
+    title_lines = 2 + run.caption.count("\n") + 1  # the suptitle below: two lines, then the caption
+    head = 0.2 + 0.17 * title_lines  # inches a 9-pt title needs, so it never runs into the first row
+    fig = new_figure(3.5 * cols + 0.3, 1.9 * rows + 0.4 + head)
+    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=dict(wspace=0.08, hspace=0.3)).ravel()
+    for ax, unit in zip(axes, units):
+        halves = ([], [])  # the projections' canvases, the patches'
+        for entry, *crops in zip(unit["top"], *atlas_crops(run, layer, unit)):
+            field = run.model.receptive_field(layer, entry["row"], entry["col"], size, clip=False)
+            for canvases, patch in zip(halves, crops):
+                canvases.append(field_canvas(patch, entry["box"], field, size))
+                if entry["activation"] <= 0:
+                    canvases[-1][:] = 1.0  # silent on this image: no strongest unit to show
+        halves = [tile(canvases, fill=1.0) for canvases in halves]
+        gap = np.ones((halves[0].shape[0], max(2, halves[0].shape[1] // 12), 3), dtype=np.float32)
+        ax.imshow(np.concatenate([halves[0], gap, halves[1]], axis=1), interpolation="nearest")
+        best = unit["top"][0]["activation"]
+        silent = sum(entry["activation"] <= 0 for entry in unit["top"])
+        label = f"channel {unit['channel']}: max {best:.3g}"
+        if silent == len(unit["top"]):
+            label = f"channel {unit['channel']}: silent on every test image"
+        elif silent:
+            firing = len(unit["top"]) - silent
+            label += f"; fires on only {firing} test image{'s' if firing > 1 else ''}"
+        ax.set_title(label, fontsize=8, loc="left")
+    for ax in axes:
+        bare(ax)
+        ax.set_frame_on(ax.has_data())
+    top, _, bottom, _ = run.model.receptive_field(layer, 0, 0, size, clip=False)
+    extent = bottom - top + 1  # the side of every unit's field in this stage
+    if all(entry["box"] == [0, 0, size - 1, size - 1] for unit in units for entry in unit["top"]):
+        seen = "the whole image"
+    else:
+        seen = (f"the receptive field of the strongest unit ({extent}x{extent}" +
+                (f", at most the {size}x{size} image" if extent > size else "") + "; light blue: outside the image)")
+    fig.suptitle(f"{layer}: for each channel, the {len(units[0]['top'])} test images with its largest single "
+                 f"activation (largest top left, row by row);\nleft: the top-1 deconvnet projection, one "
+                 f"scale per channel (0.5 + r / (2 max|r|), grey = 0); right: the image; both show {seen}\n"
+                 f"{run.caption}", fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (head + 0.25) / fig.get_figheight())
+    figures_dir = Path(figures_dir)
+    png = save(fig, figures_dir / f"atlas_{layer}.png")
+    json_path = figures_dir / f"atlas_{layer}.json"
+    json_path.write_text(json.dumps({"layer": layer, "checkpoint": str(checkpoint), "units": units}, indent=1) + "\n")
+    print(f"wrote {json_path}")
+    return [png, json_path]
+
+

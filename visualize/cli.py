@@ -1,0 +1,214 @@
+"""The plot scripts' command line: the flags they share, and the checks that turn each flag into a
+value the figure modules can trust. Every bad value gets one line (utils.UserError) naming the flag
+and what it accepts, before any figure is computed.
+
+    parser = cli.plot_parser(__doc__, layer="conv5_x", channel=1)
+    args = parser.parse_args(argv)  # flags checked that need nothing loaded (--figures-dir included)
+    run = parser.load(args)         # the PlotRun; then the flags that need the network or the test split
+"""
+import argparse
+import math
+
+from model import PATHS, STAGES
+from utils import OneLineArgumentParser, UserError, check_writable, resolve_device
+from visualize.atlas import ATLAS_CHANNELS
+from visualize.context import load_run
+from visualize.figures import FEATURE_MAP_TILES, SCALES
+
+MAX_IMAGES = 64  # test images a figure may show (--images): beyond that the panels are too small to read
+CHANNELS_AUTO_HELP = (f"; auto: every channel of a stage with at most {FEATURE_MAP_TILES}, else the "
+                      f"{FEATURE_MAP_TILES} with the largest maximum on the image, most active first")
+
+
+class PlotParser(OneLineArgumentParser):
+    """The flags every plot script has, plus the shared ones it asked for (`shared`, their names).
+
+    Knowing which it has, it checks them: parse_args those that need nothing loaded, load() the
+    rest once the checkpoint and test split are in. A script's own flags are its own to check.
+    """
+
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.shared = set()
+        self.add_argument("--checkpoint", default="checkpoints/resnet18_cifar10.pt",
+                          help="checkpoint written by train.py (default: %(default)s)")
+        self.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: the checkpoint's)")
+        self.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=None,
+                          help="use the synthetic gratings, not CIFAR-10 (default: whatever the checkpoint was "
+                               "trained on)")
+        self.add_argument("--figures-dir", default="figures", help="where the PNGs go (default: %(default)s/)")
+        self.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ... (default: auto)")
+
+    def add_shared(self, name, *args, **kwargs):
+        self.shared.add(name)
+        self.add_argument(*args, **kwargs)
+
+    def add_ascent_flags(self, steps, lr, penalty, lr_help, penalty_help):
+        """--steps, --lr and --penalty of an optimisation in input space, each range-checked."""
+        self.add_shared("ascent", "--steps", type=int, default=steps, help="optimisation steps, at least 1 "
+                                                                           "(default: %(default)s)")
+        self.add_argument("--lr", type=float, default=lr, help=f"{lr_help}, above 0 (default: %(default)s)")
+        self.add_argument("--penalty", type=float, default=penalty, help=f"{penalty_help}, 0 or above "
+                                                                         f"(default: %(default)s)")
+
+    def parse_args(self, args=None, namespace=None):
+        args = super().parse_args(args, namespace)
+        if "layer" in self.shared:
+            check_layer(args.layer)
+        if "path" in self.shared:
+            check_path(args.path)
+        if "ascent" in self.shared:
+            check_ascent(args.steps, args.lr, args.penalty)
+        if "images" in self.shared:
+            args.images = parse_indices(args.images)
+        check_writable(args.figures_dir, "--figures-dir", folder=True)
+        args.device = resolve_device(args.device)
+        return args
+
+    def load(self, args, test_split=True):
+        """The PlotRun the flags name, then the flags checked against it: --channel and --channels
+        against --layer of this network (--channels becomes a list, or None for 'auto'), the test
+        image indices against the test split."""
+        run = load_run(args.checkpoint, args.device, args.data_dir, args.synthetic, test_split)
+        if "channel" in self.shared:
+            check_channel(run.model, args.layer, args.channel)
+        if "channels" in self.shared:
+            args.channels = parse_channels(args.channels, run.model, args.layer)
+        if test_split:
+            for name in ("images", "image_index"):
+                value = getattr(args, name, None) if name in self.shared else None
+                if value is not None:
+                    check_image_indices(value if name == "images" else [value], len(run.images))
+        return run
+
+
+def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, path=None, channels=None,
+                top1=None, scale=None):
+    """A PlotParser with the shared flags whose default is given here (None: the script has no such flag)."""
+    p = PlotParser(doc)
+    if image_index is not None:
+        p.add_shared("image_index", "--image-index", type=int, default=image_index,
+                     help="index of the test image (default: %(default)s)")
+    if images is not None:
+        p.add_shared("images", "--images", default=images,
+                     help=f"test image indices: a range A-B (inclusive), a list 1,2,3 or both mixed; at most "
+                          f"{MAX_IMAGES} a figure (default: %(default)s)")
+    if layer is not None:
+        p.add_shared("layer", "--layer", default=layer, help=f"one of {', '.join(STAGES)} (default: %(default)s)")
+    if channel is not None:
+        p.add_shared("channel", "--channel", type=int, default=channel,
+                     help="channel (filter) of --layer, 0..C-1 (default: %(default)s)")
+    if path is not None:
+        p.add_shared("path", "--path", default=path, help=f"where the signal goes back at the residual sums "
+                                                          f"of --layer: {', '.join(PATHS)} (default: %(default)s)")
+    if channels is not None:
+        p.add_shared("channels", "--channels", default=channels,
+                     help=f"channels of --layer: a range A-B (inclusive), a list 1,2,3 or both mixed, or 'all'"
+                          f"{CHANNELS_AUTO_HELP if channels == 'auto' else ''} (default: %(default)s)")
+    if top1 is not None:
+        p.add_argument("--top1", action=argparse.BooleanOptionalAction, default=top1,
+                       help="project only the channel's strongest activation in each image, as Zeiler & Fergus "
+                            "(default: the whole feature map)")
+    if scale is not None:
+        p.add_argument("--scale", choices=SCALES, default=scale,
+                       help="image: each reconstruction scaled to its own max|r|; shared: one max|r| for all "
+                            "panels, so their strengths compare (default: %(default)s)")
+    return p
+
+
+def parse_indices(text, flag="--images", what="test image indices", example="4531-4546", limit=MAX_IMAGES):
+    """'4531-4546' -> [4531, ..., 4546]; '1,2,3' -> [1, 2, 3]; both forms may be mixed: '1,5-7'.
+
+    flag, what and example name the flag in the error for text that is not such a list. At most
+    `limit` indices (None: any number), counted before any list is made. drawing.format_indices
+    writes a list back as text.
+    """
+    ranges = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            first, last = int(first), int(last or first)
+            if last < first:
+                raise ValueError
+            ranges.append(range(first, last + 1))
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a list of {what}; "
+                        f"write a range like {example} or a list like 1,2,3") from None
+    count = sum(map(len, ranges))
+    if limit is not None and count > limit:
+        raise UserError(f"{flag} {text} names {count} {what}, but at most {limit} fit here; "
+                        f"pick fewer, e.g. {example}")
+    return [i for r in ranges for i in r]
+
+
+def check_layer(layer):
+    if layer not in STAGES:
+        raise UserError(f"--layer {layer!r} is not a stage of the network; choose one of {', '.join(STAGES)}")
+
+
+def parse_layers(text):
+    """'conv2_x,conv5_x' -> ['conv2_x', 'conv5_x'], each checked."""
+    layers = [name.strip() for name in text.split(",") if name.strip()]
+    if not layers:
+        raise UserError(f"--layer {text!r} names no stage; choose from {', '.join(STAGES)}")
+    for layer in layers:
+        check_layer(layer)
+    return list(dict.fromkeys(layers))
+
+
+def check_channel(model, layer, channel, flag="--channel"):
+    """model.check_channel's range check, as one line that names the flag."""
+    try:
+        model.check_channel(layer, channel, name=flag)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def parse_channels(text, model, layer, layers=None):
+    """--channels: 'auto' -> None (the figure chooses), 'all' -> every channel, else parse_indices,
+    each checked against `layer` (or against every stage of `layers`, for the atlas)."""
+    if text == "auto":
+        return None
+    if text == "all":
+        return list(range(model.channels(layer)))
+    layers = layers or [layer]
+    channels = parse_indices(text, "--channels", "channel indices", "0-15",
+                             limit=max(model.channels(name) for name in layers))
+    for name in layers:
+        for channel in channels:
+            check_channel(model, name, channel, flag="--channels: channel")
+    return channels
+
+
+def check_image_indices(indices, num_images):
+    bad = [i for i in indices if not 0 <= i < num_images]
+    if bad:
+        raise UserError(f"test image index {bad[0]} is out of range: the test split has {num_images} "
+                        f"images; choose 0..{num_images - 1}")
+
+
+def check_path(path):
+    if path not in PATHS:
+        raise UserError(f"--path {path!r} is not a deconvnet path; choose one of {', '.join(PATHS)}")
+
+
+def check_ascent(steps, lr, penalty):
+    """The optimisation flags of plot_gradient_pattern.py and plot_feature_visualization.py: each
+    out-of-range one gets its own line."""
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr must be a finite number above 0, got {lr}")
+    if not (math.isfinite(penalty) and penalty >= 0):
+        raise UserError(f"--penalty must be a finite number, 0 or above (0: no pull towards the start image), "
+                        f"got {penalty}")
+
+
+def atlas_channels(model, layers, text=None):
+    """{layer: channels} of the atlas's --channels (None: its default, channels 0..ATLAS_CHANNELS-1, or
+    all of a stage with fewer; 'all': every channel of each stage), checked against each stage."""
+    if text is None or text == "all":
+        count = None if text == "all" else ATLAS_CHANNELS
+        return {layer: list(range(min(count or model.channels(layer), model.channels(layer)))) for layer in layers}
+    channels = parse_channels(text, model, layers[0], layers)
+    return {layer: channels for layer in layers}

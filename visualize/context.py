@@ -1,0 +1,97 @@
+"""What a plot run holds: the trained network, the checkpoint it came from, the test split and the
+caption that names both, loaded from plain values (cli.py turns the flags into them). Whatever
+plot_all.py's scripts would each load or compute again is kept once per process (memo).
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from data import CIFAR10_FOLDER, SYNTHETIC_NAME, dataset_root, describe_dataset, load_cifar10
+from utils import load_checkpoint
+from visualize.drawing import wrap_title
+from visualize.scoring import score_units
+
+# What plot_all.py's scripts would otherwise each load or compute again, once per process: keyed on
+# the files (path, modification time, size) it came from, so a rewritten file is read afresh.
+_MEMO = {}
+
+
+def memo(key, compute):
+    """compute(), or what it returned the first time it was asked for under `key` in this process."""
+    if key not in _MEMO:
+        _MEMO[key] = compute()
+    return _MEMO[key]
+
+
+def file_key(path):
+    """(resolved path, mtime in ns, size) of a file; just the path if it does not exist (yet)."""
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return (str(path),)
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
+@dataclass
+class PlotRun:
+    """A trained network and the test split its figures are drawn from.
+
+    The model is in eval mode on `device`; images are the test split as uint8 (N, 3, 32, 32) on the
+    CPU, with labels and class names (None when the script needs no data). The model and the images
+    are shared between plot_all.py's scripts (memo): they must not be changed in place.
+    """
+    model: torch.nn.Module
+    checkpoint: dict
+    device: torch.device
+    caption: str  # the checkpoint and the data, for titles
+    data_dir: str = "data"  # dataset_root(data_dir, synthetic) holds the test split
+    synthetic: bool = False
+    trained_on_synthetic: bool = False  # what the checkpoint was trained on (its colour statistics)
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | list | None = None
+    classes: list = field(default_factory=list)
+    key: tuple = ()  # what test_split_scores are memoized on: the checkpoint, device and test split
+
+    def image_label(self, index, sep=" "):
+        """'7876 (cat)': how titles name a test image."""
+        return f"{index}{sep}({self.classes[self.labels[index]]})"
+
+
+def load_run(checkpoint, device, data_dir=None, synthetic=None, test_split=True):
+    """The PlotRun of `checkpoint` on `device` (a torch.device): with test_split, the test split of
+    data_dir (default: the checkpoint's) and synthetic (default: what it was trained on). Only the
+    test split is read. UserError (from utils and data) for a checkpoint or data that cannot be used.
+    """
+    checkpoint_key = ("checkpoint", file_key(checkpoint), str(device))
+    model, ckpt = memo(checkpoint_key, lambda: load_checkpoint(checkpoint, device))
+    config = ckpt["config"]
+    trained_on = config.get("synthetic", False)
+    synthetic = trained_on if synthetic is None else synthetic
+    trained_name = config.get("data_name",  # named by data.describe_dataset when it was trained
+                              SYNTHETIC_NAME if trained_on else f"the data in {config.get('data_dir', 'data')}")
+    caption = f"{Path(checkpoint).name}: width-{model.width} ResNet-18 trained on {trained_name}"
+    run = PlotRun(model=model, checkpoint=ckpt, device=device, caption=wrap_title(caption),
+                  data_dir=data_dir or config.get("data_dir", "data"), synthetic=synthetic,
+                  trained_on_synthetic=trained_on)
+    if test_split:
+        root = dataset_root(run.data_dir, synthetic)
+        data_key = ("test split", file_key(Path(root) / CIFAR10_FOLDER / "test_batch"))
+        run.images, run.labels, run.classes = memo(data_key, lambda: load_cifar10(root, train=False))
+        run.key = (checkpoint_key, data_key)
+        test_name = describe_dataset(root, synthetic)
+        if test_name != trained_name:
+            run.caption = wrap_title(f"{caption}; test images from {test_name}")
+    return run
+
+
+def test_split_scores(run, layers):
+    """scoring.score_units over run's test split, computed once per process for each checkpoint, test
+    split, device and layer: the scripts plot_all.py runs share one pass (the atlas computes what the
+    gradient pattern's search needs)."""
+    missing = [layer for layer in layers if (run.key, layer) not in _MEMO]
+    if missing:
+        for layer, scores in score_units(run.model, run.images, missing).items():
+            _MEMO[run.key, layer] = scores
+    return {layer: _MEMO[run.key, layer] for layer in layers}
