@@ -11,7 +11,7 @@ stage's output:
     global average pool -> fc
 
 Every ReLU is its own non-in-place nn.ReLU module, so hook-based tools (captum, pytorch-grad-cam)
-and the deconvnet below can treat each one separately.
+and ResNet.reconstruct below can treat each one separately.
 """
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 STAGES = ("conv1", "conv2_x", "conv3_x", "conv4_x", "conv5_x")
 PATHS = ("both", "shortcut", "trunk")  # where ResNet.reconstruct sends the signal at a residual sum
+METHODS = ("deconvnet", "guided", "gradient")  # ResNet.reconstruct's rule for the signal at each ReLU
 
 
 def conv3x3(in_channels, out_channels, stride=1):
@@ -150,21 +151,36 @@ class ResNet(nn.Module):
         return [top, left, bottom, right]
 
     @torch.no_grad()
-    def reconstruct(self, x, layer, channel, path="both", top1=False):
-        """Zeiler & Fergus's deconvnet: project `channel` of stage `layer` back to input space.
+    def reconstruct(self, x, layer, channel, path="both", top1=False, method="deconvnet"):
+        """Project `channel` of stage `layer` back to input space: the deconvnet (Zeiler & Fergus),
+        guided backpropagation (Springenberg et al. 2014) or the plain gradient.
 
-        x is a normalized batch (N, 3, 32, 32); the result has its shape. All other channels of the
-        stage's output are zeroed first, and with top1 also all but the channel's strongest
-        activation in each image. The projection runs the transpose of every linear map (conv, BN)
-        from the layer down, rectifies the signal at every ReLU and routes it through the max-pool
-        by the switches of this forward pass. At each residual sum of the chosen stage the signal
-        goes to both branches (path="both") or only to the "shortcut" or the "trunk"; the stages
-        below always use both. The model must be in eval mode: BN is the fixed affine map of its
-        running statistics, and this leaves them untouched.
+        x is a normalized batch (N, 3, 32, 32); the result has its shape. With A(x) = f_L(...f_1(x))
+        the network up to the layer, the backward pass is seeded with
+            s = select_activations(A(x), channel, top1):
+        A(x) with all other channels zeroed, and with top1 also all but the channel's strongest
+        activation in each image. It returns R = B_1(...B_L(s)), where B is each module's backward:
+        a linear map (conv, BN) is transposed, B(g) = W^T g; the max-pool routes the signal to the
+        switches of this forward pass (the transpose of gathering each window's maximum, which is
+        also the max-pool's gradient); a residual sum sends it to both branches and adds what they
+        return. The methods differ only at a ReLU, with forward input z and incoming signal g
+        ([c] is 1 where the condition c holds, else 0):
+            deconvnet  B(g) = max(g, 0)              the signal rectified, whatever z was
+            guided     B(g) = max(g, 0) * [z > 0]    only where both z and g are positive
+            gradient   B(g) = g * [z > 0]            the ReLU's own derivative
+        So "gradient" is the vector-Jacobian product R = J_A(x)^T s = d<s, A(x)>/dx (s held fixed),
+        and at conv1, whose only ReLU is the one that made s (s >= 0, and s = 0 wherever z <= 0),
+        the three are the same. At each residual sum of the chosen stage the signal goes to both
+        branches (path="both") or only to the "shortcut" or the "trunk" (for "gradient": the
+        gradient with the other branch cut there); the stages below always use both. The model must
+        be in eval mode: BN is the fixed affine map of its running statistics, and this leaves them
+        untouched.
         """
         self.check_channel(layer, channel)
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}; choose one of {', '.join(PATHS)}")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if self.training:
             raise ValueError("reconstruct needs the model in eval mode (BatchNorm's running "
                              "statistics); call model.eval() first")
@@ -174,8 +190,9 @@ class ResNet(nn.Module):
             x, tape = stage_forward(self.stage(name), x)
             tapes.append(tape)
         signal = select_activations(x, channel, top1)
+        relu_rule = RELU_RULES[method]
         for name, tape in zip(reversed(names), reversed(tapes)):
-            signal = stage_transpose(tape, signal, path if name == layer else "both")
+            signal = stage_transpose(tape, signal, path if name == layer else "both", relu_rule)
         return signal
 
 
@@ -210,10 +227,12 @@ def state_shapes(width, num_classes=10):
     return {name: tuple(a + (b - a) * (width - 1) for a, b in zip(one[name].shape, two[name].shape)) for name in one}
 
 
-# --------------------------------------------------------------------------- deconvnet
+# --------------------------------------------------------------------------- back to the pixels
 # The transposes below map a signal at a module's output back to its input. Each needs only the
 # module's weights and, from the forward pass, the input size (strided convs round sizes down, so the
-# transpose cannot infer it) and, for the max-pool, the switches (where each window's maximum was).
+# transpose cannot infer it), for the max-pool the switches (where each window's maximum was) and, for
+# a ReLU, where its input was positive (which "guided" and "gradient" use). Routing by the switches is
+# also the max-pool's own gradient, so one transpose serves all three methods.
 
 def conv_transpose(conv, y, input_size):
     """The transpose (adjoint) of `conv` without its bias, with an output of spatial `input_size`."""
@@ -248,52 +267,73 @@ def max_unpool_transpose(y, switches, input_size):
     return out.view(n, c, *input_size)
 
 
-def block_transpose(block, y, input_size, path="both"):
-    """relu(trunk(x) + shortcut(x)) transposed: rectify, then send the signal down `path` and add."""
-    y = F.relu(y)
+# What each method does with the signal g at a ReLU whose forward input was positive where
+# `positive` (z > 0) is True; see ResNet.reconstruct for the formulas.
+RELU_RULES = {
+    "deconvnet": lambda g, positive: F.relu(g),
+    "guided": lambda g, positive: torch.where(positive, F.relu(g), 0.0),
+    "gradient": lambda g, positive: torch.where(positive, g, 0.0),
+}
+assert tuple(RELU_RULES) == METHODS
+
+
+def block_forward(block, x):
+    """block(x), bit for bit (the same modules in the same order), and what its transpose needs:
+    (trunk tape, shortcut tape, where the residual sum, the output ReLU's input, is positive)."""
+    trunk, trunk_tape = stage_forward(block.trunk, x)
+    # an identity shortcut is a one-module sequence, so both branches are taped alike
+    shortcut_modules = block.shortcut if isinstance(block.shortcut, nn.Sequential) else [block.shortcut]
+    shortcut, shortcut_tape = stage_forward(shortcut_modules, x)
+    total = trunk + shortcut
+    return block.relu(total), (trunk_tape, shortcut_tape, total > 0)
+
+
+def block_transpose(saved, y, path="both", relu_rule=RELU_RULES["deconvnet"]):
+    """relu(trunk(x) + shortcut(x)) transposed: the ReLU's rule, then send the signal down `path` and add."""
+    trunk_tape, shortcut_tape, positive = saved
+    y = relu_rule(y, positive)
     out = 0
     if path in ("both", "trunk"):
-        trunk = block.trunk
-        h = bn_transpose(trunk.bn2, y)
-        # trunk.conv2 is a 3x3/1 'same' conv, so its input is as large as the block's output
-        h = conv_transpose(trunk.conv2, h, y.shape[-2:])
-        h = bn_transpose(trunk.bn1, F.relu(h))
-        out = out + conv_transpose(trunk.conv1, h, input_size)
+        out = out + stage_transpose(trunk_tape, y, relu_rule=relu_rule)
     if path in ("both", "shortcut"):
-        shortcut = block.shortcut
-        # an identity shortcut is its own transpose
-        out = out + (y if isinstance(shortcut, nn.Identity) else
-                     conv_transpose(shortcut.conv, bn_transpose(shortcut.bn, y), input_size))
+        out = out + stage_transpose(shortcut_tape, y, relu_rule=relu_rule)
     return out
 
 
-def stage_forward(stage, x):
-    """Run a stage's modules in order; return its output and a tape of what their transposes need:
-    (module, input size, switches or None) per module."""
+def stage_forward(modules, x):
+    """Run a stage's modules (or a block's trunk or shortcut) in order; return the output and a tape
+    of what their transposes need: (module, input size, saved) per module, where saved is the
+    max-pool's switches, where a ReLU's input was positive, a block's own tapes (block_forward),
+    or None."""
     tape = []
-    for module in stage:
+    for module in modules:
         if isinstance(module, nn.MaxPool2d):
-            out, switches = max_pool_with_switches(module, x)
+            out, saved = max_pool_with_switches(module, x)
+        elif isinstance(module, BasicBlock):
+            out, saved = block_forward(module, x)
         else:
-            out, switches = module(x), None
-        tape.append((module, x.shape[-2:], switches))
+            out, saved = module(x), (x > 0 if isinstance(module, nn.ReLU) else None)
+        tape.append((module, x.shape[-2:], saved))
         x = out
     return x, tape
 
 
-def stage_transpose(tape, y, path="both"):
-    """Walk a stage's tape backwards, transposing each module; `path` applies to its blocks."""
-    for module, input_size, switches in reversed(tape):
+def stage_transpose(tape, y, path="both", relu_rule=RELU_RULES["deconvnet"]):
+    """Walk a tape backwards, transposing each module; `path` applies to its blocks and `relu_rule`
+    (one of RELU_RULES) to every ReLU, the blocks' included."""
+    for module, input_size, saved in reversed(tape):
         if isinstance(module, nn.ReLU):
-            y = F.relu(y)  # the deconvnet rectifies the signal itself, whatever the forward pass did
+            y = relu_rule(y, saved)
         elif isinstance(module, nn.BatchNorm2d):
             y = bn_transpose(module, y)
         elif isinstance(module, nn.Conv2d):
             y = conv_transpose(module, y, input_size)
         elif isinstance(module, nn.MaxPool2d):
-            y = max_unpool_transpose(y, switches, input_size)
+            y = max_unpool_transpose(y, saved, input_size)
         elif isinstance(module, BasicBlock):
-            y = block_transpose(module, y, input_size, path)
+            y = block_transpose(saved, y, path, relu_rule)
+        elif isinstance(module, nn.Identity):
+            pass  # its own transpose
         else:
             raise TypeError(f"the deconvnet has no transpose for {type(module).__name__}")
     return y

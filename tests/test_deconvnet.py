@@ -1,11 +1,13 @@
-"""ResNet.reconstruct, the deconvnet: its pieces are exact transposes, and the whole projection equals
-an independent autograd reference (input gradient with every ReLU's backward rectifying the gradient)."""
+"""ResNet.reconstruct: its pieces are exact transposes, and each method's whole projection equals an
+independent autograd reference, the input gradient with every ReLU's backward replaced by the method's
+rule (the deconvnet: rectify the gradient; guided: rectify it and keep it only where the ReLU's input
+was positive; gradient: the network's own ReLU, i.e. torch.autograd.grad itself)."""
 import pytest
 import torch
 import torch.nn as nn
 
-from model import (STAGES, BasicBlock, ResNet, conv_transpose, max_pool_with_switches,
-                   max_unpool_transpose)
+from model import (METHODS, STAGES, BasicBlock, ResNet, conv_transpose, max_pool_with_switches,
+                   max_unpool_transpose, select_activations)
 
 
 def random_model(width=4, seed=0):
@@ -95,12 +97,32 @@ class RectifiedGradientReLU(torch.autograd.Function):
         return grad.clamp(min=0)
 
 
-def reference(model, x, layer, channel, top1=False, detach=None):
-    """d<F, A_layer(x)>/dx by autograd, F = A's `channel` (only its per-image peak with top1), every ReLU
-    rectifying the gradient. detach="trunk" or "shortcut" stops the gradient through that branch of the
-    chosen stage's blocks, so only the other branch carries it there."""
-    handles = [relu.register_forward_hook(lambda m, inputs, out: RectifiedGradientReLU.apply(inputs[0]))
-               for relu in model.modules() if isinstance(relu, nn.ReLU)]
+class GuidedReLU(torch.autograd.Function):
+    """relu forward; backward passes the incoming gradient only where it and the forward input are both
+    positive, guided backpropagation's rule."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (x > 0)
+
+
+# each method's ReLU backward; None: the network's own ReLU, so the reference is the plain gradient
+REFERENCE_RELUS = {"deconvnet": RectifiedGradientReLU, "guided": GuidedReLU, "gradient": None}
+
+
+def reference(model, x, layer, channel, top1=False, detach=None, method="deconvnet"):
+    """d<F, A_layer(x)>/dx by autograd, F = A's `channel` (only its per-image peak with top1), every ReLU's
+    backward replaced by `method`'s rule (REFERENCE_RELUS). detach="trunk" or "shortcut" stops the
+    gradient through that branch of the chosen stage's blocks, so only the other branch carries it there."""
+    relu_function = REFERENCE_RELUS[method]
+    handles = [relu.register_forward_hook(lambda m, inputs, out: relu_function.apply(inputs[0]))
+               for relu in model.modules() if isinstance(relu, nn.ReLU) and relu_function is not None]
     if detach is not None:
         handles += [getattr(block, detach).register_forward_hook(lambda m, inputs, out: out.detach())
                     for block in model.get_submodule(layer).modules() if isinstance(block, BasicBlock)]
@@ -123,27 +145,30 @@ def reference(model, x, layer, channel, top1=False, detach=None):
     return grad
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("top1", [False, True])
 @pytest.mark.parametrize("layer", STAGES)
-def test_both_paths_equal_the_rectified_input_gradient(model, images, layer, top1):
+def test_both_paths_equal_the_rectified_input_gradient(model, images, layer, top1, method):
+    """Each method's projection is its autograd definition (for the deconvnet: the rectified input gradient)."""
     for channel in (1, model.channels(layer) - 1):
-        got = model.reconstruct(images, layer, channel, top1=top1)
-        expected = reference(model, images, layer, channel, top1=top1)
+        got = model.reconstruct(images, layer, channel, top1=top1, method=method)
+        expected = reference(model, images, layer, channel, top1=top1, method=method)
         assert got.shape == images.shape and expected.abs().max() > 0
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
         # the channel asked for is the one projected, not a neighbour
-        neighbour = reference(model, images, layer, channel - 1, top1=top1)
+        neighbour = reference(model, images, layer, channel - 1, top1=top1, method=method)
         assert (got - neighbour).abs().max() > 1e-3 * expected.abs().max()
     assert all(not m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("path, other", [("shortcut", "trunk"), ("trunk", "shortcut")])
 @pytest.mark.parametrize("layer", STAGES[1:])
-def test_one_branch_equals_the_gradient_with_the_other_branch_cut(model, images, layer, path, other):
+def test_one_branch_equals_the_gradient_with_the_other_branch_cut(model, images, layer, path, other, method):
     nonzero = 0
     for channel in range(model.channels(layer)):
-        got = model.reconstruct(images, layer, channel, path=path)
-        expected = reference(model, images, layer, channel, detach=other)
+        got = model.reconstruct(images, layer, channel, path=path, method=method)
+        expected = reference(model, images, layer, channel, detach=other, method=method)
         assert got.shape == images.shape and torch.isfinite(got).all()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
         nonzero += bool(expected.abs().max() > 0)
@@ -166,6 +191,42 @@ def test_conv1_has_no_residual_sum_so_every_path_is_the_same(model, images):
     both = model.reconstruct(images, "conv1", 3)
     for path in ("shortcut", "trunk"):
         assert torch.equal(model.reconstruct(images, "conv1", 3, path=path), both)
+
+
+# --------------------------------------------------------------------------- the three methods
+
+@pytest.mark.parametrize("layer", STAGES)
+def test_gradient_is_torch_autograd_grad_of_the_selected_activations(model, images, layer):
+    """method="gradient" is the vector-Jacobian product J^T s of the unmodified network, s the seed."""
+    x = images.clone().requires_grad_(True)
+    stage_output = x
+    for name in STAGES[:STAGES.index(layer) + 1]:
+        stage_output = model.stage(name)(stage_output)
+    for top1 in (False, True):
+        seed = select_activations(stage_output.detach(), 1, top1)
+        (expected,) = torch.autograd.grad(stage_output, x, grad_outputs=seed, retain_graph=True)
+        got = model.reconstruct(images, layer, 1, top1=top1, method="gradient")
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())
+
+
+def test_the_three_methods_agree_at_conv1(model, images):
+    """conv1's only ReLU is the one that made the seed (s >= 0, zero where its input was not positive)."""
+    for top1 in (False, True):
+        for channel in (0, 3):
+            deconvnet = model.reconstruct(images, "conv1", channel, top1=top1)
+            assert deconvnet.abs().max() > 0
+            for method in ("guided", "gradient"):
+                assert torch.equal(model.reconstruct(images, "conv1", channel, top1=top1, method=method), deconvnet)
+
+
+@pytest.mark.parametrize("layer", STAGES[1:])
+def test_the_methods_differ_above_conv1(model, images, layer):
+    """Above conv1 the ReLUs on the way back tell the methods apart, so the tests above are not vacuous."""
+    got = {method: model.reconstruct(images, layer, 1, method=method) for method in METHODS}
+    scale = got["gradient"].abs().max()
+    assert (got["guided"] - got["gradient"]).abs().max() > 0.05 * scale
+    assert (got["guided"] - got["deconvnet"]).abs().max() > 0.05 * scale
 
 
 # --------------------------------------------------------------------------- receptive field
@@ -237,6 +298,8 @@ def test_bad_arguments_raise_with_the_valid_choices(model, images):
         model.reconstruct(images, "conv1", -1)
     with pytest.raises(ValueError, match="both, shortcut, trunk"):
         model.reconstruct(images, "conv1", 0, path="residual")
+    with pytest.raises(ValueError, match="deconvnet, guided, gradient"):
+        model.reconstruct(images, "conv1", 0, method="saliency")
     train_mode = random_model().train()
     with pytest.raises(ValueError, match="eval"):
         train_mode.reconstruct(images, "conv1", 0)
