@@ -64,6 +64,22 @@ def make_stage(in_channels, out_channels, stride, pool=False):
     return nn.Sequential(layers)
 
 
+def init_weights(module):
+    """torchvision's initialisation of resnet18, so the recipe behaves as it does there, for every
+    conv and BatchNorm in `module` (the fc keeps PyTorch's default): each conv's weight is drawn from
+    N(0, 2 / fan_out), fan_out = out_channels * kernel height * kernel width (Kaiming, mode fan_out),
+    from the global RNG in module order; each BatchNorm gets weight 1, bias 0 and, as a BatchNorm just
+    built has, running mean 0, running variance 1 and no batches counted. ResNet.__init__ calls it on
+    the whole network, so a network's stages are re-initialised (visualize.sanity) by the same rules."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+            m.reset_running_stats()
+
+
 class ResNet(nn.Module):
     def __init__(self, width=64, num_classes=10):
         super().__init__()
@@ -79,14 +95,7 @@ class ResNet(nn.Module):
         self.conv5_x = make_stage(4 * width, 8 * width, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(8 * width, num_classes)
-
-        # torchvision's initialisation, so the recipe behaves as it does for torchvision's resnet18.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def stage(self, name):
         """The stage module called `name` (one of STAGES), with a clear error for any other name."""

@@ -1,5 +1,5 @@
 """Every figure, in one Python process: each plot script's own code, run with its defaults (the
-report's figures, the unit atlas and the feature visualization), on one checkpoint.
+report's figures, the unit atlas, the feature visualization and the sanity checks), on one checkpoint.
 
     python plot_all.py [--checkpoint checkpoints/resnet18_cifar10.pt] [--figures-dir figures]
 
@@ -26,6 +26,7 @@ SCRIPTS = (
     "plot_unit_atlas",
     "plot_gradient_pattern",
     "plot_feature_visualization",
+    "plot_sanity_checks",
 )
 
 

@@ -186,3 +186,30 @@ def save_panels(path, panels, title, cols=None):
     return save(fig, path)
 
 
+
+
+def save_table(path, cells, title, column_titles, row_titles):
+    """RGB panels in a table: cells[i][j] = (array (H, W, 3) in [0, 1], or None for a blank cell;
+    caption written under it), one row per row title (written at its left) and one column per column
+    title (written above the first row)."""
+    rows, cols = len(cells), len(column_titles)
+    size = 1.25  # inches a panel
+    fig = new_figure(size * cols + 0.6, (size + 0.35) * rows + 0.25 * (title.count("\n") + 1) + 0.6)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, row in enumerate(cells):
+        for j, (image, caption) in enumerate(row):
+            ax = axes[i, j]
+            bare(ax)
+            if image is None:  # the caption stands in the blank cell
+                ax.set_frame_on(False)
+                ax.text(0.5, 0.5, caption, transform=ax.transAxes, ha="center", va="center", fontsize=6.5)
+            else:
+                ax.imshow(image, interpolation="nearest")
+                ax.set_xlabel(caption, fontsize=7)
+            if i == 0:
+                ax.set_title(column_titles[j], fontsize=7)
+            if j == 0:
+                ax.set_ylabel(row_titles[i], fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)

@@ -1,0 +1,37 @@
+"""Sanity checks (Adebayo et al. 2018): does each picture of a unit depend on what the network learned?
+
+    python plot_sanity_checks.py [--layer conv5_x] [--channel 1] [--images 4531-4546] [--seed 0]
+
+Cascading randomisation: the unit is drawn by the trained network, then with its stage re-initialised
+(model.init_weights, as a freshly built ResNet: seeded), then also the stage below, and so on down to
+conv1. Each network draws the unit with every technique: the deconvnet, guided backpropagation and the
+plain gradient (ResNet.reconstruct through both branches) for each test image, the feature
+visualization (plot_feature_visualization.py's, 160 steps, the same start at every depth) and the
+gradient pattern (plot_gradient_pattern.py's ascent, 100 steps, from each test image). Under each
+picture: its similarity to the trained network's, the Spearman rank correlation of sum over colour
+|r| over the pixels (r: the reconstruction, or the pattern minus its start), averaged over the test
+images; n/a where it is undefined (a constant picture: the unit is silent). A picture that barely
+changes shows the input or the technique, not what the network learned.
+
+Saved: sanity_<layer>_channel<c>.png and, beside it, sanity_<layer>_channel<c>.json = {"layer",
+"channel", "images", "depths": ["trained", then each stage re-initialised, in order], "seed",
+"similarity": {technique: [one number per depth, null where undefined]}}.
+"""
+import utils
+from visualize import cli, sanity
+
+
+def main(argv=None):
+    p = cli.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the re-initialisation's and the feature visualization's; the same seed gives the same "
+                        "numbers on a CPU (default: %(default)s)")
+    args = p.parse_args(argv)
+    if not 0 <= args.seed < 2 ** 63:
+        raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
+    run = p.load(args)
+    return sanity.plot_sanity_checks(run, args.layer, args.channel, args.images, args.figures_dir, seed=args.seed)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

@@ -1,0 +1,209 @@
+"""Sanity checks of the unit visualizations (plot_sanity_checks.py): Adebayo et al. 2018's cascading
+randomisation. Does a picture of a unit depend on what the network learned? Redraw it with the unit's
+stage re-initialised, then also the stage below, and so on down to conv1, and measure how much of the
+trained network's picture survives.
+
+Every technique's picture is a signed image r (N, 3, 32, 32), one for each start:
+    deconvnet, guided, gradient  ResNet.reconstruct(x, layer, channel, path="both", method=...) for
+                                 each test image x
+    feature visualization        x - x0: the image featurevis.feature_visualization makes for the
+                                 channel minus its start x0 (the data's mean colour with faint noise,
+                                 the same at every depth: same seed), in [0, 1] pixels; one image
+    gradient pattern             x - x0: ascent.gradient_ascent from each test image x0 (not from the
+                                 trained network's top image, as plot_gradient_pattern.py: so the
+                                 start is the same at every depth, and the same images as the
+                                 reconstructions'), in [0, 1] pixels
+Similarity (Adebayo's measure) of a picture r to the trained network's picture t of the same start:
+    rho(r, t) = spearman(S(r), S(t)),  S(r)(p) = sum over the 3 colours c of |r_c(p)|
+over the 32x32 pixels p, averaged over the starts where it is defined. It is undefined (NaN, null in
+the JSON, "n/a" in the figure) where either map is constant, as where the unit is silent on an image
+and its picture is 0: a silent picture has no ranking to compare, so it is left out of the mean, not
+counted as 0.
+"""
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data import dataset_root, denormalize, normalize
+from model import METHODS, STAGES, ResNet
+from visualize.ascent import gradient_ascent
+from visualize.drawing import format_indices, save_table, signed_to_display, to_display, wrap_title
+from visualize.featurevis import FV_LR, FV_STEPS, colour_statistics, feature_visualization
+from visualize.scoring import channel_scores
+
+TECHNIQUES = (*METHODS, "feature visualization", "gradient pattern")
+PATTERN_STEPS = 100  # gradient_ascent's default steps (lr 0.05, penalty 0.01), plot_gradient_pattern.py's
+
+
+# --------------------------------------------------------------------------- the measure
+
+def average_ranks(values):
+    """The ranks 1..n of a tensor's n entries (flattened), ties sharing the mean of the ranks they span:
+        rank(v_i) = #{j: v_j < v_i} + (#{j: v_j = v_i} + 1) / 2
+    Returned as float64."""
+    values = values.flatten()
+    order = torch.argsort(values, stable=True)
+    ordered = values[order]
+    opens_group = torch.ones(len(values), dtype=torch.bool, device=values.device)
+    opens_group[1:] = ordered[1:] != ordered[:-1]
+    group = torch.cumsum(opens_group, 0) - 1  # each sorted entry's group of equal values
+    counts = torch.bincount(group)
+    last = torch.cumsum(counts, 0)  # the rank of each group's last entry
+    ranks = torch.empty(len(values), dtype=torch.float64, device=values.device)
+    ranks[order] = (last - (counts - 1) / 2).double()[group]  # the mean of ranks last-count+1 .. last
+    return ranks
+
+
+def spearman(a, b):
+    """Spearman's rank correlation of two tensors with the same number of entries: Pearson's
+    correlation of their average_ranks R and S,
+        rho = sum_i (R_i - mean R)(S_i - mean S) / sqrt(sum_i (R_i - mean R)^2 * sum_i (S_i - mean S)^2)
+    NaN where either tensor is constant (its ranks are all equal, and rho is 0/0)."""
+    r, s = average_ranks(a), average_ranks(b)
+    r, s = r - r.mean(), s - s.mean()
+    denominator = torch.sqrt((r * r).sum() * (s * s).sum())
+    return math.nan if denominator == 0 else ((r * s).sum() / denominator).item()
+
+
+def saliency(r):
+    """S(r)(p) = sum_c |r_c(p)|: a signed picture (N, 3, H, W) reduced over colour to (N, H, W)."""
+    return r.abs().sum(1)
+
+
+def similarities(pictures, trained):
+    """rho(pictures[i], trained[i]) for each start i (NaN where undefined), as float64 (N,)."""
+    return torch.tensor([spearman(a, b) for a, b in zip(saliency(pictures), saliency(trained))],
+                        dtype=torch.float64)
+
+
+def defined_mean(values):
+    """The mean of the entries that are not NaN; NaN if none is."""
+    defined = values[~values.isnan()]
+    return defined.mean().item() if len(defined) else math.nan
+
+
+# --------------------------------------------------------------------------- the cascade
+
+def cascade_depths(layer):
+    """The stages in the order they are re-initialised: `layer`, then each below it, down to conv1."""
+    return list(reversed(STAGES[:STAGES.index(layer) + 1]))
+
+
+def reinitialised(model, stages, seed):
+    """A deep copy of `model` (left untouched) whose `stages` are those of the ResNet of its width and
+    classes freshly built after torch.manual_seed(seed): model.init_weights's convs, BatchNorm weight 1,
+    bias 0, running mean 0 and variance 1. The other stages and the fc keep the model's weights. The
+    caller's random state is left as it was. One fresh network serves every depth of a seed, so a
+    stage gets the same random weights at every depth of the cascade."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = ResNet(model.width, model.fc.out_features)
+    randomised = copy.deepcopy(model)
+    for name in stages:
+        randomised.stage(name).load_state_dict(fresh.stage(name).state_dict())
+    return randomised
+
+
+def draw_pictures(model, x, layer, channel, colour, seed, fv_steps, pattern_steps, fv_start):
+    """{technique: r} of one network (see the module's docstring), on the CPU. x: normalized test
+    images; fv_start: the feature visualization's start pixels (1, 3, 32, 32)."""
+    pictures = {method: model.reconstruct(x, layer, channel, path="both", method=method) for method in METHODS}
+    fv = feature_visualization(model, layer, [channel], colour, steps=fv_steps, lr=FV_LR, seed=seed)[0]
+    pictures["feature visualization"] = fv - fv_start
+    # gradient_ascent on a batch is each image's own ascent: in eval mode an image's score depends on
+    # it alone, and Adam's update is elementwise
+    pattern = gradient_ascent(model, x, layer, channel, steps=pattern_steps)
+    pictures["gradient pattern"] = denormalize(pattern) - denormalize(x)
+    return {name: r.float().cpu() for name, r in pictures.items()}
+
+
+@dataclass
+class SanityChecks:
+    """The cascade's pictures and their similarity to the trained network's."""
+    depths: list      # "trained", then each stage in the order re-initialised (cascade_depths)
+    pictures: dict    # {technique: [r at each depth]}, r (N, 3, 32, 32) (feature visualization: N = 1)
+    per_start: dict   # {technique: (depths, N) float64 rho of each start, NaN where undefined}
+    similarity: dict  # {technique: [defined_mean of per_start at each depth]}; the trained one is 1
+
+
+def sanity_checks(model, x, layer, channel, colour, seed=0, fv_steps=FV_STEPS, pattern_steps=PATTERN_STEPS):
+    """Adebayo's cascading randomisation of every technique for `channel` of `layer` and the
+    normalized test images x. colour: the training pixels' (mean, covariance), for the feature
+    visualization. seed: the re-initialisation's (reinitialised) and the feature visualization's.
+    The model is not changed (each depth is a copy)."""
+    model.check_channel(layer, channel)
+    fv_start = feature_visualization(model, layer, [channel], colour, steps=0, seed=seed)[0]
+    depths = ["trained", *cascade_depths(layer)]
+    pictures = {name: [] for name in TECHNIQUES}
+    for k in range(len(depths)):
+        network = model if k == 0 else reinitialised(model, depths[1:k + 1], seed)
+        for name, r in draw_pictures(network, x, layer, channel, colour, seed, fv_steps, pattern_steps,
+                                     fv_start).items():
+            pictures[name].append(r)
+    per_start = {name: torch.stack([similarities(r, drawn[0]) for r in drawn]) for name, drawn in pictures.items()}
+    similarity = {name: [defined_mean(row) for row in rhos] for name, rhos in per_start.items()}
+    return SanityChecks(depths=depths, pictures=pictures, per_start=per_start, similarity=similarity)
+
+
+# --------------------------------------------------------------------------- the figure and the JSON
+
+def similarity_caption(rhos):
+    """'rho 0.42', with '(12 of 16)' where only some starts define it, or 'rho n/a' where none does."""
+    mean, defined = defined_mean(rhos), int((~rhos.isnan()).sum())
+    if math.isnan(mean):
+        return "rho n/a (constant)"
+    return f"rho {mean:.2f}" + ("" if defined == len(rhos) else f" ({defined} of {len(rhos)})")
+
+
+def sanity_record(layer, channel, indices, seed, checks):
+    """The JSON's content: the similarity of each technique at each depth, NaN written as null."""
+    similarity = {name: [None if math.isnan(v) else v for v in values] for name, values in checks.similarity.items()}
+    return {"layer": layer, "channel": channel, "images": list(indices), "depths": checks.depths, "seed": seed,
+            "similarity": similarity}
+
+
+def plot_sanity_checks(run, layer, channel, indices, figures_dir, seed=0, fv_steps=FV_STEPS,
+                       pattern_steps=PATTERN_STEPS):
+    """plot_sanity_checks.py: sanity_checks for the test images `indices`, drawn for the one of them
+    the channel responds to most (its feature-map sum, the report's criterion), and written as
+    figures_dir/sanity_<layer>_channel<c>.png and .json. Prints the table; returns both paths."""
+    x = normalize(run.images[indices].to(run.device))
+    colour = colour_statistics(dataset_root(run.data_dir, run.trained_on_synthetic))
+    checks = sanity_checks(run.model, x, layer, channel, colour, seed, fv_steps, pattern_steps)
+    with torch.inference_mode():
+        shown = channel_scores(run.model, x, layer, channel).argmax().item()
+
+    print(f"{layer} channel {channel}: Spearman rho of sum_c |r_c| against the trained network's, mean over "
+          f"test images {format_indices(indices)}; stages re-initialised from {layer} down to each column's")
+    print(f"{'':>22}" + "".join(f"{depth:>9}" for depth in checks.depths))
+    for name, values in checks.similarity.items():
+        print(f"{name:>22}" + "".join(f"{v:>9.3f}" for v in values))
+
+    inputs = to_display(x[[shown]])[0]
+    cells = []
+    for name in TECHNIQUES:
+        start = 0 if name == "feature visualization" else shown
+        first = ((None, f"from the data's\nmean colour, seed {seed}") if name == "feature visualization" else
+                 (inputs, f"test image\n{run.image_label(indices[shown])}"))
+        cells.append([first] + [(signed_to_display(r[[start]])[0], similarity_caption(rhos))
+                                for r, rhos in zip(checks.pictures[name], checks.per_start[name])])
+    columns = ["start"] + [checks.depths[0]] + [f"{layer}..{depth}\nre-initialised" if depth != layer else
+                                                f"{layer}\nre-initialised" for depth in checks.depths[1:]]
+    title = "\n".join(wrap_title(part) for part in (
+        f"sanity checks (Adebayo et al. 2018): {layer} channel {channel} as each column's network draws it; "
+        f"column k re-initialises the stages from {layer} down (init_weights, seed {seed})",
+        f"under each: Spearman rho of sum over colour |r| against the trained network's, mean over test images "
+        f"{format_indices(indices)} (n/a: constant, a silent unit); drawn for the top one",
+        f"r shown as 0.5 + r / (2 max|r|), grey 0: the reconstructions; the feature visualization ({fv_steps} "
+        f"steps) and the gradient pattern ({pattern_steps} steps) minus their start", run.caption))
+    figures_dir = Path(figures_dir)
+    png = save_table(figures_dir / f"sanity_{layer}_channel{channel}.png", cells, title, columns, list(TECHNIQUES))
+    json_path = figures_dir / f"sanity_{layer}_channel{channel}.json"
+    record = sanity_record(layer, channel, indices, seed, checks)
+    json_path.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    print(f"wrote {json_path}")
+    return [png, json_path]
