@@ -743,6 +743,8 @@ class Run:
     def log(self, steps, bar):
         """Move the steps logged into the history and the progress bar; UserError if the loss went NaN/inf."""
         losses, accs = steps.take()
+        if not losses:  # the stretch's last step filled the log, which was read then
+            return
         if not all(map(math.isfinite, losses)):
             self.writer.wait()  # a save in flight lands first, so the message says what is on disk
             raise utils.UserError(f"the loss became {losses[-1]} by iteration {self.iteration}; stopped without "

@@ -375,10 +375,12 @@ def test_figures_are_redrawn_at_most_every_few_seconds_and_at_the_end(small_data
     drawn = []
     monkeypatch.setattr(train, "save_progress_figures", lambda history, *args: drawn.append(len(history["train_loss"])))
     monkeypatch.setattr(train, "FIGURES_EVERY_S", 3600)
+    monkeypatch.setattr(train, "LOG_EVERY", 16)  # each epoch's last step also fills the step log
     train.main(["--data-dir", str(small_data_dir), "--width", "4", "--batch-size", "64", "--epochs", "3",
                 "--device", "cpu", "--checkpoint", str(tmp_path / "c.pt"), "--figures-dir", str(tmp_path)])
     assert drawn == [16, 48]  # the first epoch's, then none for an hour, and the run's end
-    assert load(tmp_path / "c.pt")["iteration"] == 48
+    saved = load(tmp_path / "c.pt")
+    assert saved["iteration"] == 48 and len(saved["history"]["train_loss"]) == 48
 
 
 def test_a_snapshot_is_a_copy_that_training_cannot_change():
