@@ -419,7 +419,7 @@ def print_table(result):
           f"{result['date']}")
     print(f"full recipe: {RECIPE_ITERATIONS:,} iterations at batch {RECIPE_BATCH} + {RECIPE_EPOCHS} evaluations "
           f"of {RECIPE_TEST_IMAGES:,} images\n")
-    header = (f"{'pipeline':34} {'train img/s':>12} {'(min-max)':>13} {'x tutorial':>10} {'eval img/s':>11} "
+    header = (f"{'pipeline':40} {'train img/s':>12} {'(min-max)':>13} {'x tutorial':>10} {'eval img/s':>11} "
               f"{'setup':>8} {'full recipe':>12}")
     print(header)
     print("-" * len(header))
@@ -427,12 +427,12 @@ def print_table(result):
     for key, row in result["rows"].items():
         label = row["label"]
         if "train_images_per_s" not in row:
-            print(f"{label:34} {row['status']}")
+            print(f"{label:40} {row['status']}")
             continue
         spread = f"({min(row['window_images_per_s']):.0f}-{max(row['window_images_per_s']):.0f})"
         ratio = f"{row['train_images_per_s'] / tutorial:.2f}" if tutorial else "-"
         compile_s = duration(row["compile_s"]) if row["compile_s"] is not None else "-"
-        print(f"{label:34} {row['train_images_per_s']:12.1f} {spread:>13} {ratio:>10} "
+        print(f"{label:40} {row['train_images_per_s']:12.1f} {spread:>13} {ratio:>10} "
               f"{row['eval_images_per_s']:11.1f} {compile_s:>8} {duration(row['projected_s']):>12}")
     print(f"\ntrain.py's choice here: {result['choice']['label']} ({result['choice']['reason']})")
     if result["choice_vs_fastest"] is not None:
