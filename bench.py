@@ -1,23 +1,26 @@
 """How fast train.py trains, next to the report's tutorial-style pipeline, on one device.
 
-    python bench.py --quick          # a short CPU run (under 2 minutes on 2 cores)
+    python bench.py --quick          # a short run: about a minute on 2 CPU cores
     python bench.py                  # the full run on the default device (cuda if available)
-    python bench.py --device cuda    # the GPU figures for the README
+    python bench.py --device cuda    # the GPU figures for docs/performance.md
+    python bench.py --all-rows       # also the rows that cannot be fast here (bf16 on an AVX2 CPU, ...)
     python bench.py --feature-vis    # only: plot_feature_visualization.py's optimisation at width 64
 
-On 50,000 CIFAR-shaped random images (random content: speed does not depend on it) and the same
-ResNet-18, it measures side by side
+It first says what the device can do (speed.detect; fp32 and bf16 matmul GFLOP/s). On 50,000
+CIFAR-shaped random images (random content: speed does not depend on it) and the same ResNet-18, it
+then measures side by side
 
   tutorial   the report's pipeline, the PyTorch CIFAR-10 tutorial: a Dataset of PIL images,
              RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize, a DataLoader
              with 2 workers, batches copied to the device, fp32, loss.item() every step;
-  fp32       train.py's pipeline: uint8 data on the device, batches gathered, cropped, flipped and
-             normalised there (train.epoch_batches + train.train_step);
-  bf16       + bf16 autocast;
-  bf16_cl    + channels_last;
-  cuda_graph bf16_cl with each training step replayed from a CUDA graph (train.GraphedStep): train.py's
-             default on CUDA (CUDA only; the capture time is reported separately);
-  compile    bf16_cl + torch.compile (benchmarked on CUDA only; its compile time is reported separately).
+  fp32, fp32_cl, bf16, bf16_cl, fp16, ... (+ _graph, _compile)
+             train.py's pipeline (uint8 data on the device, batches gathered, cropped, flipped and
+             normalised there: train.epoch_batches + train.make_step) under each setting: precision,
+             channels_last, a CUDA graph (speed.GraphedStep; CUDA only, the capture time shown apart),
+             torch.compile (CUDA only, its compile time shown apart). By default only the rows that
+             speed.plan leaves on this device (what can be fast here); --all-rows measures the rest;
+  train_py   exactly what train.py chooses here for the full recipe at --width and --batch-size: its
+             rules and its probe (speed.choose), so "train.py's choice / the fastest row" is one line.
 
 Every row trains with the same train.train_step and Adam (train.make_optimizer): only the input
 pipeline and the numeric settings differ. Training throughput is the median images/s of several
@@ -33,6 +36,7 @@ their top-k indices are compared. All figures go to a JSON file (--json; a --qui
 bench_<device>_quick.json, so it never overwrites the full run's bench_<device>.json).
 """
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -49,6 +53,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import data
+import speed
 import train
 import utils
 from visualize import cli, featurevis, scoring
@@ -61,21 +66,13 @@ RECIPE_TEST_IMAGES = 10_000
 RECIPE_BATCH = train.RECIPE["batch_size"]             # 128
 RECIPE_ITERATIONS = RECIPE_EPOCHS * -(-RECIPE_TRAIN_IMAGES // RECIPE_BATCH)  # 20,332
 
-# key -> (label, pipeline, bf16, channels_last, compile, cuda_graph)
-ROWS = {
-    "tutorial": ("tutorial pipeline (the report's)", "tutorial", False, False, False, False),
-    "fp32": ("train.py pipeline, fp32", "train.py", False, False, False, False),
-    "bf16": ("  + bf16 autocast", "train.py", True, False, False, False),
-    "bf16_cl": ("  + channels_last", "train.py", True, True, False, False),
-    "cuda_graph": ("  + channels_last + CUDA graph", "train.py", True, True, False, True),
-    "compile": ("  + channels_last + torch.compile", "train.py", True, True, True, False),
-}
-SETTINGS_OF_ROW = ("bf16", "channels_last", "compile", "cuda_graph")  # ROWS[key][2:], as train.py names them
+TUTORIAL = "tutorial"
+CHOICE = "train_py"
 
 # Window settings: (warm-up steps, windows, steps a window, eval images, top_activating images).
-# A CPU step at width 64 takes ~0.4-0.8 s on 2 cores, a CUDA step a few ms.
+# A CPU step at width 64 takes ~0.4-0.8 s on 2 Xeon cores, ~1.9 s on 2 AVX2 EPYC cores; a CUDA step a few ms.
 SETTINGS = {
-    ("cpu", True): (1, 5, 2, 1000, 300),
+    ("cpu", True): (1, 3, 1, 500, 300),
     ("cpu", False): (3, 7, 4, RECIPE_TEST_IMAGES, RECIPE_TEST_IMAGES),
     ("cuda", True): (20, 3, 30, RECIPE_TEST_IMAGES, 2000),
     ("cuda", False): (30, 5, 100, RECIPE_TEST_IMAGES, RECIPE_TEST_IMAGES),
@@ -96,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--windows", type=int, help="timed windows per row; the median is reported (default: by device)")
     p.add_argument("--window-steps", type=int, help="training steps a window (default: by device and --quick)")
     p.add_argument("--eval-images", type=int, help="test images evaluated per row, projected to 10,000 "
-                                                   "(default: all, 1,000 with --quick on CPU)")
+                                                   "(default: all, 500 with --quick on CPU)")
     p.add_argument("--top-images", type=int, help="images for the top_activating comparison "
                                                   "(default: all, fewer with --quick)")
     p.add_argument("--layer", default="conv5_x",  # where plot_gradient_pattern.py searches
@@ -104,7 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--channel", type=int, default=0, help="top_activating channel (default: %(default)s)")
     p.add_argument("--k", type=int, default=9, help="top_activating k (default: %(default)s)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile row on CUDA")
-    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="skip the CUDA-graph row on CUDA")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="skip the CUDA-graph rows on CUDA")
+    p.add_argument("--all-rows", action="store_true",
+                   help="also measure the rows that cannot be fast on this device (by default skipped)")
     p.add_argument("--seed", type=int, default=0, help="data, weights and augmentation (default: %(default)s)")
     p.add_argument("--json", help="where the figures go (default: bench_<device type>.json, with --quick "
                                   "bench_<device type>_quick.json, so a quick check never overwrites a full run's)")
@@ -238,31 +237,57 @@ def new_model(args, device, channels_last, cuda_graph=False):
     return model, optimizer
 
 
-def measure_row(key, args, device, splits, bar):
-    """Training and evaluation throughput of one row, and its projected recipe wall time."""
-    label, pipeline, bf16, channels_last, compile_, cuda_graph = ROWS[key]
-    train_images, train_labels, test_images, test_labels = splits
-    model, optimizer = new_model(args, device, channels_last, cuda_graph)
-    train_model = torch.compile(model) if compile_ else model
+def row_key(settings):
+    """fp32, bf16_cl, bf16_cl_graph, ...: a row's name from its speed.Settings."""
+    return (settings.precision + "_cl" * settings.channels_last + "_graph" * settings.cuda_graph
+            + "_compile" * settings.compile)
 
-    if pipeline == "tutorial":
+
+def table_rows(caps):
+    """Every setting of train.py's pipeline the table knows for this kind of device, in its order: each
+    precision (fp16 only on CUDA: on a CPU it is there for correctness, not speed), each layout, eager or
+    (CUDA) graphed, and on CUDA torch.compile at the rules' precision."""
+    cuda = caps.kind == "cuda"
+    rows = []
+    for precision in ("fp32", "bf16", "fp16") if cuda else ("fp32", "bf16"):
+        for channels_last in (False, True):
+            for graph in (False, True) if cuda and precision != "fp16" else (False,):
+                rows.append(speed.Settings(precision, channels_last, graph))
+    if cuda:
+        rows.append(speed.Settings(speed.ruled_precisions(caps)[0][0], True, False, True))
+    return rows
+
+
+def skip_reason(settings, fast, args, cuda):
+    """Why a row is not measured (None: it is): slow here, or a row turned off by a flag."""
+    if settings.cuda_graph and not args.cuda_graph:
+        return "skipped (--no-cuda-graph)"
+    if settings.compile:
+        return None if cuda and args.compile else "skipped (--no-compile)"
+    if settings not in fast and not args.all_rows:
+        return "skipped: cannot be fast here (speed.plan rules it out); --all-rows measures it"
+    return None
+
+
+def measure_row(label, pipeline, settings, args, device, splits, bar):
+    """Training and evaluation throughput of one row, and its projected recipe wall time."""
+    train_images, train_labels, test_images, test_labels = splits
+    model, optimizer = new_model(args, device, settings.channels_last, settings.cuda_graph)
+
+    if pipeline == TUTORIAL:
         loader = tutorial_loader(train_images, train_labels, True, args.batch_size, args.workers)
         batches = tutorial_batches(loader, device)
 
         def step(x, y):
-            loss, _ = train.train_step(train_model, optimizer, x, y)
+            loss, _ = train.train_step(model, optimizer, x, y)
             loss.item()  # the tutorial's `running_loss += loss.item()`: a host sync every step
-    elif cuda_graph:
-        batches = trainpy_batches(train_images, train_labels, args.batch_size, args.seed, channels_last)
-        step = train.GraphedStep(model, optimizer, bf16)
     else:
-        batches = trainpy_batches(train_images, train_labels, args.batch_size, args.seed, channels_last)
-
-        def step(x, y):
-            train.train_step(train_model, optimizer, x, y, bf16)
+        batches = trainpy_batches(train_images, train_labels, args.batch_size, args.seed, settings.channels_last)
+        step = train.make_step(model, optimizer, settings, speed.grad_scaler(device, settings.precision),
+                               say=lambda line: bar.write(line))
 
     compile_s = None
-    if compile_ or cuda_graph:
+    if settings.compile or settings.cuda_graph:
         # Both shapes of the recipe compile (or are captured): the full batch and each epoch's last, partial one.
         partial = len(train_images) % args.batch_size or args.batch_size
         x, y = next(batches)
@@ -274,13 +299,14 @@ def measure_row(key, args, device, splits, bar):
 
     bar.set_postfix_str("evaluating")
     n = args.eval_images
-    if pipeline == "tutorial":
+    if pipeline == TUTORIAL:
         test_loader = tutorial_loader(test_images[:n], test_labels[:n], False, args.batch_size, args.workers)
         _, eval_s = time_call(lambda: tutorial_evaluate(model, test_loader, device), device)
     else:
-        train.evaluate(model, test_images[:200], test_labels[:200], bf16, channels_last)  # warm-up
-        _, eval_s = time_call(lambda: train.evaluate(model, test_images[:n], test_labels[:n], bf16, channels_last),
-                              device)
+        evaluate = lambda m: train.evaluate(model, test_images[:m], test_labels[:m], settings.precision,
+                                            settings.channels_last)
+        evaluate(min(200, n))  # warm-up
+        _, eval_s = time_call(lambda: evaluate(n), device)
     bar.update()
     bar.set_postfix_str("")
 
@@ -288,8 +314,8 @@ def measure_row(key, args, device, splits, bar):
     eval_rate = n / eval_s
     train_s = RECIPE_EPOCHS * RECIPE_TRAIN_IMAGES / train_rate
     eval_total_s = RECIPE_EPOCHS * RECIPE_TEST_IMAGES / eval_rate
-    return dict(label=label, pipeline=pipeline, bf16=bf16, channels_last=channels_last, compile=compile_,
-                cuda_graph=cuda_graph,
+    return dict(label=label, pipeline=pipeline, **dataclasses.asdict(settings),
+                graph_dropped=getattr(step, "dropped", None),
                 train_images_per_s=train_rate, window_images_per_s=rates, eval_images=n,
                 eval_images_per_s=eval_rate, compile_s=compile_s, projected_train_s=train_s,
                 projected_eval_s=eval_total_s, projected_s=train_s + eval_total_s + (compile_s or 0.0))
@@ -309,15 +335,15 @@ def per_image_top(model, images, layer, channel, k):
     return top.indices, top.values
 
 
-def matmul_gflop_per_s(device, n=4096, repeats=5):
-    """fp32 GFLOP/s of a large square matmul: about the most this device's fp32 arithmetic gives."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_gflop_per_s(device, n=4096, repeats=5, dtype=torch.float32):
+    """GFLOP/s of a large square matmul in dtype: about the most this device's arithmetic gives."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
     _, seconds = time_call(lambda: [a @ b for _ in range(repeats)], device)
     return 2 * n ** 3 * repeats / seconds / 1e9
 
 
-def measure_top_activating(args, device, test_images):
+def measure_top_activating(args, device, test_images, peak_gflop_per_s):
     model, _ = new_model(args, device, channels_last=False)
     model.eval()
     images = test_images[:args.top_images]
@@ -334,7 +360,7 @@ def measure_top_activating(args, device, test_images):
     gflop = flops.get_total_flops() * len(images) / 1e9
     return dict(status="measured", layer=args.layer, channel=args.channel, k=args.k, images=len(images),
                 batched_s=batched_s, per_image_s=loop_s, speedup=loop_s / batched_s,
-                gflop=gflop, batched_gflop_per_s=gflop / batched_s, matmul_gflop_per_s=matmul_gflop_per_s(device),
+                gflop=gflop, batched_gflop_per_s=gflop / batched_s, matmul_gflop_per_s=peak_gflop_per_s,
                 batched_images_per_s=len(images) / batched_s, per_image_images_per_s=len(images) / loop_s,
                 same_indices=sorted(batched_idx.tolist()) == sorted(loop_idx.tolist()),
                 max_score_rel_diff=((batched_scores.sort().values - loop_scores.sort().values).abs().max()
@@ -367,12 +393,17 @@ def measure_feature_visualization(args, device, channels=16):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{speed.cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def capabilities(device, caps):
+    """What the device can do, for the report: speed.detect's view and the fp32 and bf16 matmul rates
+    (on a CPU n = 1024 for fp32 and 512 for bf16, where an emulated bf16 matmul runs at ~1 GFLOP/s)."""
+    cuda = device.type == "cuda"
+    sizes = dict(fp32=4096 if cuda else 1024, bf16=4096 if cuda else 512)
+    return dict(dataclasses.asdict(caps), described=caps.describe(), matmul_n=sizes,
+                fp32_matmul_gflop_per_s=matmul_gflop_per_s(device, sizes["fp32"], repeats=3),
+                bf16_matmul_gflop_per_s=matmul_gflop_per_s(device, sizes["bf16"], repeats=3, dtype=torch.bfloat16))
 
 
 def duration(seconds):
@@ -388,22 +419,25 @@ def print_table(result):
           f"{result['date']}")
     print(f"full recipe: {RECIPE_ITERATIONS:,} iterations at batch {RECIPE_BATCH} + {RECIPE_EPOCHS} evaluations "
           f"of {RECIPE_TEST_IMAGES:,} images\n")
-    header = (f"{'pipeline':34} {'train img/s':>12} {'(min-max)':>13} {'x tutorial':>10} {'eval img/s':>11} "
+    header = (f"{'pipeline':40} {'train img/s':>12} {'(min-max)':>13} {'x tutorial':>10} {'eval img/s':>11} "
               f"{'setup':>8} {'full recipe':>12}")
     print(header)
     print("-" * len(header))
-    tutorial = result["rows"].get("tutorial", {}).get("train_images_per_s")
+    tutorial = result["rows"].get(TUTORIAL, {}).get("train_images_per_s")
     for key, row in result["rows"].items():
-        label = row["label"] + (" *" if row.get("default") else "")
+        label = row["label"]
         if "train_images_per_s" not in row:
-            print(f"{label:34} {row['status']}")
+            print(f"{label:40} {row['status']}")
             continue
         spread = f"({min(row['window_images_per_s']):.0f}-{max(row['window_images_per_s']):.0f})"
         ratio = f"{row['train_images_per_s'] / tutorial:.2f}" if tutorial else "-"
         compile_s = duration(row["compile_s"]) if row["compile_s"] is not None else "-"
-        print(f"{label:34} {row['train_images_per_s']:12.1f} {spread:>13} {ratio:>10} "
+        print(f"{label:40} {row['train_images_per_s']:12.1f} {spread:>13} {ratio:>10} "
               f"{row['eval_images_per_s']:11.1f} {compile_s:>8} {duration(row['projected_s']):>12}")
-    print("* train.py's default on this device")
+    print(f"\ntrain.py's choice here: {result['choice']['label']} ({result['choice']['reason']})")
+    if result["choice_vs_fastest"] is not None:
+        print(f"train.py's choice trains at {result['choice_vs_fastest']:.2f}x the fastest row measured "
+              f"({result['fastest_row']})")
     top = result["top_activating"]
     print(f"\ntop_activating ({top['layer']} channel {top['channel']}, k={top['k']}, {top['images']:,} images): "
           f"batched {top['batched_s']:.2f} s, per-image loop {top['per_image_s']:.2f} s, "
@@ -441,37 +475,45 @@ def main(argv=None):
                   rows={})
     print(f"benchmarking on {result['device_name']}: {args.images:,} train / {args.test_images:,} test "
           f"random images, width {args.width}, {args.windows} windows of {args.window_steps} steps")
-    result["top_activating"] = measure_top_activating(args, device, splits[2])  # first: it fails fast
+    caps = speed.detect(device)
+    result["capabilities"] = can = capabilities(device, caps)
+    print(f"this device: {can['described']}; square matmul: fp32 {can['fp32_matmul_gflop_per_s']:.0f} GFLOP/s, "
+          f"bf16 {can['bf16_matmul_gflop_per_s']:.1f} GFLOP/s")
+    result["top_activating"] = measure_top_activating(args, device, splits[2], can["fp32_matmul_gflop_per_s"])
+
+    # train.py's choice for the full recipe at this width and batch: its rules, then its probe
+    plan = speed.plan(caps, {})
+    recipe_config = dict(train.RECIPE, width=args.width, batch_size=args.batch_size)
+    started = time.perf_counter()
+    choice, probe, reason = speed.choose(plan, RECIPE_EPOCHS * -(-RECIPE_TRAIN_IMAGES // args.batch_size),
+                                         train.probe_measure(recipe_config, device, 10))
+    result["choice"] = dict(dataclasses.asdict(choice), label=choice.label(), reason=reason, probe=probe,
+                            probe_s=time.perf_counter() - started)
+
+    rows = [(TUTORIAL, "tutorial pipeline (the report's)", TUTORIAL, speed.Settings())]
+    rows += [(row_key(s), f"train.py pipeline, {s.label()}", "train.py", s) for s in table_rows(caps)]
+    rows.append((CHOICE, f"train.py's choice: {choice.label()}", "train.py", choice))
     steps = args.warmup + args.windows * args.window_steps + 1  # + 1 for the evaluation
-    defaults = {key: values[0 if cuda else 1] for key, values in train.SPEED_DEFAULTS.items()}
-    for key, (label, pipeline, *settings) in ROWS.items():
-        settings = dict(zip(SETTINGS_OF_ROW, settings))
-        default = pipeline == "train.py" and settings == defaults  # what train.py does here unasked
-        if settings["cuda_graph"] and not (cuda and args.cuda_graph):
-            why = "skipped (--no-cuda-graph)" if cuda else "n/a: CUDA only"
-            result["rows"][key] = dict(label=label, default=default, status=why)
-            continue
-        if settings["compile"] and not (cuda and args.compile):
-            why = "skipped (--no-compile)" if cuda else "n/a: benchmarked on CUDA only"
-            result["rows"][key] = dict(label=label, default=default, status=why)
+    for key, label, pipeline, settings in rows:
+        why = None if pipeline == TUTORIAL or key == CHOICE else skip_reason(settings, set(plan.candidates), args, cuda)
+        if why is not None:
+            result["rows"][key] = dict(label=label, status=why)
             continue
         with tqdm(total=steps, desc=key, unit="step", leave=False, dynamic_ncols=True) as bar:
-            result["rows"][key] = dict(measure_row(key, args, device, splits, bar), default=default,
+            result["rows"][key] = dict(measure_row(label, pipeline, settings, args, device, splits, bar),
                                        status="measured")
-    rows = result["rows"]
-    default_key = next(key for key, row in rows.items() if row["default"])
-    result["default_row"] = default_key
-    default_rate = rows[default_key].get("train_images_per_s")  # None if its row was skipped
-    result["default_vs_tutorial"] = default_rate and default_rate / rows["tutorial"]["train_images_per_s"]
+    rates = {key: row["train_images_per_s"] for key, row in result["rows"].items() if row["status"] == "measured"}
+    chosen = rates.pop(CHOICE)
+    result["fastest_row"] = fastest = max(rates, key=rates.get)
+    result["choice_vs_fastest"] = chosen / rates[fastest]
+    result["choice_vs_tutorial"] = chosen / rates[TUTORIAL]
 
     print_table(result)
     path = json_path(args, device)
     with open(path, "w") as f:
         json.dump(result, f, indent=2, allow_nan=False)
-    if default_rate:
-        print(f"\ntrain.py's default pipeline here ({default_key}) trains {result['default_vs_tutorial']:.2f}x as fast "
-              f"as the tutorial pipeline", end="")
-    print(f"\nfigures written to {path}")
+    print(f"train.py's choice trains {result['choice_vs_tutorial']:.2f}x as fast as the tutorial pipeline")
+    print(f"figures written to {path}")
 
 
 if __name__ == "__main__":

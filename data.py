@@ -448,17 +448,29 @@ def dataset_root(data_dir, synthetic):
 
 # --------------------------------------------------------------------------- tensors in and out
 
+_MEAN_STD = {}  # (device, dtype) -> (mean, std), each (1, 3, 1, 1)
+
+
+def mean_std(device, dtype=torch.float32):
+    """The CIFAR-10 mean and std as (1, 3, 1, 1) tensors on `device`, made once per device and dtype:
+    building them each batch was a blocking host-to-device copy, two host syncs a training step."""
+    key = (torch.device(device), dtype)
+    if key not in _MEAN_STD:
+        with torch.inference_mode(False):  # usable outside inference mode too, where autograd saves them
+            _MEAN_STD[key] = tuple(torch.tensor(v, dtype=dtype, device=device).view(1, 3, 1, 1)
+                                   for v in (CIFAR10_MEAN, CIFAR10_STD))
+    return _MEAN_STD[key]
+
+
 def normalize(images):
     """uint8 images (N, 3, H, W) -> float network input normalised with the CIFAR-10 mean/std."""
-    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = mean_std(images.device)
     return (images.float() / 255 - mean) / std
 
 
 def denormalize(x):
     """The inverse of normalize, as floats in [0, 1] for display."""
-    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = mean_std(x.device)
     return (x * std + mean).clamp(0, 1)
 
 

@@ -12,19 +12,21 @@ flipped and normalised there with tensor ops (no DataLoader, no PIL). The augmen
 is drawn up front from a generator seeded by (seed, epoch), so a run resumed mid-epoch continues
 with exactly the batches it would have seen.
 
-Speed settings (--bf16, --channels-last, --compile, --cuda-graph) default to the device's: on CUDA bf16
-autocast, channels_last and the training step replayed from a CUDA graph; elsewhere fp32 and NCHW, as
-the report trained. Each but the CUDA graph can be turned on for any device.
+Speed settings (--precision, --channels-last, --cuda-graph, --compile) default to what the device can do,
+decided in speed.py: its rules rule out what cannot be fast there, and a short probe at the run's width
+and batch keeps the fastest of the rest. A flag given always wins; --show-settings prints the choice.
 """
 import argparse
 import csv
+import dataclasses
+import json
 import math
 import os
 import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import speed
 import utils
 from model import ResNet, state_shapes
 from visualize.progress import (PROGRESS_FIGURES, curve_window, progress_title, save_progress_figures,
@@ -43,10 +46,9 @@ RECIPE = dict(data_dir="data", synthetic=False, batch_size=128, lr=1e-3, weight_
               lr_step_epochs=10, lr_gamma=0.5, width=64, seed=0)
 DEFAULT_EPOCHS = 52
 LOG_EVERY = 50  # iterations between host syncs (progress bar, NaN check): fewer syncs, faster GPU
-# Speed settings a flag left unset takes: key -> (on CUDA, on any other device). A CPU run trains in
-# fp32, as the report did; every setting works on a CPU when asked, except the CUDA graph.
-SPEED_DEFAULTS = dict(bf16=(True, False), channels_last=(True, False), compile=(False, False),
-                      cuda_graph=(True, False))
+# The learning-progress figures are redrawn at most this often (and at the end): drawing four figures
+# holds the GIL for ~1 s, which a GPU run of a few seconds an epoch would feel every epoch.
+FIGURES_EVERY_S = 10
 
 
 def parse_args(argv=None):
@@ -73,15 +75,19 @@ def parse_args(argv=None):
     p.add_argument("--figures-dir", help="where the learning-progress PNGs go (default: figures/; with --resume, "
                                          "the resumed run's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
-    # Speed settings: None = the device's default (SPEED_DEFAULTS), resolved in resolve_speed.
+    # Speed settings: None = decided by speed.py from what the device can do (and its probe).
     on = argparse.BooleanOptionalAction
-    p.add_argument("--bf16", action=on, help="bf16 autocast (default: on for CUDA, off elsewhere: fp32)")
-    p.add_argument("--channels-last", action=on,
-                   help="channels_last memory layout (default: on for CUDA, off elsewhere: NCHW)")
+    p.add_argument("--precision", choices=speed.PRECISIONS,
+                   help="fp32, bf16 autocast, or fp16 autocast with a GradScaler (default: the device's)")
+    p.add_argument("--bf16", action=on, help="--bf16 is --precision bf16, --no-bf16 is --precision fp32")
+    p.add_argument("--channels-last", action=on, help="channels_last memory layout, else NCHW (default: the device's)")
     p.add_argument("--compile", action=on, help="torch.compile the model (default: off; costs compile time)")
     p.add_argument("--cuda-graph", action=on,
                    help="replay each training step (forward, backward, Adam) from a CUDA graph "
-                        "(default: on for CUDA unless --compile; CUDA only)")
+                        "(default: the device's; CUDA only)")
+    p.add_argument("--show-settings", action="store_true",
+                   help="print the speed settings this run would use here (after its probe) as one JSON line, "
+                        "and exit without training")
     return p.parse_args(argv)
 
 
@@ -100,7 +106,7 @@ def resolve_config(args, ckpt):
             config[key] = default if given is None else given
     config["epochs"] = args.epochs if args.epochs is not None else config.get("epochs", DEFAULT_EPOCHS)
     config["iterations"] = args.iterations if args.iterations is not None else config.get("iterations")
-    for key in ("checkpoint", "device", *SPEED_DEFAULTS):
+    for key in ("checkpoint", "device"):
         config[key] = getattr(args, key)
     # a resumed run keeps its own figures folder unless given another; kept absolute, so a run
     # resumed from another working directory still draws into it
@@ -123,44 +129,80 @@ def resolve_config(args, ckpt):
     return config
 
 
-def resolve_speed(config, device):
-    """Turn the speed flags left unset (None) into the device's defaults, in place: the config then
-    records the settings the run really uses."""
-    cuda = device.type == "cuda"
-    if config["cuda_graph"] and not cuda:
-        raise utils.UserError(f"--cuda-graph needs a CUDA device, and this run is on {device}; drop --cuda-graph")
-    if config["cuda_graph"] and config["compile"]:
-        raise utils.UserError("--cuda-graph and --compile are two ways to cut the launch cost; pick one")
-    if config["cuda_graph"] is None and config["compile"]:
-        config["cuda_graph"] = False  # asking for torch.compile replaces the default CUDA graph
-    for key, (on_cuda, elsewhere) in SPEED_DEFAULTS.items():
-        if config[key] is None:
-            config[key] = on_cuda if cuda else elsewhere
-    return config
+def asked_speed(args):
+    """speed.SWITCHES -> what the command line gave, None where it gave nothing (--bf16 is a --precision)."""
+    precision = args.precision
+    if args.bf16 is not None:
+        implied = "bf16" if args.bf16 else "fp32"
+        if precision not in (None, implied):
+            raise utils.UserError(f"--precision {precision} and --{'' if args.bf16 else 'no-'}bf16 disagree; "
+                                  f"pass one of them")
+        precision = implied
+    return dict(precision=precision, channels_last=args.channels_last, cuda_graph=args.cuda_graph,
+                compile=args.compile)
 
 
-def speed_label(config):
-    """The speed settings of a run, in words, for the startup line."""
-    words = [("bf16 autocast" if config["bf16"] else "fp32"), *(["channels_last"] if config["channels_last"] else []),
-             *(["torch.compile"] if config["compile"] else []), *(["CUDA graph"] if config["cuda_graph"] else [])]
-    return ", ".join(words)
+def speed_plan(asked, ckpt, caps):
+    """speed.plan for this run. A resumed run on the same kind of device keeps the settings its run chose
+    (a new probe could choose others, and the resumed run would then not equal one run); flags still win."""
+    config = ckpt["config"] if ckpt else {}
+    if config.get("device_name") != caps.name or not all(k in config for k in speed.SWITCHES):
+        return speed.plan(caps, asked)
+    kept = {k: config[k] if asked[k] is None else asked[k] for k in speed.SWITCHES}
+    plan = speed.plan(caps, kept)
+    given = [f"{k}={asked[k]}" for k in speed.SWITCHES if asked[k] is not None]
+    return speed.Plan(caps, plan.candidates, (plan.reasons[0], "resumed: as the checkpoint's run chose on this device",
+                                              *(["given: " + ", ".join(given)] if given else [])))
 
 
-def training_memory(width, batch_size, num_classes=10):
+def record_speed(config, settings, probe, reason, caps):
+    """The config records what the run uses and why: the settings, the reason, the probe's images/s."""
+    config.update(dataclasses.asdict(settings), speed_reason=reason, speed_probe=probe, device_name=caps.name)
+
+
+def probe_measure(config, device, num_classes):
+    """measure(settings, steps) -> images/s for speed.choose: a fresh model of the run's width trained
+    at its batch size on one random batch (speed does not depend on the pixels) under `settings`. A
+    graph that is dropped in the probe would be dropped in the run too: it measures 0."""
+    def measure(settings, steps):
+        g = torch.Generator().manual_seed(0)
+        batch = config["batch_size"]
+        images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+        y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+        x = prepare_batch(images, torch.arange(batch, device=device), torch.full((batch, 2), 4, device=device),
+                          torch.zeros(batch, dtype=torch.bool, device=device), settings.channels_last)
+        model = ResNet(config["width"], num_classes).to(device)
+        if settings.channels_last:
+            model.to(memory_format=torch.channels_last)
+        optimizer, _ = make_optimizer(model, config, settings.cuda_graph)
+        step = make_step(model, optimizer, settings, speed.grad_scaler(device, settings.precision),
+                         say=lambda line: None)
+        rate = speed.time_steps(lambda: step(x, y), batch, steps, device)
+        return 0.0 if getattr(step, "dropped", None) else rate
+    return measure
+
+
+def training_memory(width, batch_size, num_classes=10, cuda_graph=False, eval_batch=1000):
     """(bytes, parameters, activation floats per image) that training this network needs, estimated
     without allocating it:
 
         bytes = 16 x parameters           (fp32 weights, gradients, Adam's two moments)
               + 4 x batch x activations   (every layer's output per image, kept for the backward pass)
+              [+ 8 x eval_batch x largest] (cuda_graph: see below)
 
     Parameters come from model.state_shapes. Every layer's output is a multiple of the width (the
     classifier's excepted), so activations are counted in one-image forward passes at widths 1 and 2
     and extrapolated exactly. Within ~15 % of the peak memory measured on a CPU (widths 16-128,
     batches 64-1024).
+
+    CUDA graphs share one pool, and the warm-up's cache is emptied before the capture, so the graphs
+    hold one step's activations and gradients as eager training does. But that pool is kept apart from
+    the eager allocator, so the test evaluation (inference, eval_batch images at a time, a layer's input
+    and output alive at once) cannot reuse it: counted as 2 x 4 B x eval_batch x the largest layer output.
     """
     shapes = state_shapes(width, num_classes)
     parameters = sum(math.prod(shapes[name]) for name, _ in ResNet(1, num_classes).named_parameters())
-    counts = []
+    counts, largest = [], []
     for small in (1, 2):
         outputs = []
         model = ResNet(small, num_classes).eval()
@@ -170,22 +212,27 @@ def training_memory(width, batch_size, num_classes=10):
         with torch.inference_mode():
             model(torch.zeros(1, 3, 32, 32))
         counts.append(sum(outputs))
+        largest.append(max(outputs))
     activations = counts[0] + (counts[1] - counts[0]) * (width - 1)
-    return 16 * parameters + 4 * batch_size * activations, parameters, activations
+    need = 16 * parameters + 4 * batch_size * activations
+    if cuda_graph:
+        need += 8 * eval_batch * (largest[0] + (largest[1] - largest[0]) * (width - 1))
+    return need, parameters, activations
 
 
-def check_memory(config, device):
+def check_memory(config, device, cuda_graph=False):
     """UserError, before anything is allocated, if --width and --batch-size need more memory than
-    `device` has free (where that is known)."""
+    `device` has free (where that is known); cuda_graph: if the run may train from CUDA graphs."""
     free = utils.available_memory(device)
     if free is None:
         return
-    need, parameters, activations = training_memory(config["width"], config["batch_size"])
+    need, parameters, activations = training_memory(config["width"], config["batch_size"], cuda_graph=cuda_graph)
     if need > free:
+        graphs = " and the CUDA graphs' evaluation room" if cuda_graph else ""
         raise utils.UserError(
             f"--width {config['width']} with --batch-size {config['batch_size']} needs about {need / 2**30:.3g} GiB "
             f"on {device} (16 B x {parameters / 1e6:.3g} M parameters + 4 B x batch x {activations / 1e6:.3g} M "
-            f"activations an image), but {free / 2**30:.3g} GiB are free; lower --width or --batch-size")
+            f"activations an image{graphs}), but {free / 2**30:.3g} GiB are free; lower --width or --batch-size")
 
 
 def check_outputs(ckpt_path, figures_dir):
@@ -232,24 +279,35 @@ def epoch_batches(images, labels, epoch, seed, batch_size, channels_last=False, 
         yield prepare_batch(images, index, offsets[batch], flips[batch], channels_last), labels[index]
 
 
-def autocast(device, bf16):
-    # No cast cache: each weight is cast once a step anyway, and a CUDA graph must not keep casts alive.
-    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else nullcontext()
-
-
-def train_step(model, optimizer, x, y, bf16=False):
-    """One optimisation step; returns (loss, number correct) as device tensors (no host sync)."""
-    with autocast(x.device, bf16):
+def train_step(model, optimizer, x, y, precision="fp32", scaler=None):
+    """One optimisation step; returns (loss, number correct) as device tensors (no host sync, but
+    fp16's GradScaler reads on the host whether the gradients are finite, and skips the step if not)."""
+    with speed.autocast(x.device, precision):
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
+def make_step(model, optimizer, settings, scaler=None, say=None):
+    """The run's step(x, y) -> (loss, number correct) under `settings` (a speed.Settings): train_step
+    eagerly, on the torch.compile'd model, or replayed from CUDA graphs (say: where their drop is told)."""
+    if settings.cuda_graph:
+        return speed.GraphedStep(lambda x, y: train_step(model, optimizer, x, y, settings.precision),
+                                 model, optimizer, say)
+    train_model = torch.compile(model) if settings.compile else model
+    return lambda x, y: train_step(train_model, optimizer, x, y, settings.precision, scaler)
+
+
 @torch.inference_mode()
-def evaluate(model, images, labels, bf16=False, channels_last=False, batch_size=None):
+def evaluate(model, images, labels, precision="fp32", channels_last=False, batch_size=None):
     """(accuracy as a fraction, mean cross-entropy) on a whole uint8 split."""
     if batch_size is None:  # big batches fill a GPU; on a CPU they spill out of the caches
         batch_size = 1000 if images.device.type == "cuda" else 128
@@ -262,7 +320,7 @@ def evaluate(model, images, labels, bf16=False, channels_last=False, batch_size=
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[start:start + batch_size]
-        with autocast(images.device, bf16):
+        with speed.autocast(images.device, precision):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
@@ -297,14 +355,18 @@ def plain_numbers(obj):
 def portable_state(optimizer, scheduler):
     """(Adam's, StepLR's) state dicts as a checkpoint keeps them: plain-float learning rates and
     capturable off, however this run stepped, so that any run, graphed or not, can load them."""
-    opt = optimizer.state_dict()
-    opt["param_groups"] = [dict(plain_numbers(g), capturable=False) for g in opt["param_groups"]]
-    return opt, plain_numbers(scheduler.state_dict())
+    return portable_dicts(optimizer.state_dict(), scheduler.state_dict())
+
+
+def portable_dicts(optimizer_state, scheduler_state):
+    """portable_state of state dicts already taken (the writer's thread makes a snapshot portable)."""
+    groups = [dict(plain_numbers(g), capturable=False) for g in optimizer_state["param_groups"]]
+    return dict(optimizer_state, param_groups=groups), plain_numbers(scheduler_state)
 
 
 def load_optimizer_state(optimizer, state):
-    """Load a checkpoint's Adam state, keeping how this run steps: capturable or not, and the very lr
-    tensor a CUDA graph reads (filled with the checkpoint's lr)."""
+    """Load a checkpoint's Adam state, keeping how this run steps: capturable or not, the very lr
+    tensor a CUDA graph reads (filled with the checkpoint's lr), and the parameters' memory format."""
     live = [(group["capturable"], group["lr"]) for group in optimizer.param_groups]
     groups = [dict(saved, capturable=capturable) for saved, (capturable, _) in zip(state["param_groups"], live)]
     optimizer.load_state_dict(dict(state, param_groups=groups))  # capturable moves `step` to the device
@@ -314,105 +376,7 @@ def load_optimizer_state(optimizer, state):
             group["lr"] = lr
         else:
             group["lr"] = float(group["lr"])
-
-
-# --------------------------------------------------------------------------- the training step in a CUDA graph
-
-def training_state(model, optimizer):
-    """A copy of everything a training step changes: weights, BatchNorm buffers, Adam's state."""
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()})
-
-
-def restore_training_state(model, optimizer, saved):
-    """Copy `saved` back in place (a captured graph holds these very tensors). Adam state created
-    since is zeroed: Adam starts from zeros, so that equals no state at all."""
-    weights, adam = saved
-    for k, v in model.state_dict().items():
-        v.copy_(weights[k])
-    for p, s in optimizer.state.items():
-        for k, v in s.items():
-            v.copy_(adam[p][k]) if p in adam else v.zero_()
-
-
-class GraphedStep:
-    """train_step(model, optimizer, x, y, bf16), replayed from a CUDA graph: one graph launch a step
-    instead of hundreds of kernel launches, whose CPU cost is expected to bound a ResNet-18 step at
-    batch 128 on a fast GPU. (Not yet run on a GPU: no GPU was lent where this was written.)
-
-    A graph has fixed shapes and addresses, so there is one graph per batch size (an epoch's partial
-    last batch gets its own), each with static input and label buffers that a call copies the batch
-    into. The first call of a size captures it: a few eager warm-up steps on a side stream (Adam's
-    state, cuDNN's choices), then the capture, then every weight, BatchNorm buffer and Adam state is
-    put back as it was, so the warm-up leaves no trace, and the graph's first replay is this call's
-    step. That replay is checked against the first warm-up step, an eager step from the same state on
-    the same batch: a graph that updates the weights differently stops the run.
-
-    The optimizer must come from make_optimizer(..., cuda_graph=True) (capturable Adam, tensor lr).
-    Returns (loss, number correct) like train_step; they are the graph's output buffers, overwritten by
-    the next call. On a CPU (tests) the same object runs the step eagerly on its static buffers where
-    CUDA would replay the graph, so everything but the capture itself is exercised there.
-    """
-
-    WARMUP = 3
-    # |graph update - eager update| / |eager update| allowed: a graph that skips or repeats the update,
-    # or reads a stale lr or input, is off by ~1 or more; rounding by far less
-    TOLERANCE = 0.1
-
-    def __init__(self, model, optimizer, bf16=False):
-        self.model, self.optimizer, self.bf16 = model, optimizer, bf16
-        self.graphs = {}  # batch size -> (static input, static labels, replay)
-
-    def __call__(self, x, y):
-        if len(y) not in self.graphs:
-            return self.capture(x, y)
-        static_x, static_y, replay = self.graphs[len(y)]
-        static_x.copy_(x)
-        static_y.copy_(y)
-        return replay()
-
-    def capture(self, x, y):
-        static_x, static_y = x.clone(), y.clone()  # clone keeps x's memory format
-
-        def step():
-            return train_step(self.model, self.optimizer, static_x, static_y, self.bf16)
-
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        saved = training_state(self.model, self.optimizer)
-        cuda = x.device.type == "cuda"
-        side = torch.cuda.Stream(x.device) if cuda else None
-        if cuda:
-            side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side) if cuda else nullcontext():
-            for i in range(self.WARMUP):
-                step()
-                if i == 0:
-                    eager = [p.detach().clone() for p in params]
-        if cuda:
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            self.optimizer.zero_grad(set_to_none=True)  # backward then allocates .grad from the graph's pool
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = step()
-
-            def replay():
-                graph.replay()
-                return outputs
-        else:
-            replay = step
-        restore_training_state(self.model, self.optimizer, saved)
-        self.graphs[len(y)] = static_x, static_y, replay
-        result = replay()  # this call's step
-
-        before = saved[0]
-        names = {p: n for n, p in self.model.named_parameters()}
-        update = sum(((e - before[names[p]]) ** 2).sum() for p, e in zip(params, eager)).sqrt()
-        error = sum(((p.detach() - e) ** 2).sum() for p, e in zip(params, eager)).sqrt()
-        if error > self.TOLERANCE * update:  # one host sync per graph, once a run
-            raise utils.UserError(f"the CUDA-graph step for batch size {len(y)} updates the weights unlike "
-                                  f"the eager step (relative difference {(error / update).item():.3g}); "
-                                  f"train with --no-cuda-graph")
-        return result
+    speed.match_memory_format(optimizer)
 
 
 # --------------------------------------------------------------------------- history: CSV and figures
@@ -482,24 +446,51 @@ class StopRequest:
         os._exit(130)
 
 
-def checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, history):
+def live_state(model, optimizer, scheduler, scaler, iteration, epoch, config, history):
+    """What a checkpoint holds, as the training's own objects: snapshot copies them, make_portable ends them."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    optimizer_state, scheduler_state = portable_state(optimizer, scheduler)
-    return dict(model=model.state_dict(), optimizer=optimizer_state, scheduler=scheduler_state,
+    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else None,
                 iteration=iteration, epoch=epoch, rng=rng, config=config, history=history)
 
 
+def make_portable(state):
+    """The state with Adam's and StepLR's dicts made portable (portable_dicts): what a checkpoint keeps."""
+    state["optimizer"], state["scheduler"] = portable_dicts(state["optimizer"], state["scheduler"])
+    return state
+
+
+def checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, history, scaler=None):
+    return make_portable(live_state(model, optimizer, scheduler, scaler, iteration, epoch, config, history))
+
+
 def snapshot(obj):
-    """A deep copy with every tensor on the CPU: training goes on mutating the originals in place."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
-    return obj
+    """(copy, ready): a deep copy with every tensor on the CPU, since training goes on mutating the
+    originals in place, and ready(), which returns once the copy is whole. CUDA tensors are copied
+    without blocking into pinned memory and ready() waits for those copies, on the writer's thread, so
+    the training thread never waits for the GPU's queue to drain (~300 blocking copies a save before)."""
+    devices = set()
+
+    def copy(obj):
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type != "cuda":
+                return obj.detach().to("cpu", copy=True)
+            devices.add(obj.device)
+            return torch.empty_like(obj, device="cpu", pin_memory=True).copy_(obj.detach(), non_blocking=True)
+        if isinstance(obj, dict):
+            return {k: copy(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(copy(v) for v in obj)
+        return obj
+
+    copied = copy(obj)
+    events = []
+    for device in devices:
+        events.append(torch.cuda.Event())
+        events[-1].record(torch.cuda.current_stream(device))
+    return copied, lambda: [event.synchronize() for event in events]
 
 
 class BackgroundWriter:
@@ -525,20 +516,56 @@ class BackgroundWriter:
                                       f"the last checkpoint written stays as it was") from None
 
 
-def write_outputs(state, ckpt_path, figures_dir, title, figures=True, saved=None):
-    """Checkpoint, history CSV and (with figures) the figures; saved(iteration) once the checkpoint is on disk."""
-    utils.save_atomic(state, ckpt_path)
-    if saved is not None:
-        saved(state["iteration"])
+def write_outputs(state, ready, ckpt_path, figures_dir, title, figures, saved):
+    """On the writer's thread: once the snapshot is whole (ready), the checkpoint, then saved(iteration),
+    the history CSV and (with figures) the figures."""
+    ready()
+    utils.save_atomic(make_portable(state), ckpt_path)
+    saved(state["iteration"])
     write_history_csv(state["history"], ckpt_path.with_suffix(".csv"))
     if figures:
         save_progress_figures(state["history"], figures_dir, title)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    ckpt_path = Path(args.checkpoint)
-    ckpt = None
+@dataclass
+class OnDisk:
+    """What the checkpoint path holds, for the last words of a stopped or failed run: `iteration` is that
+    of the checkpoint this run (or the run it resumes) wrote there, None before any."""
+    path: Path
+    iteration: int = None
+
+    def saved(self, iteration):
+        self.iteration = iteration
+
+    def describe(self):
+        if self.iteration is not None:
+            return f"{self.path} holds the last good state, iteration {self.iteration}"
+        if self.path.exists():
+            return f"no checkpoint of this run was written yet; {self.path} is still the earlier run's"
+        return f"no checkpoint was written yet ({self.path} does not exist)"
+
+
+class StepLog:
+    """Each step's loss and accuracy, kept on the device and read LOG_EVERY steps at a time (one host sync)."""
+
+    def __init__(self, device):
+        self.losses = torch.zeros(LOG_EVERY, device=device)
+        self.accs = torch.zeros(LOG_EVERY, device=device)
+        self.count = 0
+
+    def add(self, loss, correct, batch):
+        self.losses[self.count], self.accs[self.count] = loss, correct / batch
+        self.count += 1
+        return self.count == LOG_EVERY
+
+    def take(self):
+        """(losses, accuracies) logged since the last take, as floats."""
+        count, self.count = self.count, 0
+        return self.losses[:count].tolist(), self.accs[:count].tolist()
+
+
+def open_checkpoint(args, ckpt_path):
+    """The checkpoint --resume continues (None for a new run), after checking the path may be used."""
     if args.resume and args.overwrite:
         raise utils.UserError("--resume continues the run in --checkpoint, --overwrite starts a new one over it; "
                               "pass one of them")
@@ -548,130 +575,168 @@ def main(argv=None):
         if not ckpt_path.is_file():
             raise utils.UserError(f"--resume given, but there is no checkpoint at {ckpt_path}; "
                                   f"drop --resume to start a new run, or pass --checkpoint PATH")
-        ckpt = utils.read_checkpoint(ckpt_path, config_keys=(*RECIPE, "epochs"))
-    elif ckpt_path.exists() and not args.overwrite:
+        return utils.read_checkpoint(ckpt_path, config_keys=(*RECIPE, "epochs"))
+    if ckpt_path.exists() and not args.overwrite and not args.show_settings:
         raise utils.UserError(f"{ckpt_path} already exists; pass --resume to continue it, --overwrite "
                               f"to start over, or --checkpoint NEW_PATH")
+    return None
+
+
+class Run:
+    """One training run: the data on the device, the model and its optimizer, where the run stands
+    (iteration, epoch, history) and what its checkpoint path holds. train() runs it to its end or to a stop."""
+
+    def __init__(self, config, ckpt, ckpt_path, device, settings, splits, total):
+        self.config, self.ckpt_path, self.device, self.settings, self.total = config, ckpt_path, device, settings, total
+        self.train_images, self.train_labels, self.test_images, self.test_labels = splits
+        self.steps_per_epoch = -(-len(self.train_images) // config["batch_size"])
+        torch.manual_seed(config["seed"])
+        model = utils.build_model(ckpt, ckpt_path) if ckpt else ResNet(config["width"], len(config["classes"]))
+        self.model = model.to(device)
+        if settings.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer, self.scheduler = make_optimizer(self.model, config, settings.cuda_graph)
+        self.scaler = speed.grad_scaler(device, settings.precision)
+        self.history, self.iteration, self.epoch = new_history(), 0, 0
+        self.on_disk = OnDisk(ckpt_path)
+        if ckpt:
+            load_optimizer_state(self.optimizer, ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.history, self.iteration, self.epoch = ckpt["history"], ckpt["iteration"], ckpt["epoch"]
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            self.on_disk.iteration = ckpt["iteration"]
+        self.step = make_step(self.model, self.optimizer, settings, self.scaler, say=self.graph_dropped)
+        self.writer = BackgroundWriter()
+        self.title = progress_title(config)
+        self.drawn = None  # time.monotonic() of the last figures drawn
+
+    def graph_dropped(self, why):
+        """GraphedStep's fallback: the run goes on eagerly, and its checkpoint says so."""
+        self.config.update(cuda_graph=False, speed_reason=f"{self.config['speed_reason']}; {why}")
+        tqdm.write(why)
+
+    def save(self, figures=True):
+        """Hand the state to the writer's thread; the figures at most every FIGURES_EVERY_S, and at the end."""
+        figures = figures and (self.iteration == self.total or self.drawn is None
+                               or time.monotonic() - self.drawn >= FIGURES_EVERY_S)
+        if figures:
+            self.drawn = time.monotonic()
+        state, ready = snapshot(live_state(self.model, self.optimizer, self.scheduler, self.scaler, self.iteration,
+                                           self.epoch, self.config, self.history))
+        self.writer.submit(write_outputs, state, ready, self.ckpt_path, self.config["figures_dir"], self.title,
+                           figures, self.on_disk.saved)
+
+    def log(self, steps, bar):
+        """Move the steps logged into the history and the progress bar; UserError if the loss went NaN/inf."""
+        losses, accs = steps.take()
+        if not losses:  # the stretch's last step filled the log, which was read then
+            return
+        if not all(map(math.isfinite, losses)):
+            self.writer.wait()  # a save in flight lands first, so the message says what is on disk
+            raise utils.UserError(f"the loss became {losses[-1]} by iteration {self.iteration}; stopped without "
+                                  f"saving it: {self.on_disk.describe()}; lower --lr and train again")
+        self.history["train_loss"] += losses
+        self.history["train_acc"] += accs
+        bar.update(len(losses))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accs[-1]:.3f}",
+                        lr=f"{float(self.optimizer.param_groups[0]['lr']):.2e}")
+
+    def end_stretch(self, whole_epoch, bar):
+        """After a whole epoch: decay the lr on its schedule. After it or at the run's end: evaluate, save."""
+        if whole_epoch:
+            self.epoch += 1
+            self.scheduler.step()
+        if whole_epoch or self.iteration == self.total:
+            acc, loss = evaluate(self.model, self.test_images, self.test_labels, self.settings.precision,
+                                 self.settings.channels_last)
+            for key, value in zip(("test_iteration", "test_epoch", "test_acc", "test_loss"),
+                                  (self.iteration, self.epoch, acc, loss)):
+                self.history[key].append(value)
+            bar.write(f"epoch {self.epoch} iteration {self.iteration}: test accuracy {acc:.4f}, test loss {loss:.4f}")
+            self.save()
+
+    def train(self, stop, bar):
+        """Train to `total` iterations, or until stop.signal; True if stopped. The stretches are the rest of
+        the current epoch, then whole epochs, the last one cut at total."""
+        steps = StepLog(self.device)
+        stopping = False
+        while self.iteration < self.total and not stopping:
+            first = self.iteration - self.epoch * self.steps_per_epoch
+            last = min(self.steps_per_epoch, first + self.total - self.iteration)
+            self.model.train()
+            for x, y in epoch_batches(self.train_images, self.train_labels, self.epoch, self.config["seed"],
+                                      self.config["batch_size"], self.settings.channels_last, first, last):
+                full = steps.add(*self.step(x, y), len(y))
+                self.iteration += 1
+                stopping = stop.signal is not None  # the one place a stop is noticed
+                if full or stopping:
+                    self.log(steps, bar)
+                if stopping:
+                    break
+            else:
+                self.log(steps, bar)
+                self.end_stretch(last == self.steps_per_epoch, bar)
+        if stopping:
+            self.save(figures=False)
+        return stopping
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt_path = Path(args.checkpoint)
+    ckpt = open_checkpoint(args, ckpt_path)
     config = resolve_config(args, ckpt)
-    check_outputs(ckpt_path, config["figures_dir"])
+    if not args.show_settings:  # it writes nothing
+        check_outputs(ckpt_path, config["figures_dir"])
     device = utils.resolve_device(config["device"])
-    check_memory(config, device)
-    resolve_speed(config, device)
+    caps = speed.detect(device)
+    plan = speed_plan(asked_speed(args), ckpt, caps)
+    check_memory(config, device, cuda_graph=any(c.cuda_graph for c in plan.candidates))
     config["device"] = str(device)  # as used: "auto" resolved
-    bf16, channels_last = config["bf16"], config["channels_last"]
 
     root = data.dataset_root(config["data_dir"], config["synthetic"])
     train_images, train_labels, classes = data.load_cifar10(root, train=True)
     test_images, test_labels, _ = data.load_cifar10(root, train=False)
     config["classes"] = classes
     config["data_name"] = data_name = data.describe_dataset(root, config["synthetic"])
-    train_images, train_labels = train_images.to(device), train_labels.to(device)
-    test_images, test_labels = test_images.to(device), test_labels.to(device)
-
-    torch.manual_seed(config["seed"])
-    model = utils.build_model(ckpt, ckpt_path) if ckpt else ResNet(config["width"], num_classes=len(classes))
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = make_optimizer(model, config, config["cuda_graph"])
-    history, iteration, epoch = new_history(), 0, 0
-    if ckpt:
-        load_optimizer_state(optimizer, ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        history, iteration, epoch = ckpt["history"], ckpt["iteration"], ckpt["epoch"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-    if config["cuda_graph"]:
-        step_fn = GraphedStep(model, optimizer, bf16)
-    else:
-        train_model = torch.compile(model) if config["compile"] else model
-
-        def step_fn(x, y):
-            return train_step(train_model, optimizer, x, y, bf16)
-
-    steps_per_epoch = -(-len(train_images) // config["batch_size"])
-    total = config["epochs"] * steps_per_epoch
+    splits = tuple(t.to(device) for t in (train_images, train_labels, test_images, test_labels))
+    iteration = ckpt["iteration"] if ckpt else 0
+    total = config["epochs"] * -(-len(train_images) // config["batch_size"])
     if config["iterations"] is not None:
         total = min(total, config["iterations"])
     if iteration >= total:
-        raise utils.UserError(f"{ckpt_path} has already finished {iteration} iterations ({epoch} epochs); "
+        raise utils.UserError(f"{ckpt_path} has already finished {iteration} iterations ({ckpt['epoch']} epochs); "
                               f"pass a larger --epochs or --iterations to train further")
+    # before the run seeds torch: the probe's models draw their initial weights from it
+    settings, probe, reason = speed.choose(plan, total - iteration, probe_measure(config, device, len(classes)))
+    record_speed(config, settings, probe, reason, caps)
+    if args.show_settings:
+        print(json.dumps(dict(device=str(device), **dataclasses.asdict(settings), reason=reason, probe=probe)))
+        return
 
-    writer = BackgroundWriter()
-    title = progress_title(config)
-    saved = [ckpt["iteration"] if ckpt else None]  # the iteration of the checkpoint on disk from this run
-
-    def save(figures=True):
-        state = snapshot(checkpoint_state(model, optimizer, scheduler, iteration, epoch, config, history))
-        writer.submit(write_outputs, state, ckpt_path, config["figures_dir"], title, figures,
-                      lambda it: saved.__setitem__(0, it))
-
-    def on_disk():
-        if saved[0] is not None:
-            return f"{ckpt_path} holds the last good state, iteration {saved[0]}"
-        if ckpt_path.exists():
-            return f"no checkpoint of this run was written yet; {ckpt_path} is still the earlier run's"
-        return f"no checkpoint was written yet ({ckpt_path} does not exist)"
-
+    run = Run(config, ckpt, ckpt_path, device, settings, splits, total)
     # installed before the line below, which tells a watching process the loop is armed
-    stop = StopRequest(lambda: on_disk() + ("; continue with --resume" if saved[0] is not None else ""))
+    stop = StopRequest(lambda: run.on_disk.describe() + ("; continue with --resume"
+                                                         if run.on_disk.iteration is not None else ""))
     print(f"training a width-{config['width']} ResNet-18 on {data_name}: {len(train_images)} train / "
-          f"{len(test_images)} test images, {total} iterations on {device} ({speed_label(config)})")
+          f"{len(test_images)} test images, {total} iterations on {device}: {settings.label()} ({reason})")
     bar = tqdm(total=total, initial=iteration, unit="it", dynamic_ncols=True, leave=False)
     started = time.time()
     try:
-        while iteration < total and stop.signal is None:
-            first = iteration - epoch * steps_per_epoch
-            last = min(steps_per_epoch, first + total - iteration)
-            losses = torch.zeros(last - first, device=device)
-            accs = torch.zeros(last - first, device=device)
-            done = 0  # steps of this stretch whose loss/accuracy are already in history
-            model.train()
-            batches = epoch_batches(train_images, train_labels, epoch, config["seed"], config["batch_size"],
-                                    channels_last, first, last)
-            for step, (x, y) in enumerate(batches, start=first):
-                loss, correct = step_fn(x, y)
-                losses[step - first], accs[step - first] = loss, correct / len(y)
-                iteration += 1
-                if step + 1 == last or (step + 1 - first) % LOG_EVERY == 0 or stop.signal is not None:
-                    new_losses = losses[done:step + 1 - first].tolist()
-                    if not all(map(math.isfinite, new_losses)):
-                        writer.wait()  # a save in flight lands first, so the message says what is on disk
-                        raise utils.UserError(
-                            f"the loss became {new_losses[-1]} by iteration {iteration}; stopped without saving "
-                            f"it: {on_disk()}; lower --lr and train again")
-                    history["train_loss"] += new_losses
-                    history["train_acc"] += accs[done:step + 1 - first].tolist()
-                    bar.update(step + 1 - first - done)
-                    bar.set_postfix(loss=f"{new_losses[-1]:.3f}", acc=f"{history['train_acc'][-1]:.3f}",
-                                    lr=f"{float(optimizer.param_groups[0]['lr']):.2e}")
-                    done = step + 1 - first
-                    if stop.signal is not None:
-                        break
-            if stop.signal is not None:
-                break
-            if last == steps_per_epoch:  # a whole epoch: decay the lr on its schedule, evaluate
-                epoch += 1
-                scheduler.step()
-            if last == steps_per_epoch or iteration == total:
-                acc, loss = evaluate(model, test_images, test_labels, bf16, channels_last)
-                for key, value in zip(("test_iteration", "test_epoch", "test_acc", "test_loss"),
-                                      (iteration, epoch, acc, loss)):
-                    history[key].append(value)
-                bar.write(f"epoch {epoch} iteration {iteration}: test accuracy {acc:.4f}, test loss {loss:.4f}")
-                save()
-        if stop.signal is not None:
-            save(figures=False)
+        stopped = run.train(stop, bar)
     finally:
         bar.close()
         try:
-            writer.wait()  # whatever happened, the last good state is on disk before we exit
+            run.writer.wait()  # whatever happened, the last good state is on disk before we exit
         finally:
             if stop.signal is None:
                 stop.restore()  # a stopped run keeps its handler to its end: a second signal exits at once
-    if stop.signal is not None:
-        stop.exit(f"stopped by signal {stop.signal} at iteration {iteration}: saved {ckpt_path}; "
+    if stopped:
+        stop.exit(f"stopped by signal {stop.signal} at iteration {run.iteration}: saved {ckpt_path}; "
                   f"continue with --resume")
-    print(f"done in {time.time() - started:.0f} s: test accuracy {history['test_acc'][-1]:.4f}; "
+    print(f"done in {time.time() - started:.0f} s: test accuracy {run.history['test_acc'][-1]:.4f}; "
           f"{ckpt_path}, {ckpt_path.with_suffix('.csv')} and the learning-progress figures in {config['figures_dir']}/")
 
 

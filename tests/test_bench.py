@@ -9,6 +9,7 @@ import torch
 
 import bench
 import data
+import speed
 import train
 from model import ResNet
 
@@ -49,7 +50,7 @@ def one_step(model, batch, labels, bf16, channels_last):
         model.to(memory_format=torch.channels_last)
     optimizer, _ = train.make_optimizer(model, train.RECIPE)
     x = train.prepare_batch(*batch, channels_last)
-    loss, _ = train.train_step(model, optimizer, x, labels, bf16)
+    loss, _ = train.train_step(model, optimizer, x, labels, "bf16" if bf16 else "fp32")
     return loss.item(), model, x
 
 
@@ -103,17 +104,31 @@ def test_per_image_loop_scores_equal_one_batched_pass():
     torch.testing.assert_close(scores, top.values, rtol=1e-4, atol=1e-5)
 
 
-def test_bench_writes_measured_consistent_figures(tmp_path):
+AVX2_CPU = speed.Capabilities("cpu", "AMD EPYC", native_bf16=False, detail="no AMX or AVX512-BF16; ATen dispatch AVX2")
+
+
+@pytest.mark.parametrize("all_rows", [False, True])
+def test_bench_writes_measured_consistent_figures(tmp_path, monkeypatch, all_rows):
+    """On a CPU without bf16 units (as speed.detect would see an AVX2 EPYC) the bf16 rows are skipped unless
+    asked for; the train_py row is what train.py chooses, and its ratio to the fastest row is consistent."""
+    monkeypatch.setattr(speed, "detect", lambda device: AVX2_CPU)
     out = tmp_path / "bench.json"
     bench.main(["--device", "cpu", "--width", "4", "--images", "256", "--test-images", "96", "--batch-size", "32",
                 "--warmup", "1", "--windows", "3", "--window-steps", "2", "--eval-images", "64",
-                "--top-images", "48", "--k", "3", "--json", str(out)])
+                "--top-images", "48", "--k", "3", "--json", str(out), *(["--all-rows"] if all_rows else [])])
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert list(rows) == ["tutorial", "fp32", "bf16", "bf16_cl", "cuda_graph", "compile"]
-    assert rows["compile"]["status"].startswith("n/a") and rows["cuda_graph"]["status"] == "n/a: CUDA only"
-    assert [k for k, row in rows.items() if row["default"]] == ["fp32"] == [result["default_row"]]
-    for key in ("tutorial", "fp32", "bf16", "bf16_cl"):
+    assert list(rows) == ["tutorial", "fp32", "fp32_cl", "bf16", "bf16_cl", "train_py"]
+    measured = [k for k, row in rows.items() if row["status"] == "measured"]
+    assert measured == (list(rows) if all_rows else ["tutorial", "fp32", "fp32_cl", "train_py"])
+    assert all(rows[k]["status"].startswith("skipped: cannot be fast here") for k in rows if k not in measured)
+    # the train_py row is what train.py would choose here: its probe's fastest fp32 candidate
+    choice = result["choice"]
+    assert choice["precision"] == rows["train_py"]["precision"] == "fp32"
+    assert set(choice["probe"]) == {"fp32 NCHW", "fp32 channels_last"}
+    assert choice["label"] == max(choice["probe"], key=choice["probe"].get)
+    assert rows["train_py"]["channels_last"] == (choice["label"] == "fp32 channels_last")
+    for key in measured:
         row = rows[key]
         windows = row["window_images_per_s"]
         assert len(windows) == 3 and all(math.isfinite(r) and r > 0 for r in windows)
@@ -123,10 +138,22 @@ def test_bench_writes_measured_consistent_figures(tmp_path):
         assert row["projected_s"] == pytest.approx(52 * 50_000 / row["train_images_per_s"]
                                                    + 52 * 10_000 / row["eval_images_per_s"])
     assert result["recipe"]["iterations"] == 20_332
-    assert result["default_vs_tutorial"] == pytest.approx(rows["fp32"]["train_images_per_s"]
-                                                          / rows["tutorial"]["train_images_per_s"])
+    others = {k: rows[k]["train_images_per_s"] for k in measured if k != "train_py"}
+    assert result["fastest_row"] == max(others, key=others.get)
+    assert result["choice_vs_fastest"] == pytest.approx(rows["train_py"]["train_images_per_s"] / max(others.values()))
+    assert result["choice_vs_tutorial"] == pytest.approx(rows["train_py"]["train_images_per_s"]
+                                                         / rows["tutorial"]["train_images_per_s"])
+    assert result["capabilities"]["native_bf16"] is False and result["capabilities"]["fp32_matmul_gflop_per_s"] > 0
     top = result["top_activating"]
     assert top["status"] == "measured" and top["same_indices"] and top["max_score_rel_diff"] < 1e-4
+
+
+def test_the_table_has_each_setting_once_and_its_fast_rows_are_the_rules_candidates():
+    for caps in (AVX2_CPU, speed.Capabilities("cuda", "NVIDIA A100", compute_capability=(8, 0)),
+                 speed.Capabilities("cuda", "Tesla T4", compute_capability=(7, 5))):
+        rows = bench.table_rows(caps)
+        assert len({bench.row_key(r) for r in rows}) == len(rows)
+        assert set(speed.plan(caps, dict.fromkeys(speed.SWITCHES)).candidates) <= set(rows)
 
 
 def test_a_quick_run_never_overwrites_the_recorded_figures():

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import data
 from conftest import assert_one_line_error, run_script
-from model import STAGES, ResNet
+from model import ResNet
 from visualize import sanity
 from visualize.context import load_run
 from visualize.featurevis import colour_statistics

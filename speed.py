@@ -1,0 +1,403 @@
+"""The device's speed settings: what decides a run's numerics and layout, and what runs them.
+
+    caps = speed.detect(device)                      # what the device can do (a Capabilities)
+    plan = speed.plan(caps, asked)                   # the rules: the candidates that can be fast there
+    settings, rates, why = speed.choose(plan, ...)   # a short probe keeps the fastest candidate
+
+The rules only rule out what cannot be fast on the device:
+
+- CUDA, compute capability >= 8.0: bf16 autocast (cuDNN has bf16 convolutions from Ampere on);
+- CUDA 7.x: fp16 autocast with a GradScaler (bf16 is emulated there: torch.cuda.is_bf16_supported()
+  says True, but every convolution falls to slow native kernels). GradScaler's step reads found-inf
+  on the host, which a CUDA graph cannot hold, so these run eagerly;
+- CUDA below 7.0: fp32;
+- CPU: fp32, and bf16 as a candidate only where the CPU computes bf16 natively (AMX or AVX512-BF16 on
+  x86, the BF16 extension on ARM), as torch.cpu.get_capabilities() reports: elsewhere oneDNN emulates
+  bf16, ~25x slower than fp32 (an AVX2 AMD EPYC, issue 16).
+
+What the rules leave (fp32 or native bf16 on such a CPU, NCHW or channels_last, a CUDA graph or eager)
+is timed by the probe on the user's own device at the run's width and batch, a few steps each, and the
+fastest kept. The probe takes at most PROBE_SHARE of the run's steps, so a short (smoke) run skips it
+and takes the first candidate, the rules' default. A flag the user gives always wins. The decision is a
+pure function of a Capabilities, so tests give it a table of devices; CI has no GPU.
+
+GraphedStep replays a training step (forward, backward, Adam) from a CUDA graph; a capture that raises
+or whose first replay is wrong is dropped, and the run goes on eagerly from the same state.
+"""
+import dataclasses
+import itertools
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+import utils
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The probe: a candidate is timed over PROBE_WARMUP untimed steps (a graph's capture, cuDNN's choices)
+# and two windows, the faster window kept (the cores may be shared). It may take PROBE_SHARE of the
+# run's steps, and runs only if each candidate gets PROBE_MIN_STEPS; on a CPU (~0.5 s a step at width
+# 64) a candidate gets no more than PROBE_MIN_STEPS, on a GPU up to PROBE_MAX_STEPS_CUDA.
+PROBE_SHARE = 0.005
+PROBE_WARMUP = 2
+PROBE_MIN_STEPS = 6
+PROBE_MAX_STEPS_CUDA = 42
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the decision needs to know about a device; tests build one for each device of a table."""
+    kind: str                          # "cuda", "cpu", or another torch device type
+    name: str                          # the GPU's name, the CPU's model
+    compute_capability: tuple = None   # CUDA: (major, minor)
+    native_bf16: bool = False          # CPU: bf16 arithmetic in hardware
+    detail: str = ""                   # how native_bf16 was found, for the reason
+
+    def describe(self):
+        if self.kind == "cuda":
+            return f"{self.name} (CUDA compute capability {self.compute_capability[0]}.{self.compute_capability[1]})"
+        if self.kind == "cpu":
+            return f"CPU {self.name} ({self.detail})"
+        return self.name
+
+
+@dataclass(frozen=True)
+class Settings:
+    precision: str = "fp32"
+    channels_last: bool = False
+    cuda_graph: bool = False
+    compile: bool = False
+
+    def label(self):
+        """e.g. 'bf16 channels_last graph': the probe's key, the start-up line's words."""
+        return " ".join([self.precision, "channels_last" if self.channels_last else "NCHW",
+                         *(["graph"] if self.cuda_graph else []), *(["compile"] if self.compile else [])])
+
+
+SWITCHES = tuple(f.name for f in dataclasses.fields(Settings))  # the keys a run's config records
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the rules leave on a device: the candidates (the first is kept when no probe runs) and why."""
+    caps: Capabilities
+    candidates: tuple
+    reasons: tuple
+
+
+# --------------------------------------------------------------------------- what the device can do
+
+def cpu_bf16_support():
+    """(whether this CPU computes bf16 natively, how that was found). torch 2.14 has
+    torch.cpu.get_capabilities() (cpuinfo's flags); older torch has torch.cpu._is_amx_tile_supported and
+    _is_avx512_bf16_supported. torch.backends.cpu.get_cpu_capability() ("AVX2", "AVX512") is only the
+    vector width ATen dispatches to: AVX512 does not imply bf16 units, so it is named but not used."""
+    dispatch = torch.backends.cpu.get_cpu_capability()
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        flags = get_capabilities()
+        found = [k for k in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16") if flags.get(k)]
+        how = "torch.cpu.get_capabilities()"
+    else:
+        checks = {"amx_tile": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+        found = [k for k, f in checks.items() if getattr(torch.cpu, f, lambda: False)()]
+        how = "torch.cpu._is_amx_tile_supported/_is_avx512_bf16_supported"
+    said = ", ".join(found) if found else "no AMX or AVX512-BF16"
+    return bool(found), f"{how}: {said}; ATen dispatch {dispatch}"
+
+
+def detect(device):
+    """The Capabilities of a torch device of this machine."""
+    if device.type == "cuda":
+        return Capabilities("cuda", torch.cuda.get_device_name(device),
+                            compute_capability=tuple(torch.cuda.get_device_capability(device)))
+    if device.type == "cpu":
+        native, how = cpu_bf16_support()
+        return Capabilities("cpu", cpu_model(), native_bf16=native, detail=how)
+    return Capabilities(device.type, str(device))
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
+
+
+# --------------------------------------------------------------------------- the rules
+
+def ruled_precisions(caps):
+    """(precisions that can be fast on the device, the first its default; why)."""
+    if caps.kind == "cuda":
+        major = caps.compute_capability[0]
+        if major >= 8:
+            return ["bf16"], "bf16 autocast (cuDNN has bf16 convolutions from compute capability 8.0)"
+        if major == 7:
+            return ["fp16"], ("fp16 autocast + GradScaler (bf16 is emulated below compute capability 8.0; "
+                              "GradScaler syncs with the host, so eager)")
+        return ["fp32"], "fp32 (no tensor cores below compute capability 7.0)"
+    if caps.kind == "cpu" and caps.native_bf16:
+        return ["fp32", "bf16"], "fp32 or bf16 (this CPU computes bf16 natively)"
+    if caps.kind == "cpu":
+        return ["fp32"], "fp32 (bf16 is emulated on this CPU, ~25x slower)"
+    return ["fp32"], "fp32"
+
+
+def plan(caps, asked):
+    """The candidates the rules leave for `caps`, each setting the user gave (asked: SWITCHES -> value,
+    None where not given) fixed as given. UserError for a combination that cannot run."""
+    cuda = caps.kind == "cuda"
+    if asked.get("cuda_graph") and not cuda:
+        raise utils.UserError(f"--cuda-graph needs a CUDA device, and this run is on {caps.kind}; drop --cuda-graph")
+    if asked.get("cuda_graph") and asked.get("compile"):
+        raise utils.UserError("--cuda-graph and --compile are two ways to cut the launch cost; pick one")
+    reasons = [caps.describe()]
+    if asked.get("precision") is not None:
+        precisions = [asked["precision"]]
+        reasons.append(f"{asked['precision']} (asked)")
+    else:
+        precisions, why = ruled_precisions(caps)
+        reasons.append(why)
+    # channels_last feeds tensor cores and oneDNN's blocked kernels; on old GPUs NCHW is cuDNN's native
+    tensor_cores = cuda and caps.compute_capability[0] >= 7
+    layouts = [asked["channels_last"]] if asked.get("channels_last") is not None else [tensor_cores, not tensor_cores]
+    compile_ = bool(asked.get("compile"))
+    if asked.get("cuda_graph") is not None:
+        graphs = [asked["cuda_graph"]]
+    elif cuda and not compile_:
+        graphs = [True, False]
+    else:
+        graphs = [False]
+    candidates = []
+    for precision, channels_last, graph in itertools.product(precisions, layouts, graphs):
+        if graph and precision == "fp16":  # GradScaler's step reads found-inf on the host: not capturable
+            continue
+        candidates.append(Settings(precision, channels_last, graph, compile_))
+    if not candidates:
+        raise utils.UserError("--cuda-graph cannot run with fp16 (GradScaler's step syncs with the host); "
+                              "add --precision fp32, or drop --cuda-graph")
+    given = [k for k in SWITCHES if asked.get(k) is not None]
+    if given:
+        reasons.append("given: " + ", ".join(f"{k}={asked[k]}" for k in given))
+    return Plan(caps, tuple(candidates), tuple(reasons))
+
+
+def probe_steps(plan, iterations):
+    """Steps each candidate gets in the probe of a run of `iterations`: 0 when it would not fit."""
+    if len(plan.candidates) < 2:
+        return 0
+    cap = PROBE_MAX_STEPS_CUDA if plan.caps.kind == "cuda" else PROBE_MIN_STEPS
+    steps = min(cap, int(PROBE_SHARE * iterations / len(plan.candidates)))
+    return steps if steps >= PROBE_MIN_STEPS else 0
+
+
+def choose(plan, iterations, measure):
+    """(settings, {label: images/s}, reason): the fastest candidate by measure(settings, steps) -> images/s,
+    or the first where the probe is skipped."""
+    steps = probe_steps(plan, iterations)
+    reasons = list(plan.reasons)
+    if len(plan.candidates) == 1:
+        return plan.candidates[0], {}, "; ".join(reasons)
+    if not steps:
+        need = int(-(-PROBE_MIN_STEPS * len(plan.candidates) // PROBE_SHARE))
+        reasons.append(f"probe skipped: {iterations} iterations are too short for {len(plan.candidates)} candidates "
+                       f"(needs {need}); the rules' default")
+        return plan.candidates[0], {}, "; ".join(reasons)
+    rates = {c: measure(c, steps) for c in plan.candidates}
+    best = max(rates, key=rates.get)
+    reasons.append(f"probe ({steps} steps each): {best.label()} fastest, {rates[best]:.0f} images/s")
+    return best, {c.label(): rates[c] for c in plan.candidates}, "; ".join(reasons)
+
+
+def time_steps(step, images_per_step, steps, device):
+    """Images/s of step() (one training step): PROBE_WARMUP untimed, then the faster of two windows."""
+    for _ in range(PROBE_WARMUP):
+        step()
+    window = max(1, (steps - PROBE_WARMUP) // 2)
+    rates = []
+    for _ in range(2):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(window):
+            step()
+        sync(device)
+        rates.append(window * images_per_step / (time.perf_counter() - start))
+    return max(rates)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- running the settings
+
+def autocast(device, precision):
+    # No cast cache: each weight is cast once a step anyway, and a CUDA graph must not keep casts alive.
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision], cache_enabled=False)
+
+
+def grad_scaler(device, precision):
+    """fp16's GradScaler (torch.amp.GradScaler runs on a CPU too), None for the other precisions."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def match_memory_format(optimizer):
+    """Give each state tensor of the optimizer its parameter's strides. A checkpoint resumed in another
+    memory format keeps Adam's moments in the old strides, which sends capturable foreach Adam down its
+    per-tensor path (and makes the fused kernels refuse)."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+def training_state(model, optimizer):
+    """A copy of everything a training step changes: weights, BatchNorm buffers, Adam's state."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()})
+
+
+def restore_training_state(model, optimizer, saved):
+    """Copy `saved` back in place (a captured graph holds these very tensors). Adam state created
+    since is zeroed: Adam starts from zeros, so that equals no state at all."""
+    weights, adam = saved
+    for k, v in model.state_dict().items():
+        v.copy_(weights[k])
+    for p, s in optimizer.state.items():
+        for k, v in s.items():
+            v.copy_(adam[p][k]) if p in adam else v.zero_()
+
+
+class GraphedStep:
+    """step(x, y) -> (loss, number correct), replayed from a CUDA graph: one graph launch a step instead
+    of hundreds of kernel launches. (Not yet run on a GPU: none was lent where this was written.)
+
+    A graph has fixed shapes and addresses, so there is one graph per batch size (an epoch's partial
+    last batch gets its own), each with static input and label buffers that a call copies the batch
+    into. The first call of a size captures it: a few eager warm-up steps on a side stream of x's device
+    (Adam's state, cuDNN's choices), then the capture on that stream, then every weight, BatchNorm
+    buffer and Adam state is put back as it was, so the warm-up leaves no trace, and the graph's first
+    replay is this call's step. That replay is checked against the first warm-up step, an eager step
+    from the same state on the same batch. A capture that raises, or a replay that fails the check, is
+    dropped with one line (say): the state is put back again and this and every later step run eagerly,
+    so the run loses nothing.
+
+    The optimizer must be capturable Adam with a tensor lr (train.make_optimizer(..., cuda_graph=True)).
+    The graph reads that lr tensor: it is held, and a call that finds another object in the param group
+    (a scheduler that replaced it) copies the new value into the held one and puts it back. The graphs
+    share one memory pool; their outputs are the graph's buffers, overwritten by the next call (a caller
+    copies them before then, as train.py does), so sharing is safe in any replay order. On a CPU (tests)
+    _record returns the step itself, run eagerly on the static buffers where CUDA would replay the
+    graph, so everything but the capture itself is exercised there.
+    """
+
+    WARMUP = 3
+    # |graph update - eager update| / |eager update| allowed: a graph that skips or repeats the update,
+    # or reads a stale lr or input, is off by ~1 or more; rounding by far less
+    TOLERANCE = 0.1
+
+    def __init__(self, step, model, optimizer, say=None):
+        self.step, self.model, self.optimizer = step, model, optimizer
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.graphs = {}      # batch size -> (static input, static labels, replay)
+        self.dropped = None   # why the graphs were dropped, once they were
+        # the lr tensors the graphs read (a float lr, on the plain optimizer a CPU test may use, is not read)
+        self.lrs = [group["lr"] if isinstance(group["lr"], torch.Tensor) else None for group in optimizer.param_groups]
+        self.pool = None
+
+    def __call__(self, x, y):
+        if self.dropped is not None:
+            return self.step(x, y)
+        self.hold_lr()
+        if len(y) not in self.graphs:
+            return self.capture(x, y)
+        static_x, static_y, replay = self.graphs[len(y)]
+        static_x.copy_(x)
+        static_y.copy_(y)
+        return replay()
+
+    def hold_lr(self):
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+            if lr is not None and group["lr"] is not lr:
+                lr.copy_(group["lr"]) if isinstance(group["lr"], torch.Tensor) else lr.fill_(group["lr"])
+                group["lr"] = lr
+
+    def _record(self, step, device):
+        """replay() -> step's outputs: a CUDA graph of step captured on a side stream of `device` (not
+        the current device's: on cuda:1 that would capture nothing), sharing one pool; step on a CPU."""
+        if device.type != "cuda":
+            return step
+        with torch.cuda.device(device):
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                outputs = step()
+            torch.cuda.current_stream(device).wait_stream(stream)
+
+        def replay():
+            graph.replay()
+            return outputs
+        return replay
+
+    def capture(self, x, y):
+        static_x, static_y = x.clone(), y.clone()  # clone keeps x's memory format
+
+        def step():
+            return self.step(static_x, static_y)
+
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        saved = training_state(self.model, self.optimizer)
+        cuda = x.device.type == "cuda"
+        side = torch.cuda.Stream(x.device) if cuda else None
+        if cuda:
+            side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side) if cuda else nullcontext():
+            for i in range(self.WARMUP):
+                step()
+                if i == 0:
+                    eager = [p.detach().clone() for p in params]
+        if cuda:
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            torch.cuda.empty_cache()  # the warm-up's activations go back, so the graph's pool can take them
+        self.optimizer.zero_grad(set_to_none=True)  # backward then allocates .grad from the graph's pool
+        try:
+            replay = self._record(step, x.device)
+            restore_training_state(self.model, self.optimizer, saved)
+            result = replay()  # this call's step
+            error, update = self.replay_error(params, eager, saved[0])
+            if error > self.TOLERANCE * update:  # one host sync per graph, once a run
+                raise RuntimeError(f"its first replay updates the weights unlike the eager step (relative "
+                                   f"difference {(error / update).item():.3g})")
+        except Exception as err:  # noqa: BLE001 - any failure of the capture means: train eagerly
+            return self.drop(f"the CUDA graph for batch size {len(y)} was dropped ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:200]}); training goes on eagerly from the same state",
+                             saved, x, y)
+        self.graphs[len(y)] = static_x, static_y, replay
+        return result
+
+    def replay_error(self, params, eager, before):
+        """(|replayed weights - eager step's weights|, |eager step's update|), over every parameter."""
+        names = {p: n for n, p in self.model.named_parameters()}
+        update = sum(((e - before[names[p]]) ** 2).sum() for p, e in zip(params, eager)).sqrt()
+        error = sum(((p.detach() - e) ** 2).sum() for p, e in zip(params, eager)).sqrt()
+        return error, update
+
+    def drop(self, why, saved, x, y):
+        self.graphs.clear()
+        self.dropped = why
+        self.optimizer.zero_grad(set_to_none=True)  # no .grad left pointing into a graph's pool
+        restore_training_state(self.model, self.optimizer, saved)
+        self.say(why)
+        return self.step(x, y)
