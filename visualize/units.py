@@ -8,8 +8,10 @@ from data import normalize
 from model import STAGES
 from visualize.scoring import classify, stage_outputs
 
-# The ablations' default number of test images, the first N of the split: all 10,000 would cost ~10x
-# the atlas's scoring pass at width 64 (see ablate); with 1000 plot_all.py stays within ~2x its time.
+# The ablations' default number of test images, the first N of the split. At width 64, ablating the
+# atlas's 64 default channels costs ~19x a scoring pass over the same images (measured, ablate), so
+# all 10,000 would make plot_all.py ~8x slower; with 1000 it took 1.7-1.8x its time (measured on 2
+# busy Xeon cores: 581 s against 341 s and 322 s), and 2000 would pass 2x.
 ABLATION_IMAGES = 1000
 
 
@@ -54,8 +56,9 @@ def ablate(model, images, channels, batch_size=100, group=4):
 
     Only H_L depends on c, so per batch of images the stages up to the deepest in `channels` run once
     and each A_L(x) serves all of L's channels; `group` channels are ablated in one batch of
-    group x batch_size. Ablating a channel of conv2_x runs ~70% of the network again, of conv5_x
-    only fc: at width 64, 16 channels of each of conv2_x..conv5_x cost ~32 forward passes.
+    group x batch_size (as fast as one at a time, within 10%). Ablating a channel of conv2_x runs ~70%
+    of the network again, of conv5_x only fc: at width 64, 16 channels of each of conv2_x..conv5_x
+    cost ~19 scoring passes (scoring.score_units to conv5_x) over the same images.
     """
     device = next(model.parameters()).device
     layers = sorted(channels, key=STAGES.index)
