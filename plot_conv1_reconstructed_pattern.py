@@ -1,12 +1,15 @@
 """Test images 4531-4546, each beside its deconvnet reconstruction from conv1 (channel 0 by default).
 
     python plot_conv1_reconstructed_pattern.py [--images 4531-4546] [--channel 0] [--top1] [--scale shared]
+        [--method deconvnet|guided|gradient]
 
 The reconstruction (Zeiler & Fergus) projects one channel's feature map (with --top1 only its
 strongest activation) back to pixel space with the transposed network (model.ResNet.reconstruct).
 Above each: the channel's activation on the image, max over positions (sum), or "silent" where it is
 0. Display: each reconstruction r is shown as 0.5 + r / (2 max|r|), so grey is 0; the max is per
 image, or with --scale shared one for all panels.
+--method guided or gradient goes back by guided backpropagation or the plain gradient instead
+(ResNet.reconstruct); the file name then ends in _guided or _gradient.
 """
 import utils
 from visualize import cli, figures
@@ -14,11 +17,11 @@ from visualize import cli, figures
 
 def main(argv=None):
     parser = cli.plot_parser(__doc__, images="4531-4546", layer="conv1", channel=0, path="both", top1=False,
-                             scale="image")
+                             scale="image", method="deconvnet")
     args = parser.parse_args(argv)
     run = parser.load(args)
     return [figures.plot_reconstructions(run, args.images, args.layer, args.channel, args.path, args.figures_dir,
-                                         args.top1, args.scale)]
+                                         args.top1, args.scale, args.method)]
 
 
 if __name__ == "__main__":

@@ -2,22 +2,26 @@
 signal sent only through the trunk at conv5_x's residual sums (both branches below conv5_x).
 
     python plot_conv5_reconstructed_pattern_trunk.py [--images 4531-4546] [--channel 1] [--top1] [--scale shared]
+        [--method deconvnet|guided|gradient]
 
 plot_conv5_reconstructed_pattern_shortcut.py is the same through the shortcut. Above each
 reconstruction: the channel's activation on the image, max over positions (sum), or "silent" where it
 is 0. Display: each reconstruction r is shown as 0.5 + r / (2 max|r|), so grey is 0; the max is per
 image, or with --scale shared one for all panels. --top1 projects only the strongest activation.
+--method guided or gradient goes back by guided backpropagation or the plain gradient instead
+(ResNet.reconstruct); the file name then ends in _guided or _gradient.
 """
 import utils
 from visualize import cli, figures
 
 
 def main(argv=None):
-    parser = cli.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1, top1=False, scale="image")
+    parser = cli.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1, top1=False, scale="image",
+                             method="deconvnet")
     args = parser.parse_args(argv)
     run = parser.load(args)
     return [figures.plot_reconstructions(run, args.images, args.layer, args.channel, "trunk", args.figures_dir,
-                                         args.top1, args.scale)]
+                                         args.top1, args.scale, args.method)]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import utils
 from visualize import atlas, cli, scoring
 from conftest import assert_one_line_error, run_script
 from model import STAGES, ResNet
+from test_units import direct_selectivity, hooked_predictions
 
 
 # --------------------------------------------------------------------------- receptive fields
@@ -122,11 +123,76 @@ def test_atlas_writes_a_png_and_json_per_layer(atlas_run):
         image = imread(out / f"atlas_{layer}.png")
         assert image.shape[0] > 300 and image.std() > 0.05
         record = json.loads((out / f"atlas_{layer}.json").read_text())
-        assert set(record) == {"layer", "checkpoint", "units"} and record["layer"] == layer
+        assert set(record) == {"layer", "checkpoint", "method", "units"} and record["layer"] == layer
+        assert record["method"] == "deconvnet"
         assert [unit["channel"] for unit in record["units"]] == ATLAS_CHANNELS
         for unit in record["units"]:
+            assert set(unit) == {"channel", "top", "classes", "selectivity", "leading_class", "ablation"}
             assert len(unit["top"]) == 9
             assert all(set(e) == {"image", "activation", "row", "col", "box"} for e in unit["top"])
+            assert len(unit["classes"]) == 9 and all(isinstance(c, str) for c in unit["classes"])
+            assert isinstance(unit["selectivity"], float) and 0 <= unit["selectivity"] <= 1
+            assert unit["leading_class"] is None or isinstance(unit["leading_class"], str)
+            a = unit["ablation"]
+            assert set(a) == {"images", "accuracy", "unablated_accuracy", "class", "class_accuracy",
+                              "class_unablated_accuracy", "class_drop"}
+            assert isinstance(a["images"], int) and isinstance(a["class"], str)
+            assert all(isinstance(a[key], float) and 0 <= a[key] <= 1 for key in
+                       ("accuracy", "unablated_accuracy", "class_accuracy", "class_unablated_accuracy"))
+
+
+def test_atlas_unit_numbers_equal_the_captured_activations_and_the_hooked_network(atlas_run):
+    """classes, selectivity and ablation of every unit in the JSON, each from an independent route:
+    the labels, ResNet.capture over the whole test split, the network with the channel hooked to 0."""
+    _, out, run = atlas_run
+    x = data.normalize(run.images)
+    with torch.no_grad(), run.model.capture(*ATLAS_LAYERS) as acts:  # all 512 images in one batch
+        logits = run.model(x)
+    unablated = logits.argmax(1)
+    right_before = unablated == run.labels
+    for layer in ATLAS_LAYERS:
+        selectivity = direct_selectivity(acts[layer], run.labels)
+        means = acts[layer].double().mean((2, 3))
+        for unit in json.loads((out / f"atlas_{layer}.json").read_text())["units"]:
+            channel = unit["channel"]
+            assert unit["classes"] == [run.classes[run.labels[e["image"]]] for e in unit["top"]]
+            assert unit["selectivity"] == pytest.approx(selectivity[channel], rel=1e-5, abs=1e-9)
+            mu = [means[run.labels == c, channel].mean().item() for c in range(len(run.classes))]
+            assert unit["leading_class"] == (run.classes[mu.index(max(mu))] if max(mu) > 0 else None)
+            right = hooked_predictions(run.model, x, layer, channel) == run.labels
+            a = unit["ablation"]
+            assert a["images"] == 512  # the default, 1000, capped at the split's 512
+            assert a["unablated_accuracy"] == pytest.approx(right_before.double().mean().item())
+            assert a["accuracy"] == pytest.approx(right.double().mean().item())
+            k = run.classes.index(a["class"])
+            mine = run.labels == k
+            assert a["class_accuracy"] == pytest.approx(right[mine].double().mean().item())
+            assert a["class_unablated_accuracy"] == pytest.approx(right_before[mine].double().mean().item())
+            drops = [(right_before[run.labels == c].double().mean() - right[run.labels == c].double().mean()).item()
+                     for c in range(len(run.classes))]
+            assert a["class_drop"] == pytest.approx(max(drops)) and drops.index(max(drops)) == k
+
+
+def test_atlas_method_projects_by_it_and_names_the_files(trained_checkpoint, small_data_dir, tmp_path):
+    argv = ["--checkpoint", str(trained_checkpoint), "--data-dir", str(small_data_dir), "--no-synthetic",
+            "--figures-dir", str(tmp_path), "--layer", "conv4_x", "--channels", "2", "--method", "gradient",
+            "--ablation-images", "40"]
+    written = plot_unit_atlas.main(argv)
+    assert written == [tmp_path / "atlas_conv4_x_gradient.png", tmp_path / "atlas_conv4_x_gradient.json"]
+    record = json.loads(written[1].read_text())
+    assert record["method"] == "gradient" and record["units"][0]["ablation"]["images"] == 40
+    parser = cli.plot_parser("")
+    run = parser.load(parser.parse_args(argv[:7]))
+    unit = record["units"][0]
+    projections, _ = atlas.atlas_crops(run, "conv4_x", unit, method="gradient")
+    recon = run.model.reconstruct(data.normalize(run.images[[e["image"] for e in unit["top"]]]), "conv4_x", 2,
+                                  top1=True, method="gradient")
+    shown = 0.5 + recon / (2 * recon.abs().max())
+    for entry, projection, s in zip(unit["top"], projections, shown):
+        top, left, bottom, right = entry["box"]
+        np.testing.assert_allclose(projection, s[:, top:bottom + 1, left:right + 1].permute(1, 2, 0).numpy(), atol=1e-6)
+    deconvnet, _ = atlas.atlas_crops(run, "conv4_x", unit)
+    assert any(not np.allclose(a, b) for a, b in zip(projections, deconvnet))  # the method made a difference
 
 
 def test_atlas_top9_and_boxes_equal_brute_force_and_the_measured_fields(atlas_run, bump_fields):
@@ -176,7 +242,10 @@ def test_atlas_bad_channels_and_layers_name_the_valid_range(trained_checkpoint, 
     cases = {("--layer", "conv2_x,conv5_x", "--channels", "0-8"): "conv2_x of this width-8 network has 8 channels; choose 0..7",
              ("--channels", "first"): "--channels 'first' is not a list of channel indices",
              ("--layer", "conv2_x,conv6_x"): "conv1, conv2_x, conv3_x, conv4_x, conv5_x",
-             ("--layer", ","): "names no stage"}
+             ("--layer", ","): "names no stage",
+             ("--ablation-images", "513"): "--ablation-images 513 is out of range: the test split has 512 images; "
+                                           "choose 1..512",
+             ("--ablation-images", "0"): "choose 1..512"}
     for args, message in cases.items():
         with pytest.raises(utils.UserError, match=re.escape(message)):
             plot_unit_atlas.main([*common, *args])

@@ -122,6 +122,8 @@ FLAG_ROWS = [  # every flag is range-checked, and argparse's errors are one line
     ("deconvnet path", "plot_conv1_reconstructed_pattern.py", ["--path", "sideways"], ["both, shortcut, trunk"], None),
     ("reconstruction scale", "plot_conv1_reconstructed_pattern.py", ["--scale", "global"],
      ["--scale", "'image', 'shared'"], None),
+    ("reconstruction method", "plot_conv5_reconstructed_pattern_trunk.py", ["--method", "sideways"],
+     ["--method", "'sideways'", "'deconvnet', 'guided', 'gradient'"], None),
     ("feature-map channels", "plot_conv5_feature_map.py", ["--channels", "30-32"],
      ["--channels: channel 32", "has 32 channels", "0..31"], None),
     ("feature-map channels syntax", "plot_conv1_feature_map.py", ["--channels", "many"],

@@ -13,7 +13,7 @@ import utils
 from visualize import ascent, cli, drawing, figures, scoring
 from visualize.context import PlotRun
 from conftest import run_script
-from model import ResNet
+from model import METHODS, ResNet
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,7 @@ SCRIPT_ARGS = {
     # other choices than the report's: written beside its figures, under other names
     "plot_conv5_reconstructed_pattern_trunk.py --top1 --scale shared": ["--images", "0-4", "--top1", "--scale", "shared"],
     "plot_conv5_feature_map.py --channels": ["--image-index", 5, "--channels", "2,5-7"],
+    "plot_conv5_reconstructed_pattern_trunk.py --method guided": ["--images", "0-4", "--method", "guided"],
 }
 SCRIPT_FILES = {  # the files of the scripts whose names say what they show
     "plot_conv5_reconstructed_pattern_trunk.py": ["conv5_x_channel1_reconstructions_trunk.png"],
@@ -112,6 +113,7 @@ SCRIPT_FILES = {  # the files of the scripts whose names say what they show
         ["conv5_x_channel1_reconstructions_trunk_top1_sharedscale.png"],
     "plot_conv5_feature_map.py": ["conv5_x_feature_maps_image5.png"],
     "plot_conv5_feature_map.py --channels": ["conv5_x_feature_maps_image5_channels2,5-7.png"],
+    "plot_conv5_reconstructed_pattern_trunk.py --method guided": ["conv5_x_channel1_reconstructions_trunk_guided.png"],
 }
 
 
@@ -204,6 +206,21 @@ def test_reconstruction_panels_state_the_activation_and_which_images_are_silent(
     # nothing to project from a silent image: its reconstruction is 0 and shows as plain grey
     assert (p.recon[p.silent] == 0).all() and np.all(p.shown[p.silent.numpy()] == 0.5)
     assert (p.recon[~p.silent].abs().amax((1, 2, 3)) > 0).all()
+
+
+def test_reconstruction_panels_project_by_the_method_asked_for(plot_run):
+    run, indices, layer, channel = plot_run, list(range(6)), "conv4_x", 3
+    x = data.normalize(run.images[indices])
+    panels = {}
+    for method in METHODS:
+        for path, top1 in (("both", False), ("shortcut", True)):
+            p = figures.reconstruction_panels(run, indices, layer, channel, path, top1=top1, method=method)
+            expected = run.model.reconstruct(x, layer, channel, path=path, top1=top1, method=method)
+            torch.testing.assert_close(p.recon, expected, rtol=0, atol=0)
+            panels[method, path] = p.recon
+    # the three differ above conv1, so a method that was not passed on would show
+    assert not torch.allclose(panels["deconvnet", "both"], panels["guided", "both"])
+    assert not torch.allclose(panels["guided", "both"], panels["gradient", "both"])
 
 
 def test_shared_scale_keeps_the_relative_strength_of_the_panels(plot_run):

@@ -9,7 +9,7 @@ and what it accepts, before any figure is computed.
 import argparse
 import math
 
-from model import PATHS, STAGES
+from model import METHODS, PATHS, STAGES
 from utils import OneLineArgumentParser, UserError, check_writable, resolve_device
 from visualize.atlas import ATLAS_CHANNELS
 from visualize.context import load_run
@@ -83,7 +83,7 @@ class PlotParser(OneLineArgumentParser):
 
 
 def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, path=None, channels=None,
-                top1=None, scale=None):
+                top1=None, scale=None, method=None):
     """A PlotParser with the shared flags whose default is given here (None: the script has no such flag)."""
     p = PlotParser(doc)
     if image_index is not None:
@@ -113,6 +113,10 @@ def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, pa
         p.add_argument("--scale", choices=SCALES, default=scale,
                        help="image: each reconstruction scaled to its own max|r|; shared: one max|r| for all "
                             "panels, so their strengths compare (default: %(default)s)")
+    if method is not None:
+        p.add_argument("--method", choices=METHODS, default=method,
+                       help="the way back to the pixels (ResNet.reconstruct): deconvnet (Zeiler & Fergus, the "
+                            "report's), guided (guided backpropagation) or gradient (default: %(default)s)")
     return p
 
 
@@ -212,3 +216,10 @@ def atlas_channels(model, layers, text=None):
         return {layer: list(range(min(count or model.channels(layer), model.channels(layer)))) for layer in layers}
     channels = parse_channels(text, model, layers[0], layers)
     return {layer: channels for layer in layers}
+
+
+def check_ablation_images(count, num_images):
+    """The atlas's --ablation-images, if given: 1..num_images."""
+    if count is not None and not 1 <= count <= num_images:
+        raise UserError(f"--ablation-images {count} is out of range: the test split has {num_images} images; "
+                        f"choose 1..{num_images}")

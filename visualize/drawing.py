@@ -13,6 +13,8 @@ import numpy as np
 from data import denormalize
 
 TITLE_WIDTH = 90  # characters a title line holds at the figures' sizes; a long data name takes two
+# How titles name each of model.METHODS, ResNet.reconstruct's ways back to the pixels
+METHOD_TITLES = {"deconvnet": "deconvnet reconstruction", "guided": "guided backpropagation", "gradient": "gradient"}
 
 
 def wrap_title(text):
@@ -30,6 +32,11 @@ def format_indices(indices):
             parts.append(str(first) if first == last else f"{first}-{last}")
             start = i
     return ",".join(parts)
+
+
+def method_suffix(method):
+    """'' for the default method (the deconvnet, the report's), else '_<method>': file names carry it."""
+    return "" if method == "deconvnet" else f"_{method}"
 
 
 def grid_shape(n):

@@ -11,8 +11,8 @@ import torch
 
 from data import normalize
 from model import BasicBlock
-from visualize.drawing import (bare, format_indices, grid_shape, new_figure, save, save_panels, short_number,
-                               show_mosaic, signed_to_display, to_display)
+from visualize.drawing import (METHOD_TITLES, bare, format_indices, grid_shape, method_suffix, new_figure, save,
+                               save_panels, short_number, show_mosaic, signed_to_display, to_display)
 from visualize.scoring import stage_output
 
 FEATURE_MAP_TILES = 64  # a feature-map figure shows every channel of a stage with at most this many
@@ -93,25 +93,27 @@ def plot_feature_maps(run, index, layer, figures_dir, channels=None):
     return save(fig, Path(figures_dir) / f"{t.name}.png")
 
 
-def reconstruction_panels(run, indices, layer, channel, path="both", top1=False, scale="image"):
+def reconstruction_panels(run, indices, layer, channel, path="both", top1=False, scale="image", method="deconvnet"):
     """What plot_reconstructions shows, for each of the test images `indices`, as numbers
-    (Reconstructions): the projections of ResNet.reconstruct (top1: of the strongest activation only)."""
+    (Reconstructions): the projections of ResNet.reconstruct by `method` (top1: of the strongest
+    activation only)."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
     x = normalize(run.images[indices].to(run.device))
     with torch.inference_mode():
         fmap = stage_output(run.model, x, layer)[:, channel].float().cpu()
-    recon = run.model.reconstruct(x, layer, channel, path=path, top1=top1).float().cpu()
+    recon = run.model.reconstruct(x, layer, channel, path=path, top1=top1, method=method).float().cpu()
     peak, per_image = fmap.amax((1, 2)), scale == "image"
     m = recon.abs().amax((1, 2, 3)) if per_image else recon.abs().max().expand(len(recon))
     return Reconstructions(images=to_display(x), peak=peak, total=fmap.sum((1, 2)), silent=peak <= 0,
                            recon=recon, shown=signed_to_display(recon, per_image), m=m)
 
 
-def plot_reconstructions(run, indices, layer, channel, path, figures_dir, top1=False, scale="image"):
-    """Each of the test images `indices` beside the deconvnet projection of `layer`/`channel` for it,
-    headed by the channel's activation on the image ("silent" where it is 0)."""
-    p = reconstruction_panels(run, indices, layer, channel, path, top1, scale)
+def plot_reconstructions(run, indices, layer, channel, path, figures_dir, top1=False, scale="image",
+                         method="deconvnet"):
+    """Each of the test images `indices` beside the projection of `layer`/`channel` for it by `method`
+    (one of model.METHODS), headed by the channel's activation on the image ("silent" where it is 0)."""
+    p = reconstruction_panels(run, indices, layer, channel, path, top1, scale, method)
     panels = []
     for index, image, shown, peak, total, silent in zip(indices, p.images, p.shown, p.peak, p.total, p.silent):
         panels.append((image, run.image_label(index, sep="\n")))
@@ -122,14 +124,14 @@ def plot_reconstructions(run, indices, layer, channel, path, figures_dir, top1=F
         through = f" through {through} of each residual sum in {layer}"
     else:
         through = ""  # conv1 has no residual sum, so every path is the same
-    what = "deconvnet reconstruction of its strongest activation (top-1)" if top1 else "deconvnet reconstruction"
+    what = METHOD_TITLES[method] + (" of its strongest activation (top-1)" if top1 else "")
     display = (RECONSTRUCTION_DISPLAY if scale == "image" else
                f"one scale for all: 0.5 + r / (2 M), M = max|r| over all panels = {p.m[0]:.3g}, grey = 0")
     title = (f"{layer} channel {channel}: {what}{through}, beside its test image\n"
              f"above each reconstruction: the channel's activation on the image, max over positions (sum)\n"
              f"({display}; {run.caption})")
     name = (f"{layer}_channel{channel}_reconstructions" + ("" if path == "both" else f"_{path}")
-            + ("_top1" if top1 else "") + ("" if scale == "image" else f"_{scale}scale") + ".png")
+            + method_suffix(method) + ("_top1" if top1 else "") + ("" if scale == "image" else f"_{scale}scale") + ".png")
     return save_panels(Path(figures_dir) / name, panels, title, cols=2 * grid_shape(len(indices))[1])
 
 

@@ -10,9 +10,11 @@ from data import normalize
 from model import STAGES
 
 
-def stage_outputs(model, x, last):
-    """Yield (name, output) of every stage from conv1 to `last` for the normalized batch x."""
-    for name in STAGES[:STAGES.index(last) + 1]:
+def stage_outputs(model, x, last, after=None):
+    """Yield (name, output) of every stage from conv1 to `last` for the normalized batch x; with
+    `after` a stage, x is that stage's output and the stages above it, up to `last`, run."""
+    first = 0 if after is None else STAGES.index(after) + 1
+    for name in STAGES[first:STAGES.index(last) + 1]:
         # oneDNN's CPU convolutions and max-pool are ~2x faster channels-last on the 32x32 maps of
         # the first two stages, and faster in NCHW on the small maps after; the values are the same
         big = x.shape[-1] >= 32
@@ -20,11 +22,18 @@ def stage_outputs(model, x, last):
         yield name, x
 
 
-def stage_output(model, x, layer):
-    """The output of stage `layer` for the normalized batch x, running only the stages up to it."""
-    for _, x in stage_outputs(model, x, layer):
+def stage_output(model, x, layer, after=None):
+    """The output of stage `layer` for the normalized batch x, running only the stages up to it
+    (with `after`: x is the output of that stage, below `layer`, and only the stages between run)."""
+    for _, x in stage_outputs(model, x, layer, after):
         pass
     return x
+
+
+def classify(model, x, after=None):
+    """The network's logits (N, classes) for the normalized batch x, model(x); with `after` a stage,
+    x is that stage's output and only the stages above it and the classifier run."""
+    return model.fc(torch.flatten(model.avgpool(stage_output(model, x, STAGES[-1], after)), 1))
 
 
 def channel_scores(model, x, layer, channel):
@@ -42,6 +51,11 @@ class UnitScores:
     argmax: torch.Tensor  # its position as a flat index into the (H, W) map, the first one on ties
     sum: torch.Tensor     # the sum of the map (the report's criterion, as channel_scores)
     size: tuple           # (H, W) of the stage's maps
+
+    @property
+    def mean(self):
+        """The mean activation over the channel's map, sum / (H * W): (N, C)."""
+        return self.sum / (self.size[0] * self.size[1])
 
 
 def score_units(model, images, layers, batch_size=None):
