@@ -12,16 +12,11 @@ image, or with --scale shared one for all panels. --top1 projects only the stron
 (ResNet.reconstruct); the file name then ends in _guided or _gradient.
 """
 import utils
-from visualize import cli, figures
+from visualize import cli
 
 
 def main(argv=None):
-    parser = cli.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1, top1=False, scale="image",
-                             method="deconvnet")
-    args = parser.parse_args(argv)
-    run = parser.load(args)
-    return [figures.plot_reconstructions(run, args.images, args.layer, args.channel, "trunk", args.figures_dir,
-                                         args.top1, args.scale, args.method)]
+    return cli.reconstructions_main(__doc__, argv, layer="conv5_x", channel=1, path="trunk")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from model import METHODS, PATHS, STAGES
 from utils import OneLineArgumentParser, UserError, check_writable, resolve_device
 from visualize.atlas import ATLAS_CHANNELS
 from visualize.context import load_run
+from visualize import figures
 from visualize.figures import FEATURE_MAP_TILES, SCALES
 
 MAX_IMAGES = 64  # test images a figure may show (--images): beyond that the panels are too small to read
@@ -223,3 +224,14 @@ def check_ablation_images(count, num_images):
     if count is not None and not 1 <= count <= num_images:
         raise UserError(f"--ablation-images {count} is out of range: the test split has {num_images} images; "
                         f"choose 1..{num_images}")
+
+
+def reconstructions_main(doc, argv, layer, channel, path=None):
+    """main() of the three reconstruction scripts: test images 4531-4546 beside their projections from
+    `layer`/`channel`, through `path` at the residual sums (None: the --path flag, default both)."""
+    parser = plot_parser(doc, images="4531-4546", layer=layer, channel=channel, path="both" if path is None else None,
+                         top1=False, scale="image", method="deconvnet")
+    args = parser.parse_args(argv)
+    run = parser.load(args)
+    return [figures.plot_reconstructions(run, args.images, args.layer, args.channel, path or args.path,
+                                         args.figures_dir, args.top1, args.scale, args.method)]
