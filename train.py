@@ -571,6 +571,7 @@ class StopRequest:
             sys.stdout.flush()
             print(f"\nstopped at once by a second signal ({signum}): {self.on_disk()}", file=sys.stderr, flush=True)
         finally:
+            utils.release_claims()  # os._exit skips every finally
             os._exit(130)
 
     def restore(self):
@@ -583,6 +584,7 @@ class StopRequest:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         sys.stdout.flush()
         print(message, file=sys.stderr, flush=True)
+        utils.release_claims()  # os._exit skips every finally
         os._exit(130)
 
 
@@ -647,6 +649,7 @@ def write_outputs(state, ckpt_path, figures_dir, title, figures=True, saved=None
         save_progress_figures(state["history"], figures_dir, title)
 
 
+@utils.releasing_claims
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = Path(args.checkpoint)
@@ -656,6 +659,7 @@ def main(argv=None):
                               "pass one of them")
     if ckpt_path.is_dir():
         utils.check_writable(ckpt_path, "--checkpoint")  # says: a folder where the file must go
+    utils.CheckpointClaim(ckpt_path)  # one run per checkpoint, held to the end of main (released by its decorator)
     if args.resume:
         if not ckpt_path.is_file():
             raise utils.UserError(f"--resume given, but there is no checkpoint at {ckpt_path}; "
