@@ -179,11 +179,7 @@ class CheckpointClaim:
                 self._remove_made()
                 raise UserError(f"{what} {path} is in use by another run ({_describe_holder(holder)}); wait for "
                                 f"it to end or stop it, or pass another --checkpoint") from None
-            try:
-                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            if _names_file(self.lock_path, fd):
                 break
             os.close(fd)  # its holder released (and removed) the file between our open and flock: again
         self.fd = fd
@@ -204,9 +200,9 @@ class CheckpointClaim:
             return
         _HELD.remove(self)
         try:
-            if os.stat(self.lock_path).st_ino == os.fstat(self.fd).st_ino:  # still ours: removed while locked
+            if _names_file(self.lock_path, self.fd):  # removed while still locked: no run can lock it meanwhile
                 os.unlink(self.lock_path)
-        except OSError:
+        except OSError:  # left behind, unlocked: the next run takes it over
             pass
         os.close(self.fd)
         self._remove_made()
@@ -217,12 +213,6 @@ class CheckpointClaim:
                 folder.rmdir()
             except OSError:  # the run wrote into it, or someone else did: kept
                 break
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 _HELD = []  # the claims this process holds, in the order made
@@ -245,6 +235,15 @@ def releasing_claims(main):
             for claim in reversed(_HELD[held:]):
                 claim.release()
     return run
+
+
+def _names_file(path, fd):
+    """Whether `path` is still the file open as `fd` (not removed, or replaced by another)."""
+    try:
+        st, fst = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
 
 def _boot_id():
