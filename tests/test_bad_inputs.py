@@ -370,11 +370,12 @@ def test_two_runs_raced_on_one_checkpoint_one_wins_and_the_other_is_refused(smal
     assert new == {"c.pt", "c.csv", "figures", *(f"figures/{n}.png" for n in train.PROGRESS_FIGURES)}
 
 
-def start_owner(small_data_dir, folder):
+def start_owner(small_data_dir, folder, log):
     """A train.py run resuming {folder}/c.pt for as long as it is let, frozen (SIGSTOP) once it holds its
-    claim, so that it writes nothing while the others try."""
-    owner = subprocess.Popen(train_cmd(small_data_dir, folder, "--resume", "--iterations", 10 ** 6), cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    claim, so that it writes nothing while the others try. Its stderr goes to `log`."""
+    with open(log, "w") as err:
+        owner = subprocess.Popen(train_cmd(small_data_dir, folder, "--resume", "--iterations", 10 ** 6), cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -382,7 +383,10 @@ def start_owner(small_data_dir, folder):
                 break
         except (OSError, ValueError, KeyError):
             pass
-        assert owner.poll() is None and time.monotonic() < deadline, owner.stderr.read()
+        if owner.poll() is not None or time.monotonic() > deadline:
+            owner.kill()
+            owner.wait()
+            raise AssertionError(f"the owner never held its claim: {log.read_text()[-2000:]}")
         time.sleep(0.005)
     os.kill(owner.pid, signal.SIGSTOP)
     return owner
@@ -393,7 +397,7 @@ def test_a_checkpoint_in_use_is_refused_and_a_killed_owners_claim_is_taken_over(
     folder = tmp_path / "run"
     folder.mkdir()
     shutil.copyfile(good_checkpoint, folder / "c.pt")
-    owner = start_owner(small_data_dir, folder)
+    owner = start_owner(small_data_dir, folder, tmp_path / "owner.err")
     try:
         before = files_under(folder)
         attempts = {"resume": ["--resume"], "new run": [], "overwrite": ["--overwrite"],
@@ -411,7 +415,7 @@ def test_a_checkpoint_in_use_is_refused_and_a_killed_owners_claim_is_taken_over(
         assert files_under(folder) == before
     finally:
         owner.kill()  # SIGKILL, frozen: no chance to release anything
-        owner.communicate(timeout=60)
+        owner.wait(timeout=60)
     assert lock_of(folder).exists()  # the claim it left
     proc = run_in_process(TRAIN, row_args(TRAIN, ["--resume", "--iterations", "5"], {"tmp": folder,
                                                                                       "data": small_data_dir}))
