@@ -180,10 +180,13 @@ def _read_batch(path, num_classes):
     labels = np.asarray(batch["labels"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise UserError(f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
-    if labels.shape != (data.shape[0],) or (labels.size and labels.dtype.kind not in "iu"):
+    if len(data) == 0:  # an empty split would end in a division by zero
+        raise UserError(f"{path} holds no images; every CIFAR-10 batch file holds at least one (the official "
+                        f"ones 10,000); delete {path.parent} and extract {CIFAR10_ARCHIVE} again")
+    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
         raise UserError(f"{path}: 'labels' must be {data.shape[0]} integers, one per image; "
                         f"found {labels.size} of {labels.dtype}")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    if labels.min() < 0 or labels.max() >= num_classes:
         raise UserError(f"{path}: labels must lie in 0..{num_classes - 1}, "
                         f"found {labels.min()}..{labels.max()}")
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())

@@ -431,6 +431,7 @@ class StopRequest:
             sys.stdout.flush()
             print(f"\nstopped at once by a second signal ({signum}): {self.on_disk()}", file=sys.stderr, flush=True)
         finally:
+            utils.release_claims()  # os._exit skips every finally
             os._exit(130)
 
     def restore(self):
@@ -443,6 +444,7 @@ class StopRequest:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         sys.stdout.flush()
         print(message, file=sys.stderr, flush=True)
+        utils.release_claims()  # os._exit skips every finally
         os._exit(130)
 
 
@@ -571,6 +573,8 @@ def open_checkpoint(args, ckpt_path):
                               "pass one of them")
     if ckpt_path.is_dir():
         utils.check_writable(ckpt_path, "--checkpoint")  # says: a folder where the file must go
+    if not args.show_settings:  # one run per checkpoint, held to the end of main (released by its decorator)
+        utils.CheckpointClaim(ckpt_path)
     if args.resume:
         if not ckpt_path.is_file():
             raise utils.UserError(f"--resume given, but there is no checkpoint at {ckpt_path}; "
@@ -683,6 +687,7 @@ class Run:
         return stopping
 
 
+@utils.releasing_claims
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = Path(args.checkpoint)

@@ -3,9 +3,14 @@
 Everything about the data lives in data.py, everything the plot scripts share in visualize.py.
 """
 import argparse
+import fcntl
+import functools
+import json
 import os
+import socket
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -139,6 +144,162 @@ def save_atomic(obj, path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class CheckpointClaim:
+    """One run per checkpoint: while a CheckpointClaim on a path is held, making another (in any
+    process) raises UserError naming the holder's pid and start time.
+
+    The claim is an exclusive flock on <checkpoint>.lock beside the checkpoint, so it is atomic
+    (one flock wins), and the kernel drops it when its holder dies in any way (SIGKILL included,
+    and a reboot holds no locks): a lock file that can be locked is a claim nobody holds, taken
+    over with one line saying so. The file records who holds it, for the message; release()
+    removes it. Paths are resolved, so every working directory names the same claim.
+    """
+
+    def __init__(self, path, what="--checkpoint"):
+        path = Path(path)
+        check_writable(path, what)  # a folder in the way or an unwritable place, said as usual
+        path = path.resolve()
+        self.lock_path = path.with_name(path.name + ".lock")
+        self.made = []  # folders made for the lock, removed again on release if still empty
+        folder = path.parent
+        while not folder.exists():
+            self.made.append(folder)
+            folder = folder.parent
+        for made in reversed(self.made):
+            made.mkdir(exist_ok=True)
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _claim_holder(fd)
+                os.close(fd)
+                self._remove_made()
+                raise UserError(f"{what} {path} is in use by another run ({_describe_holder(holder)}); wait for "
+                                f"it to end or stop it, or pass another --checkpoint") from None
+            if _names_file(self.lock_path, fd):
+                break
+            os.close(fd)  # its holder released (and removed) the file between our open and flock: again
+        self.fd = fd
+        left = _read_claim(fd)
+        if left is not None:  # locked by nobody, yet not removed: its holder never released it
+            restarted = left.get("boot") not in (None, _boot_id())
+            how = "the machine has restarted since" if restarted else "that run ended without releasing it (killed?)"
+            print(f"note: {path} was left claimed by {_describe_holder(left)}, but {how}; this run takes it over",
+                  file=sys.stderr, flush=True)
+        record = dict(pid=os.getpid(), started=time.time(), host=socket.gethostname(), boot=_boot_id())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        _HELD.append(self)
+
+    def release(self):
+        """Give the claim up (lock file removed); again is a no-op. Safe in a signal handler before os._exit."""
+        if self not in _HELD:
+            return
+        _HELD.remove(self)
+        try:
+            if _names_file(self.lock_path, self.fd):  # removed while still locked: no run can lock it meanwhile
+                os.unlink(self.lock_path)
+        except OSError:  # left behind, unlocked: the next run takes it over
+            pass
+        os.close(self.fd)
+        self._remove_made()
+
+    def _remove_made(self):
+        for folder in self.made:
+            try:
+                folder.rmdir()
+            except OSError:  # the run wrote into it, or someone else did: kept
+                break
+
+
+_HELD = []  # the claims this process holds, in the order made
+
+
+def release_claims():
+    """Release every claim this process holds: for the exits that skip `finally` (os._exit)."""
+    for claim in reversed(list(_HELD)):
+        claim.release()
+
+
+def releasing_claims(main):
+    """Decorator: the claims `main` makes are released however it ends (return, UserError, Ctrl-C, any error)."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        held = len(_HELD)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            for claim in reversed(_HELD[held:]):
+                claim.release()
+    return run
+
+
+def _names_file(path, fd):
+    """Whether `path` is still the file open as `fd` (not removed, or replaced by another)."""
+    try:
+        st, fst = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def _boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _read_claim(fd):
+    """The holder record in a lock file, {} if it holds something else, None if it is empty."""
+    raw = os.pread(fd, 4096, 0)
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _claim_holder(fd, wait=2.0):
+    """The record of the process holding the lock on fd. It writes it just after locking, over the
+    record of any stale claim it took over, so a record that is not of a live process of this boot
+    is waited on for a moment."""
+    deadline = time.monotonic() + wait
+    while True:
+        record = _read_claim(fd) or {}
+        if _alive(record) or time.monotonic() > deadline:
+            return record
+        time.sleep(0.02)
+
+
+def _alive(record):
+    """Whether a holder record names a running process (one on another host is taken on trust)."""
+    if not record or record.get("host") != socket.gethostname():
+        return bool(record)
+    pid = record.get("pid")
+    if record.get("boot") != _boot_id() or type(pid) is not int or pid <= 0:  # kill(0) would mean our group
+        return False
+    try:
+        os.kill(pid, 0)
+    except (OverflowError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
+
+
+def _describe_holder(record):
+    pid, started, host = record.get("pid"), record.get("started"), record.get("host")
+    if not isinstance(pid, int) or not isinstance(started, (int, float)):
+        return "a process that did not record itself"
+    where = f" on {host}" if isinstance(host, str) and host != socket.gethostname() else ""
+    return f"pid {pid}{where}, started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}"
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "iteration", "epoch", "rng", "config", "history")

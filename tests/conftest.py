@@ -34,12 +34,17 @@ def one_thread():
 PROGRESS_BAR = re.compile(r"^\s*\d+%\|.*\|")
 
 
+def message_lines(stderr):
+    """The lines of stderr that are messages: progress-bar redraws (tqdm writes them with \r on a
+    terminal, \n into a pipe) are not."""
+    return [line for line in re.split(r"[\r\n]", stderr) if line.strip() and not PROGRESS_BAR.match(line)]
+
+
 def assert_one_line_error(proc, *words):
     """A bad input: non-zero exit, one line on stderr that says what is wrong, no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    # progress-bar redraws (tqdm writes them with \r on a terminal, \n into a pipe) are not messages
-    lines = [line for line in re.split(r"[\r\n]", proc.stderr) if line.strip() and not PROGRESS_BAR.match(line)]
+    lines = message_lines(proc.stderr)
     assert len(lines) == 1, proc.stderr
     for word in words:
         assert word in lines[0], lines[0]

@@ -3,24 +3,42 @@ line that says what is wrong (the row's words are in it), no traceback, and noth
 file in the row's folder (a checkpoint, a file in the way) is byte-for-byte as before, and nothing
 new was written there.
 
-The rows run as subprocesses, two at a time, in one module fixture (each one starts Python and
-torch, ~1.5 s on an idle core). In the arguments, {tmp} is the row's own folder, {data} a small
-dataset in the CIFAR-10 format and {good} a copy, in the row's folder, of a checkpoint that
+Most rows are checks of arguments and files, so they run in this process: the script's main(argv)
+as its `__main__` runs it, under utils.run_cli (what every script's `__main__` is, checked below),
+with stdout, stderr and warnings captured; a Python+torch start-up per row would cost ~1.5 s. The
+rows in SUBPROCESS run as real processes (a real exit through each kind of script), and so do the
+tests below the table whose point is more than one process: runs raced on one checkpoint, a run
+stopped or killed while it holds one. In the arguments, {tmp} is the row's own folder, {data} a
+small dataset in the CIFAR-10 format and {good} a copy, in the row's folder, of a checkpoint that
 train.py wrote (width 4, batch 64, 3 iterations on {data}). train.py rows get, before their own
 arguments, `--data-dir {data} --width 4 --batch-size 64 --checkpoint {tmp}/c.pt --figures-dir
 {tmp}/figures`; plot rows `--checkpoint {good} --figures-dir {tmp}/figures`. argparse keeps the last
 value of a flag, so a row's own flags override these.
 """
+import contextlib
+import importlib
+import io
+import json
 import os
 import pickle
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
 import data
-from conftest import assert_one_line_error, run_script
+import train
+import utils
+from conftest import ROOT, assert_one_line_error, message_lines, run_script
 
 TRAIN, PLOT = "train.py", "plot_conv1_filters.py"
 
@@ -92,6 +110,8 @@ OUTPUT_ROWS = [  # train.py checks where it will write before any work; so do th
     ("checkpoint under a file", TRAIN, ["--checkpoint", "{tmp}/f/c.pt"], ["cannot be made", "is a file"],
      file_at("f")),
     ("history CSV is a folder", TRAIN, [], ["history CSV", "c.csv is a folder"], folder_at("c.csv")),
+    ("checkpoint in new folders, bad flag", TRAIN, ["--checkpoint", "{tmp}/new/deeper/c.pt", "--lr", "0"],
+     ["--lr must be"], None),  # the folders made for its claim go with it
     ("checkpoint is the CSV", TRAIN, ["--checkpoint", "{tmp}/run.csv"], ["ends in .csv", "run.pt"], None),
     ("figures dir is the checkpoint", TRAIN, ["--checkpoint", "{tmp}/out", "--figures-dir", "{tmp}/out"],
      ["is where the checkpoint"], None),
@@ -195,6 +215,18 @@ def dataset_at(poison=None, drop=()):
     return make
 
 
+def empty_split(name):
+    """Setup: the small dataset at {tmp}/d with `name` holding no images (batches.meta: no class names)."""
+    def make(tmp, good):
+        dataset_at()(tmp, good)
+        folder = tmp / "d" / data.CIFAR10_FOLDER
+        empty = ({b"label_names": [], b"num_vis": 3072} if name == "batches.meta" else
+                 {b"batch_label": name.encode(), b"labels": [], b"data": np.zeros((0, 3072), np.uint8),
+                  b"filenames": []})
+        (folder / name).write_bytes(pickle.dumps(empty, protocol=2))
+    return make
+
+
 DATA_FILE_ROWS = [  # data files are data: a pickle that carries code is refused unread, in each kind of file
     ("code in a training batch", TRAIN, ["--data-dir", "{tmp}/d"], ["data_batch_2 was refused unread", "posix.system"],
      dataset_at("data_batch_2")),
@@ -204,9 +236,21 @@ DATA_FILE_ROWS = [  # data files are data: a pickle that carries code is refused
      dataset_at("batches.meta")),
     ("training batches missing", TRAIN, ["--data-dir", "{tmp}/d"], ["lacks data_batch_3, data_batch_5"],
      dataset_at(drop=["data_batch_3", "data_batch_5"])),
+    # an empty split, in any of the seven files (it once ended in ZeroDivisionError)
+    *[(f"{name} empty", TRAIN, ["--data-dir", "{tmp}/d"], [f"{name} holds no images", "at least one"],
+       empty_split(name)) for name in data.DATASET_FILES if name != "batches.meta"],
+    ("test_batch empty, plot", "plot_conv1_feature_map.py", ["--data-dir", "{tmp}/d", "--image-index", "0"],
+     ["test_batch holds no images"], empty_split("test_batch")),
+    ("batches.meta without class names", TRAIN, ["--data-dir", "{tmp}/d"],
+     ["batches.meta has no list of class names"], empty_split("batches.meta")),
 ]
 
 ROWS = {row[0]: row for row in OUTPUT_ROWS + FLAG_ROWS + CHECKPOINT_ROWS + DATA_FILE_ROWS}
+
+
+# A real exit through each kind of script: an argparse error, a UserError before any work and one
+# after training began (signal handlers installed), a plot script's UserError.
+SUBPROCESS = {"train flag type", "existing checkpoint", "NaN loss on resume", "plot missing checkpoint"}
 
 
 def files_under(folder):
@@ -214,13 +258,53 @@ def files_under(folder):
     return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
 
 
+def run_in_process(script, args):
+    """`python script args`, run here: the script's main(args) under utils.run_cli, as its `__main__`
+    runs it, with what a process would show. A warning counts as a line on stderr (pytest would
+    otherwise swallow it) and an exception that escapes run_cli as a traceback with exit status 1."""
+    main = importlib.import_module(script.removesuffix(".py")).main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            utils.run_cli(lambda: main(args))
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue() + shown)
+
+
+def test_every_script_runs_its_main_under_run_cli():
+    """What makes a row run in this process the same as the command: each script's `__main__` is just this."""
+    scripts = {row[1] for row in ROWS.values()}
+    for script in scripts:
+        assert (ROOT / script).read_text().endswith('\nif __name__ == "__main__":\n    utils.run_cli(main)\n'), script
+
+
 @pytest.fixture(scope="module")
 def good_checkpoint(small_data_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("good") / "good.pt"
-    proc = run_script(TRAIN, "--data-dir", small_data_dir, "--width", 4, "--batch-size", 64, "--iterations", 3,
-                      "--checkpoint", path, "--figures-dir", path.parent / "figures")
+    proc = run_in_process(TRAIN, ["--data-dir", str(small_data_dir), "--width", "4", "--batch-size", "64",
+                                  "--iterations", "3", "--checkpoint", str(path),
+                                  "--figures-dir", str(path.parent / "figures")])
     assert proc.returncode == 0, proc.stderr
     return path
+
+
+def row_args(script, args, given):
+    if script == TRAIN:
+        defaults = ["--data-dir", "{data}", "--width", "4", "--batch-size", "64", "--checkpoint", "{tmp}/c.pt",
+                    "--figures-dir", "{tmp}/figures"]
+    else:
+        defaults = ["--checkpoint", "{good}", "--figures-dir", "{tmp}/figures"]
+    return [a.format(**given) for a in defaults + args]
 
 
 @pytest.fixture(scope="module")
@@ -233,16 +317,14 @@ def runs(good_checkpoint, small_data_dir, tmp_path_factory):
         if setup:
             setup(tmp, good_checkpoint)
         given = {"tmp": tmp, "data": small_data_dir, "good": tmp / "good.pt"}
-        if script == TRAIN:
-            defaults = ["--data-dir", "{data}", "--width", "4", "--batch-size", "64", "--checkpoint", "{tmp}/c.pt",
-                        "--figures-dir", "{tmp}/figures"]
-        else:
-            defaults = ["--checkpoint", "{good}", "--figures-dir", "{tmp}/figures"]
-        jobs[name] = (script, [a.format(**given) for a in defaults + args], tmp, files_under(tmp))
-    with ThreadPoolExecutor(2) as pool:
-        futures = {name: pool.submit(run_script, script, *args, timeout=120)
-                   for name, (script, args, _, _) in jobs.items()}
-        return {name: (futures[name].result(), tmp, before) for name, (_, _, tmp, before) in jobs.items()}
+        jobs[name] = (script, row_args(script, args, given), tmp, files_under(tmp))
+    with ThreadPoolExecutor(2) as pool:  # the processes start while the other rows run here
+        procs = {name: pool.submit(run_script, script, *args, timeout=120)
+                 for name, (script, args, _, _) in jobs.items() if name in SUBPROCESS}
+        procs.update({name: run_in_process(script, args)
+                      for name, (script, args, _, _) in jobs.items() if name not in SUBPROCESS})
+        procs = {name: p if isinstance(p, subprocess.CompletedProcess) else p.result() for name, p in procs.items()}
+    return {name: (procs[name], tmp, before) for name, (_, _, tmp, before) in jobs.items()}
 
 
 @pytest.mark.parametrize("name", ROWS)
@@ -250,4 +332,112 @@ def test_bad_input_gets_one_line_and_loses_nothing(runs, name):
     proc, tmp, before = runs[name]
     words = [w(tmp) if callable(w) else w for w in ROWS[name][3]]
     assert_one_line_error(proc, *words)
-    assert files_under(tmp) == before  # nothing changed, nothing new: no checkpoint, CSV or figure
+    assert files_under(tmp) == before  # nothing changed, nothing new: no checkpoint, CSV, figure or lock file
+
+
+
+# --------------------------------------------------------------------------- one run per checkpoint
+
+IN_USE = ["is in use by another run", "started", "wait for it to end", "another --checkpoint"]
+
+
+def train_cmd(data_dir, folder, *args):
+    return [sys.executable, str(ROOT / TRAIN), "--data-dir", str(data_dir), "--width", "4", "--batch-size", "64",
+            "--checkpoint", str(folder / "c.pt"), "--figures-dir", str(folder / "figures"), *map(str, args)]
+
+
+def lock_of(folder):
+    return folder / "c.pt.lock"
+
+
+def test_two_runs_raced_on_one_checkpoint_one_wins_and_the_other_is_refused(small_data_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("kept")
+    before = files_under(tmp_path)
+    cmd = train_cmd(small_data_dir, tmp_path, "--iterations", 20)
+    racers = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]  # started together: both reach the claim long before either could end
+    done = [(p, *p.communicate(timeout=180)) for p in racers]
+    winners = [(p, out, err) for p, out, err in done if p.returncode == 0]
+    losers = [(p, out, err) for p, out, err in done if p.returncode != 0]
+    assert len(winners) == len(losers) == 1, [err for _, _, err in done]
+    (winner, _, _), (loser, _, err) = winners[0], losers[0]
+    # refused at its start (not "already exists" after the winner's end): naming the winner
+    assert_one_line_error(subprocess.CompletedProcess(cmd, loser.returncode, "", err), *IN_USE,
+                          f"{tmp_path / 'c.pt'} is in use", f"pid {winner.pid},")
+    ckpt = utils.read_checkpoint(tmp_path / "c.pt")  # the winner's, whole
+    assert ckpt["iteration"] == 20 and len(ckpt["history"]["train_loss"]) == 20
+    after = files_under(tmp_path)
+    assert {k: after[k] for k in before} == before  # what was there is untouched
+    new = set(after) - set(before)  # and the only new files are the winner's outputs: no lock file
+    assert new == {"c.pt", "c.csv", "figures", *(f"figures/{n}.png" for n in train.PROGRESS_FIGURES)}
+
+
+def start_owner(small_data_dir, folder, log):
+    """A train.py run resuming {folder}/c.pt for as long as it is let, frozen (SIGSTOP) once it holds its
+    claim, so that it writes nothing while the others try. Its stderr goes to `log`."""
+    with open(log, "w") as err:
+        owner = subprocess.Popen(train_cmd(small_data_dir, folder, "--resume", "--iterations", 10 ** 6), cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if json.loads(lock_of(folder).read_text())["pid"] == owner.pid:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        if owner.poll() is not None or time.monotonic() > deadline:
+            owner.kill()
+            owner.wait()
+            raise AssertionError(f"the owner never held its claim: {log.read_text()[-2000:]}")
+        time.sleep(0.005)
+    os.kill(owner.pid, signal.SIGSTOP)
+    return owner
+
+
+def test_a_checkpoint_in_use_is_refused_and_a_killed_owners_claim_is_taken_over(
+        small_data_dir, good_checkpoint, tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copyfile(good_checkpoint, folder / "c.pt")
+    owner = start_owner(small_data_dir, folder, tmp_path / "owner.err")
+    try:
+        before = files_under(folder)
+        attempts = {"resume": ["--resume"], "new run": [], "overwrite": ["--overwrite"],
+                    "resume, relative path": ["--resume", "--checkpoint", "c.pt"]}
+        for what, args in attempts.items():
+            given = {"tmp": folder, "data": small_data_dir}
+            with monkeypatch.context() as m:
+                m.chdir(folder if "relative" in what else ROOT)  # the same claim from any working directory
+                proc = run_in_process(TRAIN, row_args(TRAIN, args, given))
+            assert_one_line_error(proc, *IN_USE, f"{folder / 'c.pt'} is in use", f"pid {owner.pid},")
+            assert files_under(folder) == before, what
+        # the plot scripts only read: never blocked
+        proc = run_in_process(PLOT, ["--checkpoint", str(folder / "c.pt"), "--figures-dir", str(tmp_path / "plots")])
+        assert proc.returncode == 0, proc.stderr
+        assert files_under(folder) == before
+    finally:
+        owner.kill()  # SIGKILL, frozen: no chance to release anything
+        owner.wait(timeout=60)
+    assert lock_of(folder).exists()  # the claim it left
+    proc = run_in_process(TRAIN, row_args(TRAIN, ["--resume", "--iterations", "5"], {"tmp": folder,
+                                                                                      "data": small_data_dir}))
+    assert proc.returncode == 0, proc.stderr
+    lines = message_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    for word in (f"{folder / 'c.pt'} was left claimed by pid {owner.pid},", "ended without releasing it",
+                 "takes it over"):
+        assert word in lines[0], lines[0]
+    assert utils.read_checkpoint(folder / "c.pt")["iteration"] == 5  # trained on from the owner's checkpoint
+    assert not lock_of(folder).exists()
+
+
+def test_a_claim_left_before_a_reboot_is_taken_over_even_if_its_pid_is_running_again(small_data_dir, tmp_path):
+    """After a reboot the old pid may be another live process (here: this one); no lock is held, so it is stale."""
+    lock_of(tmp_path).write_text(json.dumps(dict(pid=os.getpid(), started=time.time() - 3600,
+                                                 host=socket.gethostname(), boot="an-earlier-boot")))
+    proc = run_in_process(TRAIN, row_args(TRAIN, ["--iterations", "2"], {"tmp": tmp_path, "data": small_data_dir}))
+    assert proc.returncode == 0, proc.stderr
+    lines = message_lines(proc.stderr)
+    assert len(lines) == 1 and f"pid {os.getpid()}," in lines[0] and "the machine has restarted since" in lines[0], lines
+    assert utils.read_checkpoint(tmp_path / "c.pt")["iteration"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["c.csv", "c.pt", "figures"]  # the lock file went with the run

@@ -155,6 +155,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_to_the_same_weights(small_data_
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "continue with --resume" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.glob("run.*")) == ["run.csv", "run.pt"]  # its claim released
     stopped = load(ckpt)
     assert 0 < stopped["iteration"] < 1600
     target = stopped["iteration"] + 20
@@ -187,6 +188,7 @@ def test_a_second_signal_right_after_the_first_stops_at_once(small_data_dir, tmp
         assert lines[0].startswith(("stopped by signal 2", "stopped at once by a second signal (2)")), err
         if ckpt.exists():  # whole, whichever save it holds
             assert load(ckpt)["iteration"] >= 1
+        assert not ckpt.with_name(ckpt.name + ".lock").exists()  # released before os._exit, too
 
 
 KILLER = """
