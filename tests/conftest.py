@@ -14,11 +14,17 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 
 
+def script_env(env=None):
+    """The environment a test runs a script in: the user's, unbuffered, Agg, and one torch thread (the
+    suite's networks are tiny and two processes run at a time, so two threads each would only wait on
+    each other), with `env` added. Every process of a test that compares runs bit for bit gets it."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
 def run_script(script, *args, timeout=300, cwd=ROOT, env=None):
-    """Run a top-level script as a user would (from cwd, with env added to the environment);
-    returns the CompletedProcess (text output)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", **(env or {}))
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
+    """Run a top-level script as a user would (from cwd, in script_env(env)); returns the
+    CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=script_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 

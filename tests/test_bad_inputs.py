@@ -38,7 +38,7 @@ import torch
 import data
 import train
 import utils
-from conftest import ROOT, assert_one_line_error, message_lines, run_script
+from conftest import ROOT, assert_one_line_error, message_lines, run_script, script_env
 
 TRAIN, PLOT = "train.py", "plot_conv1_filters.py"
 
@@ -354,7 +354,8 @@ def test_two_runs_raced_on_one_checkpoint_one_wins_and_the_other_is_refused(smal
     (tmp_path / "notes.txt").write_text("kept")
     before = files_under(tmp_path)
     cmd = train_cmd(small_data_dir, tmp_path, "--iterations", 20)
-    racers = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    racers = [subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
               for _ in range(2)]  # started together: both reach the claim long before either could end
     done = [(p, *p.communicate(timeout=180)) for p in racers]
     winners = [(p, out, err) for p, out, err in done if p.returncode == 0]
@@ -377,6 +378,7 @@ def start_owner(small_data_dir, folder, log):
     claim, so that it writes nothing while the others try. Its stderr goes to `log`."""
     with open(log, "w") as err:
         owner = subprocess.Popen(train_cmd(small_data_dir, folder, "--resume", "--iterations", 10 ** 6), cwd=ROOT,
+                                 env=script_env(),
                                  stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 120
     while True:

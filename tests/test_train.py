@@ -12,7 +12,7 @@ import torch
 import data
 import train
 import utils
-from conftest import PROGRESS_BAR, ROOT, run_script
+from conftest import PROGRESS_BAR, ROOT, run_script, script_env
 from visualize import progress
 
 
@@ -148,7 +148,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes_to_the_same_weights(small_data_
     ckpt = tmp_path / "run.pt"
     cmd = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(small_data_dir), "--width", 4,
            "--batch-size", 64, "--epochs", 100, "--checkpoint", str(ckpt), "--figures-dir", str(tmp_path)]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     assert "training a width-4" in proc.stdout.readline()  # the loop (and its signal handler) is set up
     time.sleep(2)
     proc.send_signal(signal.SIGTERM)
@@ -171,7 +172,8 @@ def test_a_second_signal_right_after_the_first_stops_at_once(small_data_dir, tmp
         ckpt = tmp_path / f"run{attempt}.pt"
         cmd = [sys.executable, str(ROOT / "train.py"), "--data-dir", small_data_dir, "--width", 4, "--batch-size", 64,
                "--epochs", 100, "--checkpoint", ckpt, "--figures-dir", tmp_path]
-        proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
                                 text=True)
         assert "training a width-4" in proc.stdout.readline()  # the handler is installed
         time.sleep(0.3)
