@@ -1,8 +1,13 @@
 """Shared fixtures: small data in the exact CIFAR-10 on-disk format, and a small trained checkpoint."""
+import contextlib
+import importlib
+import io
 import os
 import re
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import utils  # noqa: E402
 
 
 def script_env(env=None):
@@ -26,6 +32,34 @@ def run_script(script, *args, timeout=300, cwd=ROOT, env=None):
     CompletedProcess (text output)."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=script_env(env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_in_process(script, args):
+    """`python script args`, run here: the script's main(args) under utils.run_cli, as its `__main__`
+    runs it (test_bad_inputs checks that every script's does), with one torch thread as script_env
+    gives a process, and with what a process would show. A warning counts as a line on stderr (pytest would
+    otherwise swallow it) and an exception that escapes run_cli as a traceback with exit status 1."""
+    main = importlib.import_module(script.removesuffix(".py")).main
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)  # as script_env gives a process: runs compared bit for bit must agree on it
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            utils.run_cli(lambda: main(args))
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            torch.set_num_threads(threads)
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue() + shown)
+
 
 
 @pytest.fixture

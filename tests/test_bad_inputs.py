@@ -15,9 +15,6 @@ arguments, `--data-dir {data} --width 4 --batch-size 64 --checkpoint {tmp}/c.pt 
 {tmp}/figures`; plot rows `--checkpoint {good} --figures-dir {tmp}/figures`. argparse keeps the last
 value of a flag, so a row's own flags override these.
 """
-import contextlib
-import importlib
-import io
 import json
 import os
 import pickle
@@ -27,8 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,7 +33,7 @@ import torch
 import data
 import train
 import utils
-from conftest import ROOT, assert_one_line_error, message_lines, run_script, script_env
+from conftest import ROOT, assert_one_line_error, message_lines, run_in_process, run_script, script_env
 
 TRAIN, PLOT = "train.py", "plot_conv1_filters.py"
 
@@ -256,29 +251,6 @@ SUBPROCESS = {"train flag type", "existing checkpoint", "NaN loss on resume", "p
 def files_under(folder):
     """{relative path: bytes, or None for a folder}: everything under `folder`."""
     return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
-
-
-def run_in_process(script, args):
-    """`python script args`, run here: the script's main(args) under utils.run_cli, as its `__main__`
-    runs it, with what a process would show. A warning counts as a line on stderr (pytest would
-    otherwise swallow it) and an exception that escapes run_cli as a traceback with exit status 1."""
-    main = importlib.import_module(script.removesuffix(".py")).main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            utils.run_cli(lambda: main(args))
-            code = 0
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
-            if isinstance(exit.code, str):
-                print(exit.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
-    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue() + shown)
 
 
 def test_every_script_runs_its_main_under_run_cli():

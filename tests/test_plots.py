@@ -1,6 +1,5 @@
 """The plot scripts and their shared code in visualize/: scores, gradient ascent, figures, bad input."""
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import data
 import utils
 from visualize import ascent, cli, drawing, figures, scoring
 from visualize.context import PlotRun
-from conftest import run_script
+from conftest import run_in_process
 from model import METHODS, ResNet
 
 
@@ -92,7 +91,6 @@ def test_image_lists(text, expected):
 
 
 # --------------------------------------------------------------------------- the scripts, as a user runs them
-# Each script starts Python and torch (~2-3 s); the runs are started together on a pool of two.
 
 SCRIPT_ARGS = {
     "plot_conv1_filters.py": [],
@@ -119,13 +117,12 @@ SCRIPT_FILES = {  # the files of the scripts whose names say what they show
 
 @pytest.fixture(scope="module")
 def runs(trained_checkpoint, tmp_path_factory):
-    """Every script on the trained width-8 checkpoint: the finished processes."""
+    """Every script on the trained width-8 checkpoint, run here as its `__main__` would run it: the
+    finished runs."""
     tmp = tmp_path_factory.mktemp("plots")
     jobs = {run: (run.split()[0], [*args, "--checkpoint", trained_checkpoint, "--figures-dir", tmp / run])
             for run, args in SCRIPT_ARGS.items()}
-    with ThreadPoolExecutor(2) as pool:
-        futures = {name: pool.submit(run_script, script, *args) for name, (script, args) in jobs.items()}
-        return {name: future.result() for name, future in futures.items()}, tmp
+    return {name: run_in_process(script, [str(a) for a in args]) for name, (script, args) in jobs.items()}, tmp
 
 
 @pytest.mark.parametrize("script", SCRIPT_ARGS)

@@ -12,7 +12,7 @@ import torch
 import data
 import train
 import utils
-from conftest import PROGRESS_BAR, ROOT, run_script, script_env
+from conftest import PROGRESS_BAR, ROOT, run_in_process, script_env
 from visualize import progress
 
 
@@ -100,10 +100,11 @@ def test_train_curves_fit_any_run_length(n, window, tmp_path):
 
 
 def train_small(data_dir, ckpt, *args, figures=True):
-    """A width-4, batch-64 run on 1,024 images (16 iterations an epoch); figures: --figures-dir beside ckpt."""
+    """A width-4, batch-64 run on 1,024 images (16 iterations an epoch), in this process (no start-up to
+    pay); figures: --figures-dir beside ckpt."""
     figures = ["--figures-dir", ckpt.parent / "figures"] if figures else []
-    proc = run_script("train.py", "--data-dir", data_dir, "--width", 4, "--batch-size", 64,
-                      "--checkpoint", ckpt, *figures, *args)
+    proc = run_in_process("train.py", [str(a) for a in ("--data-dir", data_dir, "--width", 4, "--batch-size", 64,
+                                                        "--checkpoint", ckpt, *figures, *args)])
     assert proc.returncode == 0, proc.stderr
     return load(ckpt)
 
