@@ -127,6 +127,10 @@ class ResNet(nn.Module):
     def forward(self, x):
         for name in STAGES:
             x = getattr(self, name)(x)
+        return self.head(x)
+
+    def head(self, x):
+        """The logits from conv5_x's output x: global average pool, then fc."""
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def channels(self, layer):

@@ -1,6 +1,6 @@
 """Errors for people, devices and checkpoints: what train.py, bench.py and the plot scripts share.
 
-Everything about the data lives in data.py, everything the plot scripts share in visualize.py.
+Everything about the data lives in data.py, everything the plot scripts share in visualize/.
 """
 import argparse
 import fcntl
@@ -218,9 +218,10 @@ class CheckpointClaim:
 _HELD = []  # the claims this process holds, in the order made
 
 
-def release_claims():
-    """Release every claim this process holds: for the exits that skip `finally` (os._exit)."""
-    for claim in reversed(list(_HELD)):
+def release_claims(since=0):
+    """Release the claims this process made after its first `since` (all of them by default: for the
+    exits that skip `finally`, os._exit), the latest first."""
+    for claim in reversed(_HELD[since:]):
         claim.release()
 
 
@@ -232,8 +233,7 @@ def releasing_claims(main):
         try:
             return main(*args, **kwargs)
         finally:
-            for claim in reversed(_HELD[held:]):
-                claim.release()
+            release_claims(since=held)
     return run
 
 

@@ -77,7 +77,7 @@ class PlotParser(OneLineArgumentParser):
             args.channels = parse_channels(args.channels, run.model, args.layer)
         if test_split:
             for name in ("images", "image_index"):
-                value = getattr(args, name, None) if name in self.shared else None
+                value = getattr(args, name) if name in self.shared else None
                 if value is not None:
                     check_image_indices(value if name == "images" else [value], len(run.images))
         return run
@@ -213,8 +213,8 @@ def atlas_channels(model, layers, text=None):
     """{layer: channels} of the atlas's --channels (None: its default, channels 0..ATLAS_CHANNELS-1, or
     all of a stage with fewer; 'all': every channel of each stage), checked against each stage."""
     if text is None or text == "all":
-        count = None if text == "all" else ATLAS_CHANNELS
-        return {layer: list(range(min(count or model.channels(layer), model.channels(layer)))) for layer in layers}
+        counts = {layer: model.channels(layer) for layer in layers}
+        return {layer: list(range(n if text == "all" else min(ATLAS_CHANNELS, n))) for layer, n in counts.items()}
     channels = parse_channels(text, model, layers[0], layers)
     return {layer: channels for layer in layers}
 

@@ -33,7 +33,7 @@ def stage_output(model, x, layer, after=None):
 def classify(model, x, after=None):
     """The network's logits (N, classes) for the normalized batch x, model(x); with `after` a stage,
     x is that stage's output and only the stages above it and the classifier run."""
-    return model.fc(torch.flatten(model.avgpool(stage_output(model, x, STAGES[-1], after)), 1))
+    return model.head(stage_output(model, x, STAGES[-1], after))
 
 
 def channel_scores(model, x, layer, channel):

@@ -10,8 +10,8 @@ from visualize.scoring import classify, stage_outputs
 
 # The ablations' default number of test images, the first N of the split. At width 64, ablating the
 # atlas's 64 default channels costs ~19x a scoring pass over the same images (measured, ablate), so
-# all 10,000 would make plot_all.py ~8x slower; with 1000 it took 1.7-1.8x its time (measured on 2
-# busy Xeon cores: 581 s against 341 s and 322 s), and 2000 would pass 2x.
+# all 10,000 would make plot_all.py ~8x slower; with 1000 they add ~26 s to its 34 s (2 idle Xeon
+# cores, docs/figures.md), about 1.8x, and 2000 would pass 2x.
 ABLATION_IMAGES = 1000
 
 
