@@ -10,10 +10,11 @@ import torch.nn as nn
 
 import data
 from conftest import assert_one_line_error, run_script
-from model import ResNet
+from model import METHODS, ResNet
 from visualize import sanity
+from visualize.ascent import gradient_ascent
 from visualize.context import load_run
-from visualize.featurevis import colour_statistics
+from visualize.featurevis import FV_LR, colour_statistics, feature_visualization
 
 
 def reference_ranks(values):
@@ -145,3 +146,47 @@ def test_help_shows_the_defaults_and_a_bad_seed_is_one_line(trained_checkpoint, 
     assert_one_line_error(run_script("plot_sanity_checks.py", "--checkpoint", trained_checkpoint, "--figures-dir",
                                      tmp_path, "--seed", "-1"), "--seed -1", "0..")
     assert not any(tmp_path.iterdir())
+
+
+def one_depth_at_a_time(model, x, layer, channel, colour, seed, fv_steps, pattern_steps):
+    """The cascade's pictures as first computed: each depth's network built (reinitialised) and drawn
+    on its own, {technique: [r at each depth]}."""
+    fv_start = feature_visualization(model, layer, [channel], colour, steps=0, seed=seed)[0]
+    stages = sanity.cascade_depths(layer)
+    pictures = {name: [] for name in sanity.TECHNIQUES}
+    for k in range(len(stages) + 1):
+        network = model if k == 0 else sanity.reinitialised(model, stages[:k], seed)
+        for method in METHODS:
+            pictures[method].append(network.reconstruct(x, layer, channel, path="both", method=method))
+        fv = feature_visualization(network, layer, [channel], colour, steps=fv_steps, lr=FV_LR, seed=seed)[0]
+        pictures["feature visualization"].append(fv - fv_start)
+        pattern = gradient_ascent(network, x, layer, channel, steps=pattern_steps)
+        pictures["gradient pattern"].append(data.denormalize(pattern) - data.denormalize(x))
+    return pictures
+
+
+@pytest.mark.parametrize("layer, channel", [("conv5_x", 1), ("conv3_x", 2)])
+def test_the_depths_drawn_in_one_batch_are_each_depths_network_drawn_alone(trained_run, layer, channel, one_thread):
+    """sanity_checks draws the optimisations of every depth in one batch (sanity.Cascade): the same
+    pictures and similarities as building each depth's network and drawing it alone."""
+    colour = colour_statistics(data.dataset_root(trained_run.data_dir, trained_run.trained_on_synthetic))
+    x = data.normalize(trained_run.images[[4531, 4532, 4533, 4540]])
+    # few feature-visualization steps: from a re-initialised stage on, its rounding differences (a
+    # ReLU gate that the summation order opens or shuts) grow step by step, as they do between thread
+    # counts (docs/figures.md); 4 steps pin that each depth's copy has its own network, start and
+    # transforms, which a mix-up would miss by far more than the tolerance
+    settings = dict(seed=5, fv_steps=4, pattern_steps=12)
+    checks = sanity.sanity_checks(trained_run.model, x, layer, channel, colour, **settings)
+    alone = one_depth_at_a_time(trained_run.model, x, layer, channel, colour, **settings)
+    assert checks.depths == ["trained", *sanity.cascade_depths(layer)]
+    for name in sanity.TECHNIQUES:
+        assert len(checks.pictures[name]) == len(alone[name]) == len(checks.depths), name
+        for depth, batched, single in zip(checks.depths, checks.pictures[name], alone[name]):
+            # equal up to summation order (batches of other sizes), relative to the picture's scale
+            scale = single.abs().max().item()
+            torch.testing.assert_close(batched, single, rtol=0, atol=1e-4 * scale + 1e-7, msg=f"{name} at {depth}")
+    reference = sanity.similarity_of(checks.depths, alone)
+    for name in sanity.TECHNIQUES:
+        np.testing.assert_allclose(checks.similarity[name], reference.similarity[name], atol=1e-3, err_msg=name)
+    # the randomised columns are other networks' pictures, not copies of the trained one
+    assert not torch.allclose(checks.pictures["gradient pattern"][1], checks.pictures["gradient pattern"][0])

@@ -43,12 +43,16 @@ def straight_through_relu(model, layer):
     to that of the identity, so a channel silent at the start of an ascent still gets a gradient
     that raises it (with the true ReLU it would stay at 0 for good).
     """
-    relu = [m for m in model.stage(layer).modules() if isinstance(m, torch.nn.ReLU)][-1]
-    handle = relu.register_forward_hook(lambda module, inputs, output: inputs[0] + (output - inputs[0]).detach())
+    # a module that runs several copies of the stage (sanity.CascadeStage) names them: each one's
+    copies = getattr(model.stage(layer), "copies", [model.stage(layer)])
+    relus = [[m for m in stage.modules() if isinstance(m, torch.nn.ReLU)][-1] for stage in copies]
+    handles = [relu.register_forward_hook(lambda module, inputs, output: inputs[0] + (output - inputs[0]).detach())
+               for relu in relus]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def plot_gradient_pattern(run, layer, channel, figures_dir, steps=100, lr=0.05, penalty=0.01, index=None):

@@ -121,12 +121,13 @@ def pixels_to_input(pixels):
     return normalize(pixels * 255)
 
 
-def random_transforms(pixels, generator, jitter=FV_JITTER_PX, scale=FV_SCALE, degrees=FV_ROTATE_DEG):
+def random_transforms(pixels, generator, jitter=FV_JITTER_PX, scale=FV_SCALE, degrees=FV_ROTATE_DEG, copies=1):
     """Each image shifted by up to `jitter` px, zoomed by a factor in `scale` and rotated by up to
     `degrees`, all drawn uniformly per image from the CPU generator; bilinear, and filled black
-    outside, as the zero padding of the training crops."""
+    outside, as the zero padding of the training crops. With copies, pixels are that many equal
+    parts and image i of every part gets the same draw (the one of image i of a single part)."""
     n, _, h, w = pixels.shape
-    u = torch.rand(n, 4, generator=generator).to(pixels.device) * 2 - 1  # in [-1, 1)
+    u = torch.rand(n // copies, 4, generator=generator).repeat(copies, 1).to(pixels.device) * 2 - 1  # in [-1, 1)
     angle = u[:, 0] * math.radians(degrees)
     zoom = scale[0] + (u[:, 1] + 1) / 2 * (scale[1] - scale[0])
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # affine_grid maps output to input
@@ -146,7 +147,7 @@ def objective_values(activations, channels, objective="channel"):
 
 
 def feature_visualization(model, layer, channels, colour, steps=FV_STEPS, lr=FV_LR, seed=0, objective="channel",
-                          start=None, penalty=0.0):
+                          start=None, penalty=0.0, copies=1):
     """One image per channel, all optimised as one batch: image i maximises the objective of
     channels[i] at `layer` through random_transforms, parametrised as a FourierImage.
 
@@ -155,23 +156,30 @@ def feature_visualization(model, layer, channels, colour, steps=FV_STEPS, lr=FV_
     from; with start, penalty * ||x - x0||^2 on the normalized input x is subtracted (the report's
     distance term, weighed against the feature-map sum, that is penalty / (units averaged) against
     the objective). Returns (pixels (N, 3, 32, 32) in [0, 1], the objective each reached, untransformed).
+
+    copies: for a model that evaluates equal parts of its batch on different weights (sanity.Cascade),
+    the N images are optimised `copies` times side by side, part k for the k-th weights, each with the
+    start and random transforms of the single run: the results (copies * N rows) are those runs'.
     """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     image = FourierImage(*colour, device=device)
-    channels = torch.as_tensor(channels, device=device)
+    channels = torch.as_tensor(channels, device=device).repeat(copies)
     if start is None:
-        z = FV_INIT * torch.randn(image.shape(len(channels)), generator=generator)
+        z = FV_INIT * torch.randn(image.shape(len(channels) // copies), generator=generator)
     else:
         z = image.coefficients(start.to(device))
-        x0 = pixels_to_input(start.to(device).float())
+    z = z.repeat(copies, *[1] * (z.dim() - 1))
+    if start is not None:
+        x0 = pixels_to_input(start.to(device).float()).repeat(copies, 1, 1, 1)
     z = z.to(device).requires_grad_()
     optimizer = torch.optim.Adam([z], lr=lr)
     for _ in tqdm(range(steps), desc=f"feature visualization of {len(channels)} {layer} channels", unit="step",
                   leave=False, dynamic_ncols=True):
         pixels = image.pixels(z)
         with straight_through_relu(model, layer):
-            activations = stage_output(model, pixels_to_input(random_transforms(pixels, generator)), layer)
+            activations = stage_output(model, pixels_to_input(random_transforms(pixels, generator, copies=copies)),
+                                       layer)
         loss = -objective_values(activations, channels, objective).sum()
         if start is not None and penalty:
             units = activations.shape[-2] * activations.shape[-1] if objective == "channel" else 1

@@ -93,32 +93,91 @@ def cascade_depths(layer):
     return list(reversed(STAGES[:STAGES.index(layer) + 1]))
 
 
-def reinitialised(model, stages, seed):
-    """A deep copy of `model` (left untouched) whose `stages` are those of the ResNet of its width and
-    classes freshly built after torch.manual_seed(seed): model.init_weights's convs, BatchNorm weight 1,
-    bias 0, running mean 0 and variance 1. The other stages and the fc keep the model's weights. The
-    caller's random state is left as it was. One fresh network serves every depth of a seed, so a
-    stage gets the same random weights at every depth of the cascade."""
+def fresh_network(model, seed):
+    """The ResNet of `model`'s width and classes freshly built after torch.manual_seed(seed), in eval
+    mode on its device: model.init_weights's convs, BatchNorm weight 1, bias 0, running mean 0 and
+    variance 1. The caller's random state is left as it was. One fresh network serves every depth of
+    a seed, so a stage gets the same random weights at every depth of the cascade."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fresh = ResNet(model.width, model.fc.out_features)
+    return fresh.to(next(model.parameters()).device).eval()
+
+
+def reinitialised(model, stages, seed, fresh=None):
+    """A deep copy of `model` (left untouched) whose `stages` are those of fresh_network(model, seed)
+    (or of `fresh`, that network built already). The other stages and the fc keep the model's weights."""
+    fresh = fresh_network(model, seed) if fresh is None else fresh
     randomised = copy.deepcopy(model)
     for name in stages:
         randomised.stage(name).load_state_dict(fresh.stage(name).state_dict())
     return randomised
 
 
-def draw_pictures(model, x, layer, channel, colour, seed, fv_steps, pattern_steps, fv_start):
-    """{technique: r} of one network (see the module's docstring), on the CPU. x: normalized test
-    images; fv_start: the feature visualization's start pixels (1, 3, 32, 32)."""
-    pictures = {method: model.reconstruct(x, layer, channel, path="both", method=method) for method in METHODS}
-    fv = feature_visualization(model, layer, [channel], colour, steps=fv_steps, lr=FV_LR, seed=seed)[0]
-    pictures["feature visualization"] = fv - fv_start
+class CascadeStage(torch.nn.Module):
+    """One stage of every depth of the cascade at once, on a batch of `depths` equal parts, part k the
+    inputs of depth k: the first `trained_depths` parts go through the trained stage, the rest, whose
+    depths have re-initialised it, through the fresh one. So each stage runs twice (at most), not once
+    a depth, on as many images in all; and each part gets what its own depth's network computes."""
+
+    def __init__(self, trained, fresh, depths, trained_depths):
+        super().__init__()
+        self.trained, self.fresh = trained, fresh
+        self.depths, self.trained_depths = depths, trained_depths
+        self.copies = (trained, fresh)  # the stages this runs: ascent.straight_through_relu hooks each
+
+    def forward(self, x):
+        split = len(x) // self.depths * self.trained_depths
+        parts = [stage(part) for stage, part in ((self.trained, x[:split]), (self.fresh, x[split:])) if len(part)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class Cascade(torch.nn.Module):
+    """The cascade's networks up to `layer` as one: `model` (depth 0, "trained"), then model with
+    cascade_depths(layer)[:k] taken from `fresh` (depth k). stage(name) runs a batch of len(depths)
+    equal parts, part k through depth k's network (CascadeStage), so scoring.stage_output and every
+    optimisation over it (gradient_ascent, feature_visualization with copies=len(depths)) draw all
+    depths in one pass a step, each part exactly as its own network would alone (up to summation
+    order: tested against the networks one at a time)."""
+
+    def __init__(self, model, fresh, layer):
+        super().__init__()
+        self.depths = ["trained", *cascade_depths(layer)]
+        self.width = model.width
+        randomised_from = {name: self.depths.index(name) for name in self.depths[1:]}  # the first depth without it
+        self.stages = torch.nn.ModuleDict({
+            name: CascadeStage(model.stage(name), fresh.stage(name), len(self.depths), randomised_from[name])
+            for name in STAGES[:STAGES.index(layer) + 1]})
+
+    def stage(self, name):
+        return self.stages[name]
+
+
+def depth_parts(batch, depths):
+    """A batch of the cascade (depth-major) as its `depths` parts, one a depth, on the CPU as float."""
+    return list(batch.float().cpu().chunk(depths))
+
+
+def draw_pictures(model, fresh, x, layer, channel, colour, seed, fv_steps, pattern_steps, fv_start):
+    """{technique: [r at each depth]} of the cascade (see the module's docstring), on the CPU. x:
+    normalized test images; fv_start: the feature visualization's start pixels (1, 3, 32, 32). The
+    reconstructions are drawn a depth at a time (ResNet.reconstruct walks its own network; they cost
+    little); the two optimisations, nearly all of the cost, by the Cascade, every depth in one batch."""
+    cascade = Cascade(model, fresh, layer)
+    depths = len(cascade.depths)
+    networks = [model] + [reinitialised(model, cascade.depths[1:k + 1], seed, fresh) for k in range(1, depths)]
+    pictures = {method: [network.reconstruct(x, layer, channel, path="both", method=method).float().cpu()
+                         for network in networks] for method in METHODS}
+    fv = feature_visualization(cascade, layer, [channel], colour, steps=fv_steps, lr=FV_LR, seed=seed,
+                               copies=depths)[0]
+    pictures["feature visualization"] = depth_parts(fv - fv_start, depths)
     # gradient_ascent on a batch is each image's own ascent: in eval mode an image's score depends on
-    # it alone, and Adam's update is elementwise
-    pattern = gradient_ascent(model, x, layer, channel, steps=pattern_steps)
-    pictures["gradient pattern"] = denormalize(pattern) - denormalize(x)
-    return {name: r.float().cpu() for name, r in pictures.items()}
+    # it alone, and Adam's update is elementwise; so is it on the cascade's batch, each depth's copy
+    # of the images through its own network
+    start = x.repeat(depths, 1, 1, 1)
+    pattern = gradient_ascent(cascade, start, layer, channel, steps=pattern_steps)
+    pictures["gradient pattern"] = depth_parts(denormalize(pattern) - denormalize(start), depths)
+    return pictures
 
 
 @dataclass
@@ -130,23 +189,24 @@ class SanityChecks:
     similarity: dict  # {technique: [defined_mean of per_start at each depth]}; the trained one is 1
 
 
-def sanity_checks(model, x, layer, channel, colour, seed=0, fv_steps=FV_STEPS, pattern_steps=PATTERN_STEPS):
-    """Adebayo's cascading randomisation of every technique for `channel` of `layer` and the
-    normalized test images x. colour: the training pixels' (mean, covariance), for the feature
-    visualization. seed: the re-initialisation's (reinitialised) and the feature visualization's.
-    The model is not changed (each depth is a copy)."""
-    model.check_channel(layer, channel)
-    fv_start = feature_visualization(model, layer, [channel], colour, steps=0, seed=seed)[0]
-    depths = ["trained", *cascade_depths(layer)]
-    pictures = {name: [] for name in TECHNIQUES}
-    for k in range(len(depths)):
-        network = model if k == 0 else reinitialised(model, depths[1:k + 1], seed)
-        for name, r in draw_pictures(network, x, layer, channel, colour, seed, fv_steps, pattern_steps,
-                                     fv_start).items():
-            pictures[name].append(r)
+def similarity_of(depths, pictures):
+    """SanityChecks of the pictures {technique: [r at each depth]} drawn at `depths`."""
     per_start = {name: torch.stack([similarities(r, drawn[0]) for r in drawn]) for name, drawn in pictures.items()}
     similarity = {name: [defined_mean(row) for row in rhos] for name, rhos in per_start.items()}
     return SanityChecks(depths=depths, pictures=pictures, per_start=per_start, similarity=similarity)
+
+
+def sanity_checks(model, x, layer, channel, colour, seed=0, fv_steps=FV_STEPS, pattern_steps=PATTERN_STEPS):
+    """Adebayo's cascading randomisation of every technique for `channel` of `layer` and the
+    normalized test images x. colour: the training pixels' (mean, covariance), for the feature
+    visualization. seed: the re-initialisation's (fresh_network) and the feature visualization's.
+    The model is not changed (each depth is a copy, or the model's and the fresh network's stages)."""
+    model.check_channel(layer, channel)
+    fv_start = feature_visualization(model, layer, [channel], colour, steps=0, seed=seed)[0]
+    depths = ["trained", *cascade_depths(layer)]
+    pictures = draw_pictures(model, fresh_network(model, seed), x, layer, channel, colour, seed, fv_steps,
+                             pattern_steps, fv_start)
+    return similarity_of(depths, pictures)
 
 
 # --------------------------------------------------------------------------- the figure and the JSON
