@@ -2,12 +2,12 @@
 
     cli         the scripts' shared flags and their checks           -> context, figures, atlas
     sanity      sanity checks: Adebayo's cascading randomisation     -> featurevis, ascent, scoring, drawing
-    featurevis  feature visualization at 32x32                       -> ascent, scoring, drawing
+    featurevis  feature visualization at 32x32                       -> ascent, context, scoring, drawing
     atlas       the top-9 unit atlas per stage                       -> units, context, scoring, drawing
     units       each unit's class selectivity and ablation           -> scoring
     ascent      the report's gradient-ascent pattern                 -> context, scoring, drawing
     figures     feature maps and reconstructions of the report       -> scoring, drawing
-    context     PlotRun: the checkpoint and test split, memoized     -> scoring, drawing
+    context     PlotRun: the checkpoint, test split and its one pass -> scoring, drawing
     progress    the learning-progress figures (train.py draws them)  -> drawing
     scoring     running stages, scoring units on images              -> model, data
     drawing     every matplotlib figure is made and saved here       -> data

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from data import CIFAR10_FOLDER, SYNTHETIC_NAME, dataset_root, describe_dataset, load_cifar10
+from model import STAGES
 from utils import load_checkpoint
 from visualize.drawing import wrap_title
-from visualize.scoring import score_units
+from visualize.scoring import score_pass
 
 # What plot_all.py's scripts would otherwise each load or compute again, once per process: keyed on
 # the files (path, modification time, size) it came from, so a rewritten file is read afresh.
@@ -52,7 +53,7 @@ class PlotRun:
     images: torch.Tensor | None = None
     labels: torch.Tensor | list | None = None
     classes: list = field(default_factory=list)
-    key: tuple = ()  # what test_split_scores are memoized on: the checkpoint, device and test split
+    key: tuple = ()  # what test_split_pass is memoized on: the checkpoint, device and test split
 
     def image_label(self, index, sep=" "):
         """'7876 (cat)': how titles name a test image."""
@@ -86,12 +87,20 @@ def load_run(checkpoint, device, data_dir=None, synthetic=None, test_split=True)
     return run
 
 
+def test_split_pass(run):
+    """scoring.score_pass over run's test split of every stage and the logits, computed once per process
+    for each checkpoint, test split and device: the scripts plot_all.py runs share this one pass,
+    whichever runs first and whatever stages it needs (scoring a stage more costs little beside
+    running it: conv1's maps, the largest, add about 3 % to the pass)."""
+    return memo(("test split pass", run.key), lambda: score_pass(run.model, run.images, STAGES, logits=True))
+
+
 def test_split_scores(run, layers):
-    """scoring.score_units over run's test split, computed once per process for each checkpoint, test
-    split, device and layer: the scripts plot_all.py runs share one pass (the atlas computes what the
-    gradient pattern's search needs)."""
-    missing = [layer for layer in layers if (run.key, layer) not in _MEMO]
-    if missing:
-        for layer, scores in score_units(run.model, run.images, missing).items():
-            _MEMO[run.key, layer] = scores
-    return {layer: _MEMO[run.key, layer] for layer in layers}
+    """{layer: scoring.UnitScores} over run's test split, from test_split_pass."""
+    units = test_split_pass(run).units
+    return {layer: units[layer] for layer in layers}
+
+
+def test_split_logits(run):
+    """The network's logits (N, classes) on run's test split, from test_split_pass."""
+    return test_split_pass(run).logits

@@ -16,7 +16,8 @@ from data import (CIFAR10_FOLDER, TRAIN_FILES, dataset_root, denormalize, draw_a
 from utils import save_atomic
 from visualize.ascent import gradient_ascent, straight_through_relu
 from visualize.drawing import grid_shape, save_panels
-from visualize.scoring import stage_output, top_activating
+from visualize.context import test_split_scores
+from visualize.scoring import stage_output, top_k
 
 OBJECTIVES = ("channel", "neuron")  # the channel's mean over the stage's output, or its centre unit
 STARTS = ("noise", "top")
@@ -271,7 +272,8 @@ def plot_feature_visualization(run, layer, channels, figures_dir, steps=FV_STEPS
     colour = colour_statistics(dataset_root(run.data_dir, run.trained_on_synthetic))
     settings = dict(steps=steps, lr=lr, seed=seed, objective=objective)
     if top or measure:
-        top_indices = top_activating(model, run.images, layer, channels)[0][0].tolist()
+        sums = test_split_scores(run, [layer])[layer].sum  # the test split's one pass, under plot_all.py shared
+        top_indices = [top_k(sums[:, channel], 1)[0].item() for channel in channels]
         top_pixels = run.images[top_indices].float() / 255
     pixels, reached = feature_visualization(model, layer, channels, colour, **settings,
                                             start=top_pixels if top else None, penalty=penalty)
