@@ -3,9 +3,11 @@ report's figures, the unit atlas, the feature visualization and the sanity check
 
     python plot_all.py [--checkpoint checkpoints/resnet18_cifar10.pt] [--figures-dir figures]
 
-The checkpoint and the test split are loaded once and the atlas's pass over the test split also
-serves the gradient pattern's search (visualize.context.memo), so this is much faster than running the
-scripts one by one. Prints every file it writes, and the time each script took.
+The checkpoint and the test split are loaded once, and one pass over the test split scores every
+stage and gives the logits for all the scripts, whichever asks first (visualize.context.test_split_pass:
+the atlas's units, the gradient pattern's search), so this is much faster than running the scripts one
+by one. Prints every file it writes, and the time each script took (bench_figures.py reads them, as a
+multiple of one forward pass of the test split).
 """
 import importlib
 import time
@@ -13,8 +15,8 @@ import time
 import utils
 from visualize import cli
 
-# Run in this order; a new figure script is one more line. The atlas comes before the gradient
-# pattern, whose search then reuses the atlas's conv5_x scores instead of scoring the test split again.
+# Run in this order (any order computes the same: what they share is computed once, by whichever
+# needs it first); a new figure script is one more line.
 SCRIPTS = (
     "plot_learning_progress",
     "plot_conv1_filters",

@@ -7,9 +7,11 @@ Every technique's picture is a signed image r (N, 3, 32, 32), one for each start
     deconvnet, guided, gradient  ResNet.reconstruct(x, layer, channel, path="both", method=...) for
                                  each test image x
     feature visualization        x - x0: the image featurevis.feature_visualization makes for the
-                                 channel minus its start x0 (the data's mean colour with faint noise,
-                                 the same at every depth: same seed), in [0, 1] pixels; one image
-    gradient pattern             x - x0: ascent.gradient_ascent from each test image x0 (not from the
+                                 channel (SANITY_FV_STEPS steps) minus its start x0 (the data's mean
+                                 colour with faint noise, the same at every depth: same seed), in [0, 1]
+                                 pixels; one image
+    gradient pattern             x - x0: ascent.gradient_ascent (PATTERN_STEPS steps) from each test
+                                 image x0 (not from the
                                  trained network's top image, as plot_gradient_pattern.py: so the
                                  start is the same at every depth, and the same images as the
                                  reconstructions'), in [0, 1] pixels
@@ -32,11 +34,15 @@ from data import dataset_root, denormalize, normalize
 from model import METHODS, STAGES, ResNet
 from visualize.ascent import gradient_ascent
 from visualize.drawing import format_indices, save_table, signed_to_display, to_display, wrap_title
-from visualize.featurevis import FV_LR, FV_STEPS, colour_statistics, feature_visualization
+from visualize.featurevis import FV_LR, colour_statistics, feature_visualization
 from visualize.scoring import channel_scores
 
 TECHNIQUES = (*METHODS, "feature visualization", "gradient pattern")
-PATTERN_STEPS = 100  # gradient_ascent's default steps (lr 0.05, penalty 0.01), plot_gradient_pattern.py's
+# The optimisations' steps at every depth: fewer than their own scripts take (plot_gradient_pattern.py
+# 100, plot_feature_visualization.py FV_STEPS = 160), as the similarities stay within their spread over
+# seeds (docs/figures.md: measured), and the gradient pattern's steps were most of plot_all.py's time
+PATTERN_STEPS = 25   # gradient_ascent's lr 0.05 and penalty 0.01
+SANITY_FV_STEPS = 40
 
 
 # --------------------------------------------------------------------------- the measure
@@ -196,7 +202,7 @@ def similarity_of(depths, pictures):
     return SanityChecks(depths=depths, pictures=pictures, per_start=per_start, similarity=similarity)
 
 
-def sanity_checks(model, x, layer, channel, colour, seed=0, fv_steps=FV_STEPS, pattern_steps=PATTERN_STEPS):
+def sanity_checks(model, x, layer, channel, colour, seed=0, fv_steps=SANITY_FV_STEPS, pattern_steps=PATTERN_STEPS):
     """Adebayo's cascading randomisation of every technique for `channel` of `layer` and the
     normalized test images x. colour: the training pixels' (mean, covariance), for the feature
     visualization. seed: the re-initialisation's (fresh_network) and the feature visualization's.
@@ -226,7 +232,7 @@ def sanity_record(layer, channel, indices, seed, checks):
             "similarity": similarity}
 
 
-def plot_sanity_checks(run, layer, channel, indices, figures_dir, seed=0, fv_steps=FV_STEPS,
+def plot_sanity_checks(run, layer, channel, indices, figures_dir, seed=0, fv_steps=SANITY_FV_STEPS,
                        pattern_steps=PATTERN_STEPS):
     """plot_sanity_checks.py: sanity_checks for the test images `indices`, drawn for the one of them
     the channel responds to most (its feature-map sum, the report's criterion), and written as
