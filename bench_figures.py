@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -114,9 +115,9 @@ def machine(device):
 # --------------------------------------------------------------------------- plot_all.py
 
 def forward_pass_seconds(model, images, batch_size=100):
-    """Seconds of one forward pass of `model` over the uint8 images: every image's logits, in batches of
-    batch_size under inference mode (scoring.classify: the stages in the layouts the figures use),
-    after a one-batch warm-up."""
+    """(wall, CPU) seconds of one forward pass of `model` over the uint8 images: every image's logits,
+    in batches of batch_size under inference mode (scoring.classify: the stages in the layouts the
+    figures use), after a one-batch warm-up."""
     device = next(model.parameters()).device
 
     def run(part):
@@ -126,7 +127,9 @@ def forward_pass_seconds(model, images, batch_size=100):
                 scoring.classify(model, data.normalize(part[start:start + batch_size].to(device)))
 
     run(images[:batch_size])
-    return time_call(lambda: run(images), device)[1]
+    cpu = time.process_time()
+    wall = time_call(lambda: run(images), device)[1]
+    return wall, time.process_time() - cpu
 
 
 def make_checkpoint(work_dir, width, iterations):
@@ -143,7 +146,8 @@ def make_checkpoint(work_dir, width, iterations):
 
 
 def run_plot_all(checkpoint, figures_dir, data_dir, synthetic, device):
-    """(plot_all.py's stdout, its wall time): plot_all.py on the checkpoint in a fresh Python process."""
+    """(plot_all.py's stdout, its wall time, its CPU time): plot_all.py on the checkpoint in a fresh
+    Python process."""
     command = [sys.executable, str(ROOT / "plot_all.py"), "--checkpoint", str(checkpoint), "--figures-dir",
                str(figures_dir), "--device", str(device)]
     if data_dir is not None:
@@ -151,12 +155,12 @@ def run_plot_all(checkpoint, figures_dir, data_dir, synthetic, device):
     if synthetic is not None:
         command += ["--synthetic" if synthetic else "--no-synthetic"]
     print("timing:", " ".join(command[1:]), flush=True)
-    start = time.perf_counter()
+    start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - start
+    wall, done = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise utils.UserError(f"plot_all.py failed: {proc.stderr.strip().splitlines()[-1]}")
-    return proc.stdout, wall
+    return proc.stdout, wall, done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
 
 
 def figure_times(stdout):
@@ -169,13 +173,20 @@ def figure_times(stdout):
     return scripts, float(total[0])
 
 
-def figures_ratio(scripts, total, wall, forward_s):
-    """The report: every time in seconds and as a multiple of one forward pass (the mean of forward_s)."""
+def figures_ratio(scripts, total, wall, forward_s, cpu=None, forward_cpu_s=None):
+    """The report: every time in seconds and as a multiple of one forward pass (the mean of forward_s).
+    With cpu (plot_all.py's process) and forward_cpu_s (the passes'), also the ratio of CPU times: on a
+    machine others load, a process's CPU time counts only its own work (with one thread it is its wall
+    time on an idle machine), so that ratio moves less with the load than the wall times' do."""
     unit = sum(forward_s) / len(forward_s)
     rows = {name: dict(row, ratio=row["seconds"] / unit) for name, row in scripts.items()}
     between = total - sum(row["seconds"] for row in scripts.values())  # what plot_all.py does between scripts
-    return dict(forward_pass_s=list(forward_s), forward_pass_mean_s=unit, scripts=rows, plot_all_s=total,
-                between_scripts_s=between, plot_all_wall_s=wall, ratio=total / unit, wall_ratio=wall / unit)
+    report = dict(forward_pass_s=list(forward_s), forward_pass_mean_s=unit, scripts=rows, plot_all_s=total,
+                  between_scripts_s=between, plot_all_wall_s=wall, ratio=total / unit, wall_ratio=wall / unit)
+    if cpu is not None:
+        cpu_unit = sum(forward_cpu_s) / len(forward_cpu_s)
+        report.update(forward_pass_cpu_s=list(forward_cpu_s), plot_all_cpu_s=cpu, cpu_ratio=cpu / cpu_unit)
+    return report
 
 
 def measure_figures(args):
@@ -187,14 +198,18 @@ def measure_figures(args):
             checkpoint, made_data = make_checkpoint(work_dir, args.width, args.iterations)
             data_dir = data_dir or made_data
         run = load_run(str(checkpoint), args.device, data_dir, args.synthetic)
-        before = forward_pass_seconds(run.model, run.images)
-        stdout, wall = run_plot_all(checkpoint, work_dir / "figures", data_dir, args.synthetic, args.device)
-        after = forward_pass_seconds(run.model, run.images)
+        load_before = os.getloadavg()
+        (before, before_cpu) = forward_pass_seconds(run.model, run.images)
+        stdout, wall, cpu = run_plot_all(checkpoint, work_dir / "figures", data_dir, args.synthetic, args.device)
+        (after, after_cpu) = forward_pass_seconds(run.model, run.images)
         scripts, total = figure_times(stdout)
-    result = dict(machine(args.device), checkpoint=str(checkpoint), width=run.model.width,
-                  test_images=len(run.images), **figures_ratio(scripts, total, wall, (before, after)))
+    result = dict(machine(args.device), load_average_before=load_before, checkpoint=str(checkpoint),
+                  width=run.model.width, test_images=len(run.images),
+                  **figures_ratio(scripts, total, wall, (before, after), cpu, (before_cpu, after_cpu)))
+    load = lambda values: ", ".join(f"{v:.1f}" for v in values)
     print(f"\n{result['device_name']} ({result['cpu_capability']}, {result['threads']} threads) | torch "
-          f"{result['torch']} | {result['date']} | load average {', '.join(f'{v:.1f}' for v in result['load_average'])}")
+          f"{result['torch']} | {result['date']} | load average {load(load_before)} before, "
+          f"{load(result['load_average'])} after")
     print(f"one forward pass of the {len(run.images):,} test images (width {run.model.width}): {before:.1f} s "
           f"before, {after:.1f} s after plot_all.py\n")
     print(f"{'script':44} {'files':>5} {'seconds':>8} {'x forward':>10}")
@@ -203,6 +218,8 @@ def measure_figures(args):
     print(f"{'plot_all.py (its total)':44} {sum(r['files'] for r in scripts.values()):5} {total:8.1f} "
           f"{result['ratio']:10.2f}")
     print(f"{'plot_all.py (process wall time)':44} {'':5} {wall:8.1f} {result['wall_ratio']:10.2f}")
+    print(f"{'plot_all.py (process CPU time)':44} {'':5} {cpu:8.1f} {result['cpu_ratio']:10.2f}  "
+          f"(forward pass: {before_cpu:.1f} s and {after_cpu:.1f} s of CPU time)")
     return result
 
 

@@ -53,8 +53,10 @@ def test_the_times_read_are_those_plot_all_prints(monkeypatch, trained_checkpoin
     assert list(scripts) == ["plot_conv1_filters", "plot_learning_progress"]
     assert [row["files"] for row in scripts.values()] == [4, 4] and len(paths) == 8
     assert 0 < sum(row["seconds"] for row in scripts.values()) <= total + 0.1  # each printed to 0.1 s
-    report = bench_figures.figures_ratio(scripts, total, wall=total + 2.0, forward_s=(1.5, 2.5))
+    report = bench_figures.figures_ratio(scripts, total, wall=total + 2.0, forward_s=(1.5, 2.5), cpu=6.0,
+                                         forward_cpu_s=(1.0, 2.0))
     assert report["forward_pass_mean_s"] == 2.0 and report["ratio"] == pytest.approx(total / 2.0)
+    assert report["wall_ratio"] == pytest.approx((total + 2.0) / 2.0) and report["cpu_ratio"] == 4.0
     assert report["scripts"]["plot_conv1_filters"]["ratio"] == pytest.approx(scripts["plot_conv1_filters"]["seconds"] / 2)
     with pytest.raises(bench_figures.utils.UserError, match="no time per script"):
         bench_figures.figure_times("wrote figures/x.png\n")
