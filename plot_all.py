@@ -5,13 +5,14 @@ report's figures, the unit atlas, the feature visualization and the sanity check
 
 The checkpoint and the test split are loaded once and the atlas's pass over the test split also
 serves the gradient pattern's search (visualize.context.memo), so this is much faster than running the
-scripts one by one. Prints every file it writes, and the time each script took.
+scripts one by one. Prints every file it writes, and the time each script took. Last it writes
+figures/index.html (visualize.page): one page showing every figure in the folder and the run.
 """
 import importlib
 import time
 
 import utils
-from visualize import cli
+from visualize import cli, page
 
 # Run in this order; a new figure script is one more line. The atlas comes before the gradient
 # pattern, whose search then reuses the atlas's conv5_x scores instead of scoring the test split again.
@@ -44,6 +45,9 @@ def main(argv=None):
         written = importlib.import_module(name).main(shared)
         print(f"{name}.py: {len(written)} files in {time.perf_counter() - began:.1f} s")
         paths += written
+    began = time.perf_counter()
+    paths.append(page.write_page(args.figures_dir, args.checkpoint, args.device, args.data_dir, args.synthetic))
+    print(f"index.html: in {time.perf_counter() - began:.2f} s")
     print(f"plot_all.py: {len(paths)} files in {args.figures_dir}/ in {time.perf_counter() - start:.1f} s")
     return paths
 
