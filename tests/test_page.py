@@ -159,12 +159,31 @@ def test_the_tables_hold_the_jsons_numbers(figures):
     assert [float(v) for v in column(parsed, "selectivity")] == [u["selectivity"] for _, u in units]
     lost = [100 * (u["ablation"]["unablated_accuracy"] - u["ablation"]["accuracy"]) for _, u in units]
     assert [float(v) for v in column(parsed, "lost")] == pytest.approx(lost, abs=1e-9)
-    assert all(v in CLASSES for v in column(parsed, "leading") if v != "None")
+    assert all(v in CLASSES for v in column(parsed, "leading") if v != "none (silent)")
     sanity = json.loads((path.parent / "sanity_conv5_x_channel1.json").read_text())
     text = path.read_text()
     for technique, values in sanity["similarity"].items():
         row = f"<th>{page.e(technique)}</th>" + "".join(page.cell(v) for v in values)
         assert row in text, technique
+
+
+def test_a_json_of_a_layout_it_does_not_pin_shows_its_scalars_and_leaves_out_its_maps():
+    # the layouts plot_trust.py and plot_class_evidence.py write (issue 22): a row per technique, a row per image
+    trust = {"count": 4, "unit": {"layer": "conv5_x", "channel": 1},
+             "rows": {"guided": {"kind": "unit", "weights_top": 0.91, "passes": {"weights": False, "class": True}},
+                      HOSTILE: {"kind": "class", "deletion": 0.125, "weights_top": None, "passes": {}}}}
+    parsed = Page(page.json_table(trust))
+    assert [th.get("data-key") for th in parsed.all("th", "data-key")] == ["name", "kind", "weights_top", "passes",
+                                                                           "deletion"]
+    assert len(parsed.all("script")) == 0 and HOSTILE in parsed.text
+    assert [td["data-value"] for td in parsed.all("td")] == ["unit", "0.91", "weights no, class yes", "NaN",
+                                                             "class", "NaN", "", "0.125"]
+    evidence = {"images": [1, 2], "options": {"smoothgrad": {"n": 50}},
+                "per_image": [{"index": i, "true_name": HOSTILE, "probability": 0.5,
+                               "maps": {"saliency": [[0.25] * 32] * 32}} for i in (1, 2)]}
+    parsed = Page(page.json_table(evidence))
+    assert [th["data-key"] for th in parsed.all("th", "data-key")] == ["index", "true_name", "probability"]
+    assert [td["data-value"] for td in parsed.all("td")] == ["1", HOSTILE, "0.5", "2", HOSTILE, "0.5"]
 
 
 def test_the_run_is_described_from_the_checkpoint(figures):

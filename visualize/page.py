@@ -186,7 +186,7 @@ def href(name):
 
 
 def anchor(name):
-    """An element id for a file name (ids are compared as text; the escaping is the attribute's)."""
+    """The element id of a file's figure: its name with anything but letters, digits and _.- as _."""
     return e("f-" + re.sub(r"[^A-Za-z0-9_.-]", "_", name))
 
 
@@ -200,27 +200,19 @@ def png_size(path):
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
-def number(value, digits=2):
-    """A JSON number as a cell's text; None (undefined) as n/a."""
+def cell(value, digits=3):
+    """A <td> of a JSON value, with data-value for sorting: numbers right-aligned (floats to `digits`
+    decimals), None (undefined: JSON's null for NaN) as n/a, sorted last."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    return f"{value:.{digits}f}" if isinstance(value, float) else f"{value}"
-
-
-def cell(value):
-    """A <td> of a JSON value: numbers right-aligned, with data-value for sorting."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        sort_value = "NaN" if isinstance(value, float) and math.isnan(value) else repr(value)
-        return f'<td class="num" data-value="{e(sort_value)}">{e(number(value, 3))}</td>'
-    if value is None:
         return '<td class="num" data-value="NaN">n/a</td>'
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        shown = f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+        return f'<td class="num" data-value="{e(repr(value))}">{e(shown)}</td>'
     text = value if isinstance(value, str) else json.dumps(value)
     return f'<td data-value="{e(text)}">{e(text)}</td>'
 
 
-def table(columns, rows, table_id=None, sortable=False, row_titles=None):
+def table(columns, rows, table_id=None, sortable=False):
     """A <table>: columns [(key, title, numeric)], rows lists of ready <td> strings."""
     head = "".join(
         f'<th data-key="{e(key)}" data-type="{"num" if numeric else "text"}"' +
@@ -249,9 +241,9 @@ def atlas_table(atlas_records):
                     if "accuracy" in ablation else None)
             class_lost = 100 * ablation["class_drop"] if "class_drop" in ablation else None
             rows.append([
-                cell(record.get("layer", "")), cell(unit["channel"]), cell(unit.get("leading_class")),
-                cell(unit.get("selectivity")), cell(lost),
-                cell(ablation.get("class") if class_lost else "none"), cell(class_lost),
+                cell(record.get("layer", "")), cell(unit["channel"]), cell(unit.get("leading_class") or "none (silent)"),
+                cell(unit.get("selectivity")), cell(lost, 1),
+                cell(ablation.get("class") if class_lost else "none"), cell(class_lost, 1),
                 f'<td data-value="{e(png)}"><a href="{href(png)}" title="its block is headed &quot;channel '
                 f'{e(unit["channel"])}&quot;">{e(png)}</a></td>'])
     if not rows:
@@ -278,25 +270,41 @@ def sanity_table(record):
     return table(columns, rows)
 
 
+LARGE = object()  # a JSON value too large for a cell (a map, a list): it stays in the JSON
+
+
+def shown_value(value):
+    """What a table cell shows of a JSON value: a scalar as it is, booleans as yes/no, an object of at
+    most 8 scalars as 'key value, ...'; LARGE for anything else."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, dict) and len(value) <= 8 and all(isinstance(v, (str, int, float)) for v in value.values()):
+        return ", ".join(f"{key} {shown_value(v)}" for key, v in value.items())
+    return LARGE
+
+
 def json_table(record):
-    """The first table-like value of a JSON of unknown layout (the trust table's): a list of objects
-    (a row each), or an object of objects or of lists (a row per key); '' when there is none."""
-    candidates = [record] + (list(record.values()) if isinstance(record, dict) else [])
-    for value in candidates:
+    """The largest table in a JSON whose layout this module does not pin (the trust table's, the class
+    evidence's): a list of objects, a row each, or an object of objects, a row per key, with the
+    columns a cell can show (shown_value); '' when there is none. Sortable by every column."""
+    found = []
+    for value in [record, *(record.values() if isinstance(record, dict) else [])]:
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            keys = list(dict.fromkeys(k for row in value for k in row))
-            numeric = {k: all(isinstance(row.get(k), (int, float)) or row.get(k) is None for row in value) for k in keys}
-            return table([(k, k, numeric[k]) for k in keys], [[cell(row.get(k)) for k in keys] for row in value])
-        if isinstance(value, dict) and value and all(isinstance(v, (dict, list)) for v in value.values()):
-            if all(isinstance(v, dict) for v in value.values()):
-                keys = list(dict.fromkeys(k for row in value.values() for k in row))
-                rows = [[f"<th>{e(name)}</th>"] + [cell(row.get(k)) for k in keys] for name, row in value.items()]
-            else:
-                width = max(len(v) for v in value.values())
-                keys = [str(i) for i in range(width)]
-                rows = [[f"<th>{e(name)}</th>"] + [cell(v) for v in row] for name, row in value.items()]
-            return table([("", "", False)] + [(k, k, True) for k in keys], rows)
-    return ""
+            found.append((None, value))
+        elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            found.append((list(value), list(value.values())))
+    if not found:
+        return ""
+    names, rows = max(found, key=lambda f: len(f[1]))
+    keys = [key for key in dict.fromkeys(k for row in rows for k in row)
+            if all(shown_value(row.get(key)) is not LARGE for row in rows)]
+    numeric = {key: all(isinstance(shown_value(row.get(key)), (int, float, type(None))) for row in rows) for key in keys}
+    columns = ([("name", "", False)] if names else []) + [(key, key, numeric[key]) for key in keys]
+    body = [([f'<th data-value="{e(name)}">{e(name)}</th>'] if names else []) +
+            [cell(shown_value(row.get(key))) for key in keys] for name, row in zip(names or rows, rows)]
+    return table(columns, body, sortable=True)
 
 
 # ------------------------------------------------------------------- the run
@@ -335,10 +343,12 @@ def run_description(run, checkpoint):
     settings = [(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
                 for key, value in config.items() if key not in shown]
     rows = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in summary)
-    setting_rows = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in settings)
+    wide = ' class="wide"'  # a long value (the speed settings' reason) takes a line of its own
+    setting_items = "".join(f'<div{wide if len(v) > 60 else ""}><dt>{e(k)}</dt><dd>{e(v)}</dd></div>'
+                            for k, v in settings)
     return (f'<table class="run">{rows}</table>'
-            f'<details open><summary>Training settings (the checkpoint\'s config: train.py\'s flags and what it '
-            f'chose)</summary><table class="run settings">{setting_rows}</table></details>')
+            f'<h3>Training settings (the checkpoint\'s config: train.py\'s flags and what it chose)</h3>'
+            f'<dl class="settings">{setting_items}</dl>')
 
 
 # ------------------------------------------------------------------- the page
@@ -423,7 +433,7 @@ def page_html(folder, run, checkpoint):
             numbers = ""
             if isinstance(record, dict) and name.startswith("sanity_"):
                 numbers = sanity_table(record)
-            elif record is not None and name.startswith("trust"):
+            elif record is not None and name.startswith(("trust", "class_evidence")):
                 numbers = json_table(record)
             cards.append(figure_card(folder, name, caption, cmd, beside, numbers))
         if cards:
@@ -483,8 +493,12 @@ thead th { background: #eef1f5; position: sticky; top: 0; }
 figure table { margin-top: 8px; width: 100%; }
 table.run { max-width: 1100px; }
 table.run th { white-space: nowrap; color: var(--soft); font-weight: 600; }
-table.settings td { font: 12.5px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; word-break: break-word; }
-details { margin: 10px 0; } summary { cursor: pointer; color: var(--soft); }
+dl.settings { display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); gap: 2px 16px;
+               max-width: 1100px; margin: 0; font-size: 13.5px; }
+dl.settings div { display: flex; gap: 8px; border-bottom: 1px solid var(--line); padding: 2px 0; min-width: 0; }
+dl.settings div.wide { grid-column: 1 / -1; }
+dl.settings dt { color: var(--soft); font-weight: 600; }
+dl.settings dd { margin: 0; font: 12.5px/1.5 ui-monospace, "DejaVu Sans Mono", monospace; word-break: break-word; }
 .scroll { max-height: 70vh; overflow: auto; border: 1px solid var(--line); margin-bottom: 14px; display: inline-block; max-width: 100%; }
 table.sortable th button { all: unset; cursor: pointer; }
 table.sortable th[aria-sort=ascending] button::after { content: " \\25B2"; }
