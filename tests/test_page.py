@@ -133,19 +133,19 @@ def test_figures_go_to_their_sections_with_the_command_that_draws_them(figures):
     path, _, _ = figures
     sections, atlas, others = page.classify_files(path.parent)
     assert sorted(others) == sorted([STRANGE_PNG, "mystery.json"])
-    names = {key: [f[0] for f in found] for key, found in sections.items()}
+    names = {key: [f.name for f in found] for key, found in sections.items()}
     assert names["progress"] == ["train_accuracy.png", "train_loss.png", "test_accuracy.png", "test_loss.png"]
     assert names["atlas"] == ["atlas_conv2_x.png", "atlas_conv5_x.png"]
     assert names["reconstructions"] == ["conv1_channel0_reconstructions.png",  # the deconvnet before guided
                                         "conv5_x_channel1_reconstructions_trunk_guided_top1.png"]
-    commands = {f[0]: f[3] for found in sections.values() for f in found}
+    commands = {f.name: f.command for found in sections.values() for f in found}
     assert commands["conv5_x_channel1_reconstructions_trunk_guided_top1.png"] == \
         "python plot_conv5_reconstructed_pattern_trunk.py --layer conv5_x --channel 1 --method guided --top1"
     assert commands["atlas_conv2_x.png"] == \
         "python plot_unit_atlas.py --layer conv2_x --channels 0-3 --ablation-images 32"
     assert commands["sanity_conv5_x_channel1.png"] == \
         "python plot_sanity_checks.py --layer conv5_x --channel 1 --images 0-1 --seed 0"
-    beside = {f[0]: f[4] for found in sections.values() for f in found}
+    beside = {f.name: f.beside for found in sections.values() for f in found}
     assert beside["feature_visualization_conv5_x.png"] == ["feature_visualization_conv5_x.pt"]
     assert beside["sanity_conv5_x_channel1.png"] == ["sanity_conv5_x_channel1.json"]
 

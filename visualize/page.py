@@ -21,6 +21,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote
 
 from data import dataset_root, describe_dataset
@@ -40,6 +41,7 @@ SECTIONS = {  # id: heading, in the README's order
     "evidence": "Class evidence",
     "other": "Other files",
 }
+WIDE_SECTIONS = {"reconstructions", "atlas", "trust", "evidence"}  # dense figures: two a row on a laptop
 METHOD_SUBSECTIONS = {"deconvnet": "Deconvnet (Zeiler & Fergus, the report's)", "guided": "Guided backpropagation",
                       "gradient": "The plain gradient"}
 
@@ -151,26 +153,6 @@ def class_evidence_figure(m, record):
     caption = ("Class evidence: test images with their true and predicted class and its probability, and for each "
                "method the map of the pixels that made the prediction.")
     return None, caption, command("plot_class_evidence.py") + (f"  (file-name suffix: {m['rest']})" if m["rest"] else "")
-
-
-# (section, file-name pattern of the PNG, describer), in the order the page shows them
-FIGURES = [
-    ("progress", r"(?P<split>train)_(?P<what>accuracy|loss)", progress_figure),
-    ("progress", r"(?P<split>test)_(?P<what>accuracy|loss)", progress_figure),
-    ("maps", r"conv1_filters_(?:input_channel(?P<channel>[0-2])|rgb)", filters_figure),
-    ("maps", rf"{LAYER}_feature_maps_image(?P<image>\d+)(?:_channels(?P<channels>[\d,-]+))?", feature_maps_figure),
-    ("reconstructions", rf"{LAYER}_channel(?P<channel>\d+)_reconstructions(?:_(?P<path>shortcut|trunk))?"
-                        rf"(?:_(?P<method>guided|gradient))?(?P<top1>_top1)?(?P<shared>_sharedscale)?",
-     reconstructions_figure),
-    ("atlas", rf"atlas_{LAYER}(?:_(?P<method>guided|gradient))?", atlas_figure),
-    ("featurevis", rf"gradient_pattern_{LAYER}_channel(?P<channel>\d+)", gradient_pattern_figure),
-    ("featurevis", rf"feature_visualization_{LAYER}(?P<neuron>_neuron)?(?P<top>_top)?", feature_visualization_figure),
-    ("trust", rf"sanity_{LAYER}_channel(?P<channel>\d+)(?P<rest>.*)", sanity_figure),
-    ("trust", r"trust(?P<rest>.*)", trust_figure),
-    ("evidence", r"class_evidence(?P<rest>.*)", class_evidence_figure),
-]
-# The reconstructions' subsections in this order, whatever the file names' order
-SUBSECTION_ORDER = list(METHOD_SUBSECTIONS.values())
 
 
 # ------------------------------------------------------------------- HTML pieces
@@ -318,9 +300,9 @@ def data_name(data_dir, synthetic):
         return f"the data in {data_dir} (not readable now)"
 
 
-def run_description(run, checkpoint):
-    """The run the figures show, from the checkpoint's config and history: a table of what it is, then
-    every training setting of its config."""
+def run_description(run, checkpoint, note=""):
+    """The run the figures show, from the checkpoint's config and history: a table of what it is (and
+    `note`, HTML, under it), beside every training setting of its config."""
     ckpt = run.checkpoint
     config, history = ckpt.get("config", {}), ckpt.get("history", {})
     trained_on = config.get("data_name") or data_name(config.get("data_dir", "data"), config.get("synthetic", False))
@@ -346,109 +328,144 @@ def run_description(run, checkpoint):
     wide = ' class="wide"'  # a long value (the speed settings' reason) takes a line of its own
     setting_items = "".join(f'<div{wide if len(v) > 60 else ""}><dt>{e(k)}</dt><dd>{e(v)}</dd></div>'
                             for k, v in settings)
-    return (f'<table class="run">{rows}</table>'
+    return (f'<div class="run-grid"><div><table class="run">{rows}</table>{note}</div><div>'
             f'<h3>Training settings (the checkpoint\'s config: train.py\'s flags and what it chose)</h3>'
-            f'<dl class="settings">{setting_items}</dl>')
+            f'<dl class="settings">{setting_items}</dl></div></div>')
 
 
 # ------------------------------------------------------------------- the page
 
+# (section, file-name pattern of the PNG, describer, the table of its JSON's numbers or None), in the
+# order the page shows them.
+FIGURES = [
+    ("progress", r"(?P<split>train)_(?P<what>accuracy|loss)", progress_figure, None),
+    ("progress", r"(?P<split>test)_(?P<what>accuracy|loss)", progress_figure, None),
+    ("maps", r"conv1_filters_(?:input_channel(?P<channel>[0-2])|rgb)", filters_figure, None),
+    ("maps", rf"{LAYER}_feature_maps_image(?P<image>\d+)(?:_channels(?P<channels>[\d,-]+))?", feature_maps_figure, None),
+    ("reconstructions", rf"{LAYER}_channel(?P<channel>\d+)_reconstructions(?:_(?P<path>shortcut|trunk))?"
+                        rf"(?:_(?P<method>guided|gradient))?(?P<top1>_top1)?(?P<shared>_sharedscale)?",
+     reconstructions_figure, None),
+    ("atlas", rf"atlas_{LAYER}(?:_(?P<method>guided|gradient))?", atlas_figure, None),  # one table for all stages
+    ("featurevis", rf"gradient_pattern_{LAYER}_channel(?P<channel>\d+)", gradient_pattern_figure, None),
+    ("featurevis", rf"feature_visualization_{LAYER}(?P<neuron>_neuron)?(?P<top>_top)?", feature_visualization_figure,
+     None),
+    ("trust", rf"sanity_{LAYER}_channel(?P<channel>\d+)(?P<rest>.*)", sanity_figure, sanity_table),
+    ("trust", r"trust(?P<rest>.*)", trust_figure, json_table),
+    ("evidence", r"class_evidence(?P<rest>.*)", class_evidence_figure, json_table),
+]
+# The reconstructions' subsections in this order, whatever the file names' order
+SUBSECTION_ORDER = list(METHOD_SUBSECTIONS.values())
+
+
+class Figure(NamedTuple):
+    name: str  # the PNG's file name
+    subsection: str | None
+    caption: str
+    command: str
+    beside: list  # the names of the files beside it (same stem)
+    numbers: str  # HTML: the table of its JSON's numbers, or ''
+
+
 def classify_files(folder):
-    """The folder's files: ({section: [(png name, subsection, caption, command, [files beside])]},
-    {layer's atlas PNG: its JSON record}, [names of every other file]), each section in FIGURES' order."""
+    """The folder's files: ({section: [Figure, ...]}, {atlas PNG: its JSON record}, [every other
+    file's name]), each section in FIGURES' order, and within a kind by name."""
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != PAGE and not p.name.startswith("."))
     stems = {}
     for name in names:
         stems.setdefault(name.rsplit(".", 1)[0], []).append(name)
     claimed, sections, atlas_records = set(), {key: [] for key in SECTIONS}, {}
-    for order, (section, pattern, describe) in enumerate(FIGURES):
+    for section, pattern, describe, numbers in FIGURES:
         for name in names:
             m = re.fullmatch(pattern + r"\.png", name)
             if not m or name in claimed:
                 continue
             stem = name[:-len(".png")]
             beside = [other for other in stems[stem] if other != name]
-            record = None
-            if stem + ".json" in beside:
-                try:
-                    record = json.loads((folder / (stem + ".json")).read_text())
-                except (OSError, ValueError):
-                    record = None  # linked all the same; its numbers are left out
-            subsection, caption, cmd = describe(m, record if isinstance(record, dict) else None)
-            sections[section].append((name, subsection, caption, cmd, beside, record))
+            record = read_json(folder / f"{stem}.json") if f"{stem}.json" in beside else None
+            subsection, caption, cmd = describe(m, record)
+            table_html = numbers(record) if numbers and record else ""
+            sections[section].append(Figure(name, subsection, caption, cmd, beside, table_html))
             claimed.update([name, *beside])
-            if section == "atlas" and isinstance(record, dict):
+            if section == "atlas" and record:
                 atlas_records[name] = record
-    sections["reconstructions"].sort(key=lambda f: SUBSECTION_ORDER.index(f[1]))  # stable: names stay in order
+    sections["reconstructions"].sort(key=lambda f: SUBSECTION_ORDER.index(f.subsection))  # stable
     return sections, atlas_records, [name for name in names if name not in claimed]
 
 
-def figure_card(folder, name, caption, cmd, beside, numbers=""):
-    size = png_size(folder / name)
+def read_json(path):
+    """A JSON object from a file; None for one that cannot be read or is no object (it is linked all
+    the same; only its numbers are left out)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def figure_card(folder, figure):
+    size = png_size(folder / figure.name)
     dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
-    links = " ".join(f'<a href="{href(b)}">{e(b)}</a>' for b in beside)
-    return (f'<figure id="{anchor(name)}"><a href="{href(name)}"><img src="{href(name)}"{dims} alt="{e(caption)}"></a>'
-            f'<figcaption><a class="name" href="#{anchor(name)}">{e(name)}</a> {e(caption)}'
-            f'<code>{e(cmd)}</code>' + (f'<span class="data">beside it: {links}</span>' if links else "") +
-            f'</figcaption>{numbers}</figure>')
+    links = " ".join(f'<a href="{href(b)}">{e(b)}</a>' for b in figure.beside)
+    return (f'<figure id="{anchor(figure.name)}"><a href="{href(figure.name)}"><img src="{href(figure.name)}"{dims} '
+            f'alt="{e(figure.caption)}"></a><figcaption><a class="name" href="#{anchor(figure.name)}">'
+            f'{e(figure.name)}</a> {e(figure.caption)}' + (f'<code>{e(figure.command)}</code>' if figure.command else "")
+            + (f'<span class="data">beside it: {links}</span>' if links else "") + f'</figcaption>{figure.numbers}</figure>')
+
+
+def section_body(folder, figures, grid):
+    """A section's figures in `grid`s, a heading before each subsection."""
+    if not figures:
+        return '<p class="none">None in this folder.</p>'
+    parts, cards, subsection = [], [], None
+    for figure in figures:
+        if figure.subsection != subsection:
+            parts.append(f'<div class="{grid}">{"".join(cards)}</div>' if cards else "")
+            parts.append(f"<h3>{e(figure.subsection)}</h3>")
+            subsection, cards = figure.subsection, []
+        cards.append(figure_card(folder, figure))
+    return "".join(parts) + f'<div class="{grid}">{"".join(cards)}</div>'
+
+
+def other_files(folder, names):
+    """The files the page does not know by name: a PNG shown as a figure, anything else linked."""
+    figures = [Figure(name, None, "A figure this page does not know by its name.", "", [], "")
+               for name in names if name.endswith(".png")]
+    files = "".join(f'<li><a href="{href(name)}">{e(name)}</a></li>' for name in names if not name.endswith(".png"))
+    return (section_body(folder, figures, "grid") if figures else "") + (
+        f'<ul class="files">{files}</ul>' if files else "")
 
 
 def page_html(folder, run, checkpoint):
     folder = Path(folder)
     sections, atlas_records, others = classify_files(folder)
-    # one atlas JSON a stage for the table: the deconvnet's where several methods were drawn
-    by_layer = {}
+    by_layer = {}  # one atlas JSON a stage for the table: the deconvnet's where several methods were drawn
     for png, record in atlas_records.items():
         layer = record.get("layer", png)
         if layer not in by_layer or record.get("method") == "deconvnet":
             by_layer[layer] = (png, record)
     parts, nav = [], []
     for key, heading in SECTIONS.items():
-        figures = sections.get(key, [])
-        body = []
-        if key == "atlas":
-            body.append(atlas_table(list(by_layer.values())))
         if key == "other":
             if not others:
                 continue
-            cards = []
-            for name in others:
-                if name.endswith(".png"):
-                    cards.append(figure_card(folder, name, "A figure this page does not know by its name.", "", []))
-                else:
-                    cards.append(f'<li><a href="{href(name)}">{e(name)}</a></li>')
-            images = [c for c in cards if c.startswith("<figure")]
-            files = [c for c in cards if c.startswith("<li")]
-            body.append(f'<div class="grid">{"".join(images)}</div>' if images else "")
-            body.append(f'<ul class="files">{"".join(files)}</ul>' if files else "")
-        elif not figures:
-            body.append('<p class="none">None in this folder.</p>')
-        subsection, cards = None, []
-        for name, sub, caption, cmd, beside, record in figures:
-            if sub != subsection:
-                if cards:
-                    body.append(f'<div class="grid">{"".join(cards)}</div>')
-                body.append(f"<h3>{e(sub)}</h3>")
-                subsection, cards = sub, []
-            numbers = ""
-            if isinstance(record, dict) and name.startswith("sanity_"):
-                numbers = sanity_table(record)
-            elif record is not None and name.startswith(("trust", "class_evidence")):
-                numbers = json_table(record)
-            cards.append(figure_card(folder, name, caption, cmd, beside, numbers))
-        if cards:
-            body.append(f'<div class="grid">{"".join(cards)}</div>')
-        nav.append(f'<a href="#{key}">{e(heading)} <span>{len(figures) if key != "other" else len(others)}</span></a>')
-        parts.append(f'<section id="{key}"><h2>{e(heading)}</h2>{"".join(body)}</section>')
+            body, count = other_files(folder, others), len(others)
+        else:
+            figures = sections[key]
+            body = section_body(folder, figures, "grid wide" if key in WIDE_SECTIONS else "grid")
+            body, count = (atlas_table(list(by_layer.values())) if key == "atlas" else "") + body, len(figures)
+        nav.append(f'<a href="#{key}">{e(heading)} <span>{count}</span></a>')
+        parts.append(f'<section id="{key}"><h2>{e(heading)}</h2>{body}</section>')
     title = f"{Path(checkpoint).name}: what a width-{run.model.width} ResNet-18 learned"
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width, initial-scale=1"><title>{e(title)}</title><style>{STYLE}</style></head>'
             f'<body><header><h1>{e(title)}</h1><nav><a href="#run">The run</a>{"".join(nav)}</nav></header><main>'
-            f'<section id="run"><h2>The run</h2>{run_description(run, checkpoint)}'
-            f'<p class="note">Rebuilt by plot_all.py from the files in this folder. Each caption gives the command '
-            f'that draws the figure, from the flags its file name (and its JSON) carry; every command also takes '
-            f'the run\'s --checkpoint and --data-dir. Click a figure for the full-size file.</p></section>'
+            f'<section id="run"><h2>The run</h2>{run_description(run, checkpoint, NOTE)}</section>'
             f'{"".join(parts)}</main><script>{SCRIPT}</script></body></html>\n')
+
+
+NOTE = ('<p class="note">Rebuilt by plot_all.py from the files in this folder. Each caption gives the command '
+        'that draws the figure, from the flags its file name (and its JSON) carry; every command also takes the '
+        'run\'s --checkpoint and --data-dir. Click a figure for the full-size file.</p>')
 
 
 def write_page(figures_dir, checkpoint, device, data_dir=None, synthetic=None):
@@ -478,7 +495,8 @@ section { padding-top: 8px; }
 h2 { font-size: 18px; margin: 24px 0 10px; padding-bottom: 4px; border-bottom: 2px solid var(--line); }
 h3 { font-size: 15px; margin: 16px 0 8px; color: var(--soft); }
 section[id], figure[id] { scroll-margin-top: 80px; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 14px; align-items: start; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(420px, 100%), 1fr)); gap: 14px; align-items: start; }
+.grid.wide { grid-template-columns: repeat(auto-fill, minmax(min(600px, 100%), 1fr)); }
 figure { margin: 0; background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 10px; }
 figure img { display: block; width: 100%; height: auto; }
 figcaption { font-size: 13.5px; margin-top: 8px; }
@@ -491,10 +509,13 @@ th, td { padding: 3px 9px; border-bottom: 1px solid var(--line); text-align: lef
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 thead th { background: #eef1f5; position: sticky; top: 0; }
 figure table { margin-top: 8px; width: 100%; }
-table.run { max-width: 1100px; }
+table.run { width: 100%; }
 table.run th { white-space: nowrap; color: var(--soft); font-weight: 600; }
-dl.settings { display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); gap: 2px 16px;
-               max-width: 1100px; margin: 0; font-size: 13.5px; }
+.run-grid { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 24px; align-items: start; }
+@media (max-width: 1000px) { .run-grid { grid-template-columns: minmax(0, 1fr); } }
+.run-grid h3 { margin-top: 0; }
+dl.settings { display: grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap: 2px 16px;
+              margin: 0; font-size: 13.5px; }
 dl.settings div { display: flex; gap: 8px; border-bottom: 1px solid var(--line); padding: 2px 0; min-width: 0; }
 dl.settings div.wide { grid-column: 1 / -1; }
 dl.settings dt { color: var(--soft); font-weight: 600; }
