@@ -242,12 +242,15 @@ def atlas_table(atlas_records):
 
 
 def sanity_table(record):
-    """A sanity JSON's similarities: a row per technique, a column per depth."""
+    """A sanity JSON's similarities: a row per technique, a column per depth (trained; the unit's stage
+    random; + each stage below also random)."""
     depths = record.get("depths") or []
     similarity = record.get("similarity") or {}
     if not depths or not isinstance(similarity, dict):
         return ""
-    columns = [("technique", "technique", False)] + [(str(d), str(d), True) for d in depths]
+    layer = record.get("layer", depths[1] if len(depths) > 1 else "")
+    titles = [("+ " if d not in ("trained", layer) else "") + str(d) + (" random" if d == layer else "") for d in depths]
+    columns = [("technique", "technique", False)] + [(str(d), title, True) for d, title in zip(depths, titles)]
     rows = [[f"<th>{e(name)}</th>"] + [cell(v) for v in values] for name, values in similarity.items()]
     return table(columns, rows)
 
