@@ -1,12 +1,12 @@
 """Every figure, in one Python process: each plot script's own code, run with its defaults (the
-report's figures, the unit atlas, the feature visualization and the sanity checks), on one checkpoint.
+report's figures, the unit atlas, the feature visualization and the sanity checks), on one checkpoint;
+last, figures/index.html (visualize.page): one page with every figure in the folder and the run.
 
     python plot_all.py [--checkpoint checkpoints/resnet18_cifar10.pt] [--figures-dir figures]
 
 The checkpoint and the test split are loaded once and the atlas's pass over the test split also
 serves the gradient pattern's search (visualize.context.memo), so this is much faster than running the
-scripts one by one. Prints every file it writes, and the time each script took. Last it writes
-figures/index.html (visualize.page): one page showing every figure in the folder and the run.
+scripts one by one. Prints every file it writes, and the time each script took.
 """
 import importlib
 import time
