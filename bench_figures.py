@@ -44,8 +44,9 @@ from visualize import featurevis, scoring
 from visualize.context import load_run
 
 ROOT = Path(__file__).resolve().parent
-# what plot_all.py prints: a line a script, then its total
-SCRIPT_LINE = re.compile(r"^(\w+)\.py: (\d+) files in ([\d.]+) s$", flags=re.M)
+# what plot_all.py prints: a line a script ("plot_x.py: 2 files in 1.2 s"; a step that is no script, as
+# "index.html: in 0.02 s", counts as one), then its total
+SCRIPT_LINE = re.compile(r"^([\w.]+?)(?:\.py)?: (?:(\d+) files )?in ([\d.]+) s$", flags=re.M)
 TOTAL_LINE = re.compile(r"^plot_all\.py: \d+ files in .* in ([\d.]+) s$", flags=re.M)
 
 
@@ -165,7 +166,8 @@ def run_plot_all(checkpoint, figures_dir, data_dir, synthetic, device):
 
 def figure_times(stdout):
     """({script: {"files", "seconds"}} of every script line plot_all.py printed, its total in seconds)."""
-    scripts = {name: dict(files=int(files), seconds=float(seconds)) for name, files, seconds in SCRIPT_LINE.findall(stdout)}
+    scripts = {name: dict(files=int(files or 1), seconds=float(seconds))
+               for name, files, seconds in SCRIPT_LINE.findall(stdout)}
     total = TOTAL_LINE.findall(stdout)
     if not scripts or len(total) != 1:
         raise utils.UserError("plot_all.py's output has no time per script and total (lines 'NAME.py: N files "
@@ -214,7 +216,8 @@ def measure_figures(args):
           f"before, {after:.1f} s after plot_all.py\n")
     print(f"{'script':44} {'files':>5} {'seconds':>8} {'x forward':>10}")
     for name, row in result["scripts"].items():
-        print(f"{name + '.py':44} {row['files']:5} {row['seconds']:8.1f} {row['ratio']:10.2f}")
+        print(f"{name + ('.py' if name.startswith('plot_') else ''):44} {row['files']:5} {row['seconds']:8.1f} "
+              f"{row['ratio']:10.2f}")
     print(f"{'plot_all.py (its total)':44} {sum(r['files'] for r in scripts.values()):5} {total:8.1f} "
           f"{result['ratio']:10.2f}")
     print(f"{'plot_all.py (process wall time)':44} {'':5} {wall:8.1f} {result['wall_ratio']:10.2f}")
