@@ -193,6 +193,32 @@ def save_panels(path, panels, title, cols=None):
     return save(fig, path)
 
 
+# The row shading of save_text_table by a row's kind, and of a cell by its verdict
+KIND_COLOURS = {"unit picture": "#eef3fb", "class map": "#f7f2ea", "baseline": "#e6e6e6"}
+VERDICT_COLOURS = {"pass": "#cdebc5", "fail": "#f4c7c3"}
+
+
+def save_text_table(path, cells, title, column_titles, row_titles, row_kinds):
+    """A table of text: cells[i][j] written in row i (titled row_titles[i] at its left, shaded by
+    KIND_COLOURS[row_kinds[i]]) and column j; a last column of "<test> pass|fail, ..." verdicts is
+    shaded green where every test passes, red where any fails."""
+    fig = new_figure(1.05 * len(column_titles) + 2.8, 0.28 * (len(cells) + 1) + 0.2 * (title.count("\n") + 1) + 0.6)
+    ax = fig.add_subplot()
+    ax.axis("off")
+    table = ax.table(cellText=cells, rowLabels=row_titles, colLabels=column_titles, loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(7)
+    table.scale(1, 1.35)
+    for i, kind in enumerate(row_kinds, start=1):
+        for j in range(-1, len(column_titles)):
+            table[i, j].set_facecolor(KIND_COLOURS.get(kind, "white"))
+        verdict = cells[i - 1][-1]
+        if "pass" in verdict or "fail" in verdict:
+            table[i, len(column_titles) - 1].set_facecolor(VERDICT_COLOURS["fail" if "fail" in verdict else "pass"])
+    table.auto_set_column_width(list(range(len(column_titles))))
+    fig.suptitle(title, fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
 
 
 def save_table(path, cells, title, column_titles, row_titles):

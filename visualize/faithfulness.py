@@ -45,7 +45,8 @@ BATCH = 500  # images a forward pass while scoring curves
 def relevance(maps, size=(32, 32)):
     """A map's relevance per pixel, float32 (N, H, W): sum_c |m_c| of a pixel map (N, 3, H, W), a map
     (N, h, w) as it is, upsampled bilinearly (align_corners=False) to `size` where it is smaller."""
-    maps = maps.detach().float()
+    maps = maps.detach()
+    maps = maps if maps.dtype == torch.float64 else maps.float()  # float64 maps (the tests') stay exact
     if maps.dim() == 4:
         maps = maps.abs().sum(1)
     if tuple(maps.shape[-2:]) != tuple(size):
@@ -143,8 +144,9 @@ def perturbation_curve(model, images, targets, maps, kind, step=DELETION_STEP, s
     """The deletion (kind "deletion") or insertion (kind "insertion") curve of each image (see the
     module's docstring). images: uint8 (N, 3, H, W); targets: class indices (N,); maps: (N, 3, H, W)
     or (N, h, w). The images of a chunk and all their steps go through the network together."""
-    device = next(model.parameters()).device
-    x = normalize(images.to(device))
+    parameter = next(model.parameters())
+    device = parameter.device
+    x = normalize(images.to(device)).to(parameter.dtype)
     n, _, h, w = x.shape
     places = ranks(maps, seed).to(device)
     counts = torch.tensor(step_counts(h * w, step), device=device)
@@ -263,7 +265,8 @@ def road(model, images, targets, maps, order="MoRF", levels=ROAD_LEVELS, noise=R
     (N, 3, H, W); targets (N,); maps (N, 3, H, W) or (N, h, w). Level 0 removes nothing."""
     if order not in ("MoRF", "LeRF"):
         raise ValueError(f"unknown order {order!r}; choose MoRF or LeRF")
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
+    device = parameter.device
     n, _, h, w = images.shape
     places = ranks(maps, seed)
     if order == "LeRF":
@@ -277,6 +280,6 @@ def road(model, images, targets, maps, order="MoRF", levels=ROAD_LEVELS, noise=R
     for i in range(0, len(pixels), per_chunk):
         imputed = road_impute(pixels[i:i + per_chunk], removed[i:i + per_chunk], noise, generator).to(device)
         mean, std = mean_std(device)
-        correct.append(predictions(model, (imputed - mean) / std).cpu())
+        correct.append(predictions(model, ((imputed - mean) / std).to(parameter.dtype)).cpu())
     correct = torch.cat(correct).view(n, len(levels)) == targets.cpu()[:, None]
     return RoadScores(levels=list(levels), order=order, correct=correct)
