@@ -1,10 +1,10 @@
 """How far each picture can be trusted, on both axes, in one table (visualize/trust.py).
 
-    python plot_trust.py [--count 16] [--target predicted] [--step 5] [--noise 0.01] [--seed 0]
+    python plot_trust.py [--count 16] [--target predicted] [--step 5] [--noise 0.01] [--seed 0] [--images 4531-4546]
 
 A row per technique: the unit pictures of the sanity checks (deconvnet, guided backpropagation, the
-plain gradient, the feature visualization, the gradient pattern: conv5_x channel 1, test images
-4531-4546) and the class-evidence maps (Grad-CAM at conv4_x and conv3_x, saliency, SmoothGrad,
+plain gradient, the feature visualization, the gradient pattern: conv5_x channel 1 on the test images
+--images, plot_sanity_checks.py's) and the class-evidence maps (Grad-CAM at conv4_x and conv3_x, saliency, SmoothGrad,
 integrated gradients, occlusion; visualize/attribution.py's defaults) on the first --count test
 images for their predicted (or true) class, beside a seeded random map and the Sobel edge map.
 Columns: does the map depend on the weights (Spearman rho to the trained map with conv5_x, and with
@@ -20,10 +20,11 @@ import math
 
 import utils
 from visualize import cli, faithfulness, trust
+from visualize.drawing import format_indices
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__)
+    p = cli.plot_parser(__doc__, images=format_indices(trust.UNIT_IMAGES))
     p.add_argument("--count", type=int, default=trust.COUNT,
                    help="the first N test images the class maps are measured on, 1..the split's size "
                         "(default: %(default)s)")
@@ -52,7 +53,7 @@ def main(argv=None):
     if args.count > len(run.images):
         raise utils.UserError(f"--count {args.count} is out of range: the test split has {len(run.images)} images; "
                               f"choose 1..{len(run.images)}")
-    return trust.plot_trust(run, args.figures_dir, args.count, args.target, args.seed, args.step, args.noise)
+    return trust.plot_trust(run, args.figures_dir, args.count, args.target, args.seed, args.step, args.noise, args.images)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,7 @@ def tiny_checkpoint(small_data_dir, tmp_path_factory):
     (["--count", "0"], ["--count 0", "at least 1"]),
     (["--count", "513"], ["--count 513", "512 images", "1..512"]),
     (["--seed", "-1"], ["--seed -1", "0.."]),
+    (["--images", "4531-4546"], ["4531", "0..511"]),
 ])
 def test_every_flag_out_of_range_gets_one_line_naming_the_valid_values(tiny_checkpoint, tmp_path, args, words):
     proc = run_in_process("plot_trust.py", ["--checkpoint", str(tiny_checkpoint), "--figures-dir", str(tmp_path), *args])
@@ -114,10 +115,11 @@ def test_every_flag_out_of_range_gets_one_line_naming_the_valid_values(tiny_chec
 
 def test_the_script_writes_the_table_and_its_json(tiny_checkpoint, tmp_path, one_thread):
     proc = run_in_process("plot_trust.py", ["--checkpoint", str(tiny_checkpoint), "--figures-dir", str(tmp_path),
-                                            "--count", "4", "--step", "50"])
+                                            "--count", "4", "--step", "50", "--images", "0-3"])
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["trust_count4_step50.json", "trust_count4_step50.png"]
-    record = json.loads((tmp_path / "trust_count4_step50.json").read_text())
+    name = "trust_images0-3_count4_step50"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.json", f"{name}.png"]
+    record = json.loads((tmp_path / f"{name}.json").read_text())
     assert record["count"] == 4 and record["step_percent"] == 50
     assert set(record["rows"]) == {*sanity.TECHNIQUES, *trust.CLASS_MAP_NAMES, *trust.BASELINES}
     assert "class" not in record["rows"]["guided"] and "deletion AUC" in record["rows"]["occlusion"]

@@ -9,7 +9,7 @@ Columns, each measured the same way for every row it applies to:
                         draws and the one it draws with conv5_x re-initialised (top), and with every
                         stage re-initialised (all; sanity.reinitialised, seeded, the fc kept), averaged
                         over the images where it is defined. Unit pictures: the sanity checks' numbers
-                        for conv5_x channel 1 on test images 4531-4546 (sanity.sanity_checks, memoized,
+                        for conv5_x channel 1 on test images 4531-4546 (sanity.unit_sanity_checks, memoized,
                         so plot_all.py computes them once). Class maps: of the same target class.
     class               Sixt et al. 2020's random-logit test: rho between the map for the target class
                         and the map for a random other class (seeded), averaged over the images. Unit
@@ -36,7 +36,7 @@ from data import normalize
 from model import STAGES
 from visualize import faithfulness, sanity
 from visualize.attribution import attribute
-from visualize.drawing import save_text_table, wrap_title
+from visualize.drawing import format_indices, save_text_table, wrap_title
 
 # The class maps of the table: (row name, attribute's method, its stage); attribute's default options
 CLASS_MAPS = (("Grad-CAM conv4_x", "gradcam", "conv4_x"), ("Grad-CAM conv3_x", "gradcam", "conv3_x"),
@@ -44,7 +44,8 @@ CLASS_MAPS = (("Grad-CAM conv4_x", "gradcam", "conv4_x"), ("Grad-CAM conv3_x", "
               ("integrated gradients", "integrated_gradients", None), ("occlusion", "occlusion", None))
 CLASS_MAP_NAMES = tuple(name for name, _, _ in CLASS_MAPS)
 BASELINES = ("random map", "Sobel edge map")
-UNIT = {"layer": "conv5_x", "channel": 1, "images": list(range(4531, 4547))}  # plot_sanity_checks.py's defaults
+UNIT = {"layer": "conv5_x", "channel": 1}  # plot_sanity_checks.py's defaults
+UNIT_IMAGES = list(range(4531, 4547))  # and its test images (plot_trust.py --images)
 TOP = STAGES[-1]  # the stage re-initialised first
 COUNT = 16  # the first test images the class maps are measured on (plot_trust.py --count): cost, see docs
 TARGETS = ("predicted", "true")
@@ -105,9 +106,10 @@ def class_map_trust(model, images, targets, seed=0, step=faithfulness.DELETION_S
     return values
 
 
-def unit_picture_trust(run, seed=0):
-    """{technique: {"weights: top", "weights: all"}} of the unit pictures: the sanity checks of UNIT."""
-    checks = sanity.unit_sanity_checks(run, UNIT["layer"], UNIT["channel"], UNIT["images"], seed)
+def unit_picture_trust(run, unit_images=UNIT_IMAGES, seed=0):
+    """{technique: {"weights: top", "weights: all"}} of the unit pictures: the sanity checks of UNIT
+    on the test images `unit_images`."""
+    checks = sanity.unit_sanity_checks(run, UNIT["layer"], UNIT["channel"], unit_images, seed)
     return {name: {"weights: top": values[1], "weights: all": values[-1]} for name, values in checks.similarity.items()}
 
 
@@ -130,23 +132,24 @@ def verdicts(rows):
 
 
 def trust_table(run, count=COUNT, target="predicted", seed=0, step=faithfulness.DELETION_STEP,
-                noise=faithfulness.ROAD_NOISE):
+                noise=faithfulness.ROAD_NOISE, unit_images=UNIT_IMAGES):
     """{row name: TrustRow}: the unit pictures, the class maps on the first `count` test images for
-    their predicted or true class (`target`), and the baselines."""
+    their predicted or true class (`target`), and the baselines; the unit pictures' sanity checks on
+    the test images `unit_images`."""
     images = run.images[:count]
     if target == "true":
         targets = torch.as_tensor(run.labels[:count])
     else:
         targets = faithfulness.predictions(run.model, normalize(images.to(run.device))).cpu()
-    rows = {name: TrustRow("unit picture", values) for name, values in unit_picture_trust(run, seed).items()}
+    rows = {name: TrustRow("unit picture", values) for name, values in unit_picture_trust(run, unit_images, seed).items()}
     for name, values in class_map_trust(run.model, images, targets.to(run.device), seed, step, noise).items():
         rows[name] = TrustRow("baseline" if name in BASELINES else "class map", values)
     return verdicts(rows)
 
 
-def table_suffix(count, target, seed, step, noise):
+def table_suffix(count, target, seed, step, noise, unit_images):
     """The file name's additions for every non-default choice ('' for the defaults)."""
-    parts = [(count != COUNT, f"count{count}"), (target != "predicted", target), (seed != 0, f"seed{seed}"),
+    parts = [(unit_images != UNIT_IMAGES, f"images{format_indices(unit_images)}"), (count != COUNT, f"count{count}"), (target != "predicted", target), (seed != 0, f"seed{seed}"),
              (step != faithfulness.DELETION_STEP, f"step{step:g}"), (noise != faithfulness.ROAD_NOISE, f"noise{noise:g}")]
     return "".join(f"_{text}" for chosen, text in parts if chosen)
 
@@ -156,9 +159,9 @@ def cell_text(value):
 
 
 def plot_trust(run, figures_dir, count=COUNT, target="predicted", seed=0, step=faithfulness.DELETION_STEP,
-               noise=faithfulness.ROAD_NOISE):
+               noise=faithfulness.ROAD_NOISE, unit_images=UNIT_IMAGES):
     """plot_trust.py: the table as trust<suffix>.png and .json in figures_dir; prints it; returns both paths."""
-    rows = trust_table(run, count, target, seed, step, noise)
+    rows = trust_table(run, count, target, seed, step, noise, unit_images)
     marks = {True: "pass", False: "fail"}
     header = [*COLUMNS, "passes"]
     cells = [[cell_text(row.values.get(column)) for column in COLUMNS]
@@ -168,7 +171,7 @@ def plot_trust(run, figures_dir, count=COUNT, target="predicted", seed=0, step=f
     for name, line in zip(rows, cells):
         print(f"{name:>22}" + "".join(f"{text:>15}" for text in line[:-1]) + f"  {line[-1]}")
     title = "\n".join(wrap_title(part) for part in (
-        f"trust: unit pictures (sanity checks of {UNIT['layer']} channel {UNIT['channel']}, test images 4531-4546) "
+        f"trust: unit pictures (sanity checks of {UNIT['layer']} channel {UNIT['channel']}, test images {format_indices(unit_images)}) "
         f"and class maps (the first {count} test images, {target} class), beside maps that know nothing of the network",
         f"weights: Spearman rho to the trained map with {TOP} (top) or every stage (all) re-initialised, seed {seed}; "
         f"class: rho to the map of a random other class; pass below {PASS_BELOW}",
@@ -176,11 +179,11 @@ def plot_trust(run, figures_dir, count=COUNT, target="predicted", seed=0, step=f
         f"ROAD: fraction still the target, mean over 10-90 % removed (MoRF lower, LeRF higher), noise {noise:g}",
         run.caption))
     figures_dir = Path(figures_dir)
-    suffix = table_suffix(count, target, seed, step, noise)
+    suffix = table_suffix(count, target, seed, step, noise, unit_images)
     png = save_text_table(figures_dir / f"trust{suffix}.png", cells, title, header, list(rows),
                           [row.kind for row in rows.values()])
     record = {"count": count, "target": target, "seed": seed, "step_percent": step, "road_noise": noise,
-              "road_levels": list(faithfulness.ROAD_LEVELS), "unit": UNIT, "pass_below": PASS_BELOW,
+              "road_levels": list(faithfulness.ROAD_LEVELS), "unit": {**UNIT, "images": unit_images}, "pass_below": PASS_BELOW,
               "rows": {name: {"kind": row.kind,
                               **{column: None if math.isnan(row.values[column]) else row.values[column]
                                  for column in COLUMNS if column in row.values},
