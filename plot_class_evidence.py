@@ -19,31 +19,36 @@ it, (32, 32) or (3, 32, 32)}}]}; every choice that is not the default is added t
 """
 import utils
 from visualize import cli, evidence
-from visualize.attribution import ATTRIBUTION_METHODS, DEFAULT_OPTIONS
-
-# each method option's flag
-FLAGS = {"n": "--samples", "sigma": "--sigma", "seed": "--seed", "m": "--steps", "k": "--window", "s": "--stride"}
+from visualize.attribution import ATTRIBUTION_METHODS, DEFAULT_OPTIONS, GRADCAM_LAYERS
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, images="4531-4546")
-    p.add_argument("--target", default="predicted", help="whose evidence: predicted, true, or a class index or "
-                                                         "name (default: %(default)s)")
+    p = cli.plot_parser(__doc__, images=evidence.DEFAULT_IMAGES)
+    p.add_argument("--target", default="predicted",
+                   help="whose logit the maps explain: predicted, true, or a class index 0..C-1 or name (default: "
+                        "%(default)s)")
     p.add_argument("--methods", default=",".join(ATTRIBUTION_METHODS),
-                   help="comma-separated, one column each, in this order (default: %(default)s)")
+                   help=f"any of {', '.join(ATTRIBUTION_METHODS)}, comma-separated, one column each, in this "
+                        f"order (default: %(default)s)")
     p.add_argument("--layer", default=",".join(evidence.DEFAULT_LAYERS),
-                   help="Grad-CAM's stages, comma-separated, one column each (default: %(default)s)")
+                   help=f"Grad-CAM's stages, any of {', '.join(GRADCAM_LAYERS)}, comma-separated, one column "
+                        f"each (default: %(default)s)")
     smooth, ig, occlusion = (DEFAULT_OPTIONS[m] for m in ("smoothgrad", "integrated_gradients", "occlusion"))
-    p.add_argument("--samples", type=int, default=smooth["n"], help="SmoothGrad's n noisy copies (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=smooth["n"],
+                   help="SmoothGrad's n noisy copies, at least 1 (default: %(default)s)")
     p.add_argument("--sigma", type=float, default=smooth["sigma"],
-                   help="SmoothGrad's noise, a fraction of each image's range (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=smooth["seed"], help="SmoothGrad's noise (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=ig["m"], help="integrated gradients' m steps (default: %(default)s)")
-    p.add_argument("--window", type=int, default=occlusion["k"], help="occlusion's k x k window (default: %(default)s)")
-    p.add_argument("--stride", type=int, default=occlusion["s"], help="occlusion's stride (default: %(default)s)")
+                   help="SmoothGrad's noise, a fraction of each image's range, 0 or above (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=smooth["seed"],
+                   help="SmoothGrad's noise, 0..2**63-1 (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=ig["m"],
+                   help="integrated gradients' m steps, at least 1 (default: %(default)s)")
+    p.add_argument("--window", type=int, default=occlusion["k"],
+                   help="occlusion's k x k window, 1..32 (default: %(default)s)")
+    p.add_argument("--stride", type=int, default=occlusion["s"],
+                   help="occlusion's stride, 1..32 (default: %(default)s)")
     args = p.parse_args(argv)
     methods, layers = evidence.parse_methods(args.methods), evidence.parse_gradcam_layers(args.layer)
-    options = evidence.check_method_options({name: getattr(args, flag[2:]) for name, flag in FLAGS.items()}, FLAGS)
+    options = evidence.method_options(args)
     run = p.load(args)
     target = evidence.parse_target(args.target, run.classes)
     return evidence.plot_class_evidence(run, args.images, target, methods, layers, options, args.figures_dir)

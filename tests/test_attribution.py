@@ -248,19 +248,20 @@ def test_the_figures_json_holds_each_images_classes_probability_and_maps(trained
                                    "--layer", "conv5_x", *QUICK])
     assert proc.returncode == 0, proc.stderr
     # every choice that is not the default is in the name, the options only of the methods drawn
-    stem = "class_evidence_images3,10-11_target4_methods-occlusion+gradcam+saliency_layer-conv5_x_k16_s16"
+    stem = "class_evidence_images3,10-11_target4_methods-occlusion+gradcam+saliency_layer-conv5_x_window16_stride16"
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.json", f"{stem}.png"]
     record = json.loads((tmp_path / f"{stem}.json").read_text())
     assert record["images"] == [3, 10, 11] and record["target"] == 4
     assert record["methods"] == ["occlusion", "gradcam_conv5_x", "saliency"]
-    assert record["options"] == {"k": 16, "s": 16}
+    assert record["options"] == {"k": 16, "s": 16}  # attribute's names
     x = data.normalize(images[[3, 10, 11]])
     with torch.no_grad():
         probabilities = model(x).softmax(1)
     targets = torch.full((3,), 4)
     for i, entry in enumerate(record["per_image"]):
         index = record["images"][i]
-        assert entry["index"] == index and entry["true"] == labels[index] and entry["true_name"] == classes[labels[index]]
+        assert entry["index"] == index and entry["true"] == labels[index]
+        assert entry["true_name"] == classes[labels[index]]
         assert entry["predicted"] == probabilities[i].argmax().item()
         assert entry["predicted_name"] == classes[entry["predicted"]]
         assert entry["probability"] == pytest.approx(probabilities[i].max().item(), rel=1e-5)

@@ -21,15 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data import normalize
 from utils import UserError
 from visualize.attribution import ATTRIBUTION_METHODS, DEFAULT_OPTIONS, GRADCAM_LAYERS, attribute, check_options
 from visualize.drawing import colour_mapped, format_indices, save_table, short_number, to_display, wrap_title
 from visualize.scoring import classify
-from data import normalize
 
 PERCENTILE = 99  # the gradient maps' colour scale ends here (Smilkov et al.'s cap): a few pixels saturate
 TARGETS = ("predicted", "true")  # --target's words; a class index or name is the third kind
+DEFAULT_IMAGES = "4531-4546"  # the report's test images
 DEFAULT_LAYERS = ("conv4_x", "conv3_x")  # Grad-CAM's stages, as the issue asks
+# the command line's flag of each method option (attribution.DEFAULT_OPTIONS); file names use them too
+OPTION_FLAGS = {"n": "--samples", "sigma": "--sigma", "seed": "--seed", "m": "--steps", "k": "--window",
+                "s": "--stride"}
 COLUMN_TITLES = {"gradcam": "Grad-CAM", "saliency": "saliency\ndy_c/dx", "smoothgrad": "SmoothGrad",
                  "integrated_gradients": "integrated\ngradients", "occlusion": "occlusion"}
 assert tuple(COLUMN_TITLES) == ATTRIBUTION_METHODS
@@ -74,12 +78,14 @@ def parse_target(text, classes):
                     f"or one of: {', '.join(classes)}")
 
 
-def check_method_options(options, flags):
-    """Each method's options (attribution.check_options), a bad one as one line naming its flag."""
+def method_options(args):
+    """The methods' options {attribute's name: value} from the parsed flags (OPTION_FLAGS), each checked
+    by attribution.check_options: a bad one is one line naming its flag."""
+    options = {name: getattr(args, flag[2:]) for name, flag in OPTION_FLAGS.items()}
     for method in ATTRIBUTION_METHODS:
         try:
-            check_options(method, {k: v for k, v in options.items() if k in DEFAULT_OPTIONS[method]}, GRADCAM_LAYERS[0],
-                          names=flags)
+            check_options(method, {k: v for k, v in options.items() if k in DEFAULT_OPTIONS[method]},
+                          GRADCAM_LAYERS[0], names=OPTION_FLAGS)
         except ValueError as err:
             raise UserError(str(err)) from None
     return options
@@ -121,7 +127,7 @@ def float32_lists(tensor):
 def file_stem(indices, target, methods, layers, options):
     """'class_evidence' plus a part for every choice that is not the default."""
     parts = ["class_evidence"]
-    if indices != list(range(4531, 4547)):
+    if format_indices(indices) != DEFAULT_IMAGES:
         parts.append(f"images{format_indices(indices)}")
     if target != "predicted":
         parts.append(f"target{target}" if isinstance(target, int) else f"target-{target}")
@@ -132,7 +138,8 @@ def file_stem(indices, target, methods, layers, options):
     defaults = {k: v for method in ATTRIBUTION_METHODS for k, v in DEFAULT_OPTIONS[method].items()}
     for name, value in options.items():
         if value != defaults[name] and any(name in DEFAULT_OPTIONS[m] for m in methods):
-            parts.append(f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}")
+            flag = OPTION_FLAGS[name][2:]
+            parts.append(f"{flag}{value:g}" if isinstance(value, float) else f"{flag}{value}")
     return "_".join(parts)
 
 
@@ -147,8 +154,7 @@ def plot_class_evidence(run, indices, target, methods, layers, options, figures_
     with torch.inference_mode():
         probabilities = classify(run.model, normalize(images.to(run.device))).float().softmax(1).cpu()
     predicted = probabilities.argmax(1)
-    targets = {"predicted": predicted, "true": labels}.get(target, torch.full_like(labels, target)
-                                                           if isinstance(target, int) else None)
+    targets = {"predicted": predicted, "true": labels}[target] if target in TARGETS else torch.full_like(labels, target)
     columns = evidence_columns(methods, layers)
     maps = class_evidence(run.model, images, targets, columns, options)
 
@@ -214,7 +220,8 @@ def options_text(methods, options):
     """The chosen methods' options, for the title."""
     parts = []
     if "smoothgrad" in methods:
-        parts.append(f"SmoothGrad n {options['n']}, sigma {options['sigma']:g} of the image's range, seed {options['seed']}")
+        parts.append(f"SmoothGrad n {options['n']}, sigma {options['sigma']:g} of the image's range, "
+                     f"seed {options['seed']}")
     if "integrated_gradients" in methods:
         parts.append(f"integrated gradients m {options['m']} steps from the mean colour")
     if "occlusion" in methods:
