@@ -1,10 +1,14 @@
 """Class evidence (visualize.attribution): the papers' known answers, each against an independent
 reference, on small float64 networks (so identities hold to rounding), and the figure's bad input."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import data
+import utils
+from conftest import assert_one_line_error, run_in_process
 from model import ResNet
 from visualize.attribution import ATTRIBUTION_METHODS, GRADCAM_LAYERS, attribute, check_options
 
@@ -227,3 +231,92 @@ def test_bad_options_are_one_line_naming_the_valid_values(method, layer, options
 def test_a_target_out_of_range_is_refused(model, images):
     with pytest.raises(ValueError, match=r"target class 10 is out of range.*0\.\.9"):
         attribute(model, images, torch.tensor([0, 1, 10, 2]), "saliency")
+
+
+# --------------------------------------------------------------------------- plot_class_evidence.py
+
+SCRIPT = "plot_class_evidence.py"
+QUICK = ["--images", "3,10,11", "--samples", "2", "--steps", "2", "--window", "16", "--stride", "16"]
+
+
+def test_the_figures_json_holds_each_images_classes_probability_and_maps(trained_checkpoint, tmp_path):
+    model, ckpt = utils.load_checkpoint(trained_checkpoint)
+    classes = ckpt["config"]["classes"]
+    images, labels, _ = data.load_cifar10(data.dataset_root(ckpt["config"]["data_dir"], True), train=False)
+    proc = run_in_process(SCRIPT, ["--checkpoint", str(trained_checkpoint), "--figures-dir", str(tmp_path),
+                                   "--target", classes[4], "--methods", "occlusion,gradcam,saliency",
+                                   "--layer", "conv5_x", *QUICK])
+    assert proc.returncode == 0, proc.stderr
+    # every choice that is not the default is in the name, the options only of the methods drawn
+    stem = "class_evidence_images3,10-11_target4_methods-occlusion+gradcam+saliency_layer-conv5_x_window16_stride16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.json", f"{stem}.png"]
+    record = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert record["images"] == [3, 10, 11] and record["target"] == 4
+    assert record["methods"] == ["occlusion", "gradcam_conv5_x", "saliency"]
+    assert record["options"] == {"k": 16, "s": 16}  # attribute's names
+    x = data.normalize(images[[3, 10, 11]])
+    with torch.no_grad():
+        probabilities = model(x).softmax(1)
+    targets = torch.full((3,), 4)
+    for i, entry in enumerate(record["per_image"]):
+        index = record["images"][i]
+        assert entry["index"] == index and entry["true"] == labels[index]
+        assert entry["true_name"] == classes[labels[index]]
+        assert entry["predicted"] == probabilities[i].argmax().item()
+        assert entry["predicted_name"] == classes[entry["predicted"]]
+        assert entry["probability"] == pytest.approx(probabilities[i].max().item(), rel=1e-5)
+        assert entry["target"] == 4 and entry["target_name"] == classes[4]
+        assert entry["target_probability"] == pytest.approx(probabilities[i, 4].item(), rel=1e-5)
+    expected = {"occlusion": attribute(model, images[[3, 10, 11]], targets, "occlusion", k=16, s=16),
+                "gradcam_conv5_x": attribute(model, images[[3, 10, 11]], targets, "gradcam", layer="conv5_x"),
+                "saliency": attribute(model, images[[3, 10, 11]], targets, "saliency")}
+    for key, maps in expected.items():  # the float32s themselves, read back exactly
+        written = torch.tensor([entry["maps"][key] for entry in record["per_image"]], dtype=torch.float32)
+        assert torch.equal(written, maps), key
+
+
+def test_the_default_target_is_the_predicted_class_and_true_the_label(trained_checkpoint, tmp_path):
+    model, ckpt = utils.load_checkpoint(trained_checkpoint)
+    for target in ("predicted", "true"):
+        proc = run_in_process(SCRIPT, ["--checkpoint", str(trained_checkpoint), "--figures-dir", str(tmp_path),
+                                       "--target", target, "--methods", "gradcam", *QUICK])
+        assert proc.returncode == 0, proc.stderr
+    stems = {"predicted": "class_evidence_images3,10-11_methods-gradcam",
+             "true": "class_evidence_images3,10-11_target-true_methods-gradcam"}
+    for target, stem in stems.items():
+        record = json.loads((tmp_path / f"{stem}.json").read_text())
+        assert record["methods"] == ["gradcam_conv4_x", "gradcam_conv3_x"]  # the default --layer, in its order
+        key = "predicted" if target == "predicted" else "true"
+        assert all(entry["target"] == entry[key] for entry in record["per_image"])
+
+
+# (flag arguments, words the one line must hold); each run on the trained checkpoint, exit status 2
+BAD_FLAGS = [
+    (["--target", "10"], ["--target 10 is out of range", "10 classes", "0..9"]),
+    (["--target", "-1"], ["--target -1 is out of range", "0..9"]),
+    (["--target", "synthetic-grating"], ["--target 'synthetic-grating' is not a class", "predicted, true",
+                                         "synthetic-grating-0deg, synthetic-grating-18deg"]),
+    (["--methods", "saliency,lime"], ["--methods 'lime'", ", ".join(ATTRIBUTION_METHODS)]),
+    (["--methods", ","], ["--methods ','", ", ".join(ATTRIBUTION_METHODS)]),
+    (["--layer", "conv1"], ["--layer 'conv1'", ", ".join(GRADCAM_LAYERS)]),
+    (["--layer", "conv4_x,conv9_x"], ["--layer 'conv9_x'", ", ".join(GRADCAM_LAYERS)]),
+    (["--samples", "0"], ["--samples 0", "at least 1"]),
+    (["--steps", "-3"], ["--steps -3", "at least 1"]),
+    (["--window", "0"], ["--window 0", "1..32"]),
+    (["--window", "33"], ["--window 33", "1..32"]),
+    (["--stride", "0"], ["--stride 0", "1..32"]),
+    (["--sigma", "-0.1"], ["--sigma -0.1", "at least 0"]),
+    (["--sigma", "inf"], ["--sigma inf", "finite"]),
+    (["--seed", "-1"], ["--seed -1", "0..9223372036854775807"]),
+    (["--samples", "two"], ["--samples", "invalid int value"]),
+    (["--images", "9999-10000"], ["10000", "0..9999"]),
+]
+
+
+@pytest.mark.parametrize("args, words", BAD_FLAGS, ids=[" ".join(args) for args, _ in BAD_FLAGS])
+def test_a_bad_flag_is_one_line_naming_the_valid_values_and_writes_nothing(trained_checkpoint, tmp_path, args, words):
+    proc = run_in_process(SCRIPT, ["--checkpoint", str(trained_checkpoint), "--figures-dir", str(tmp_path / "figures"),
+                                   *args])
+    assert proc.returncode == 2
+    assert_one_line_error(proc, *words)
+    assert not (tmp_path / "figures").exists() or not any((tmp_path / "figures").iterdir())

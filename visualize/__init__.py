@@ -1,6 +1,8 @@
 """What the plot scripts share, one concern a module. Imports point one way, down this list:
 
     cli         the scripts' shared flags and their checks           -> context, figures, atlas
+    evidence    the class-evidence figure and its JSON               -> attribution, scoring, drawing
+    attribution class evidence maps: Grad-CAM, gradients, occlusion  -> scoring
     sanity      sanity checks: Adebayo's cascading randomisation     -> featurevis, ascent, scoring, drawing
     featurevis  feature visualization at 32x32                       -> ascent, scoring, drawing
     atlas       the top-9 unit atlas per stage                       -> units, context, scoring, drawing

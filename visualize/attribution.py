@@ -11,8 +11,8 @@ image's logits depend on that image alone, which is what lets a batch be differe
 
 The methods and the conventions chosen where the papers leave a choice:
 
-    gradcam               Selvaraju et al. 2017. A = the output of stage `layer` (conv2_x..conv5_x; for
-                          conv1..conv4_x the residual sum after its ReLU, i.e. the stage's output),
+    gradcam               Selvaraju et al. 2017. A = the output of stage `layer`, one of conv2_x..conv5_x
+                          (its last block's ReLU(trunk + shortcut), K channels of H x W),
                           alpha_k = mean over the H x W positions of dy_c/dA_k, map = ReLU(sum_k alpha_k A_k),
                           (N, H, W) at the stage's resolution. upsample=True (default): resized to 32x32
                           by bilinear interpolation with align_corners=False (F.interpolate), after the
