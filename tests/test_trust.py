@@ -72,16 +72,18 @@ def test_a_random_other_class_is_never_the_target_and_reaches_every_other_class(
     assert all(len(set(others[targets == c].tolist())) == 9 for c in range(10))
 
 
-def test_verdicts_compare_with_both_baselines():
+def test_verdicts_compare_the_road_gap_with_both_baselines_and_count_a_constant_map_as_changed():
     base = {"deletion AUC": 0.5, "insertion AUC": 0.5, "ROAD MoRF": 0.6, "ROAD LeRF": 0.7}
-    good = {"weights: top": 0.2, "weights: all": 0.1, "class": 0.3, "deletion AUC": 0.3, "insertion AUC": 0.8,
-            "ROAD MoRF": 0.3, "ROAD LeRF": 0.9}
+    good = {"weights: top": 0.2, "weights: all": float("nan"), "class": 0.3, "deletion AUC": 0.9,
+            "insertion AUC": 0.1, "ROAD MoRF": 0.3, "ROAD LeRF": 0.9}
     rows = {"random map": trust.TrustRow("baseline", dict(base)),
-            "Sobel edge map": trust.TrustRow("baseline", {**base, "insertion AUC": 0.85}),
+            "Sobel edge map": trust.TrustRow("baseline", {**base, "ROAD MoRF": 0.2}),
             "good": trust.TrustRow("class map", dict(good)),
+            "close": trust.TrustRow("class map", {**good, "class": 0.5, "ROAD MoRF": 0.45}),
             "guided": trust.TrustRow("unit picture", {"weights: top": 0.91, "weights: all": 0.4})}
     rows = trust.verdicts(rows)
-    assert rows["good"].passes == {"weights": True, "class": True, "faithful": False}  # the edge map inserts better
+    assert rows["good"].passes == {"weights": True, "class": True, "faithful": True}  # gap 0.6 > 0.1, 0.5
+    assert rows["close"].passes == {"weights": True, "class": False, "faithful": False}  # gap 0.45: narrower than the edge map's
     assert rows["guided"].passes == {"weights": False}
     assert rows["random map"].passes == {}
 

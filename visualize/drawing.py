@@ -208,24 +208,28 @@ VERDICT_COLOURS = {"pass": "#cdebc5", "fail": "#f4c7c3"}
 
 def save_text_table(path, cells, title, column_titles, row_titles, row_kinds):
     """A table of text: cells[i][j] written in row i (titled row_titles[i] at its left, shaded by
-    KIND_COLOURS[row_kinds[i]]) and column j; a last column of "<test> pass|fail, ..." verdicts is
-    shaded green where every test passes, red where any fails."""
-    fig = new_figure(1.05 * len(column_titles) + 2.8, 0.28 * (len(cells) + 1) + 0.2 * (title.count("\n") + 1) + 0.6)
-    ax = fig.add_subplot()
+    KIND_COLOURS[row_kinds[i]]) and column j, under the title; a last column of "<test> pass|fail, ..."
+    verdicts is shaded green where every test passes, red where any fails."""
+    title_height = 0.13 * (title.count("\n") + 1) + 0.15  # inches, at 7 points a line
+    table_height = 0.22 * (len(cells) + 1)
+    height = title_height + table_height + 0.15
+    fig = new_figure(0.95 * len(column_titles) + 3.6, height)
+    ax = fig.add_axes((0.01, 0.1 / height, 0.98, table_height / height))
     ax.axis("off")
-    table = ax.table(cellText=cells, rowLabels=row_titles, colLabels=column_titles, loc="center", cellLoc="center")
+    rows = [[title_, *row] for title_, row in zip(row_titles, cells)]
+    header = ["", *column_titles]
+    characters = [max(len(str(row[j])) for row in [header, *rows]) + 2 for j in range(len(header))]
+    table = ax.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="center", bbox=(0, 0, 1, 1),
+                     colWidths=[c / sum(characters) for c in characters])
     table.auto_set_font_size(False)
     table.set_fontsize(7)
-    table.scale(1, 1.35)
     for i, kind in enumerate(row_kinds, start=1):
-        for j in range(-1, len(column_titles)):
+        for j in range(len(header)):
             table[i, j].set_facecolor(KIND_COLOURS.get(kind, "white"))
         verdict = cells[i - 1][-1]
         if "pass" in verdict or "fail" in verdict:
-            table[i, len(column_titles) - 1].set_facecolor(VERDICT_COLOURS["fail" if "fail" in verdict else "pass"])
-    table.auto_set_column_width(list(range(len(column_titles))))
-    fig.suptitle(title, fontsize=7)
-    fig.tight_layout()
+            table[i, len(header) - 1].set_facecolor(VERDICT_COLOURS["fail" if "fail" in verdict else "pass"])
+    fig.text(0.5, 1 - 0.06 / height, title, ha="center", va="top", fontsize=7)
     return save(fig, path)
 
 
