@@ -1,9 +1,11 @@
 """What the plot scripts share, one concern a module. Imports point one way, down this list:
 
     cli         the scripts' shared flags and their checks           -> context, figures, atlas
+    trust       both axes of trust in one table: unit and class maps -> faithfulness, attribution, sanity, drawing
     evidence    the class-evidence figure and its JSON               -> attribution, scoring, drawing
+    faithfulness deletion, insertion, ROAD and the baseline maps    -> scoring
     attribution class evidence maps: Grad-CAM, gradients, occlusion  -> scoring
-    sanity      sanity checks: Adebayo's cascading randomisation     -> featurevis, ascent, scoring, drawing
+    sanity      sanity checks: Adebayo's cascading randomisation     -> featurevis, ascent, context, scoring, drawing
     featurevis  feature visualization at 32x32                       -> ascent, scoring, drawing
     atlas       the top-9 unit atlas per stage                       -> units, context, scoring, drawing
     units       each unit's class selectivity and ablation           -> scoring
