@@ -1,5 +1,6 @@
 """What the plot scripts share, one concern a module. Imports point one way, down this list:
 
+    page        figures/index.html, rebuilt from the folder's files  -> context, drawing
     cli         the scripts' shared flags and their checks           -> context, figures, atlas
     evidence    the class-evidence figure and its JSON               -> attribution, scoring, drawing
     attribution class evidence maps: Grad-CAM, gradients, occlusion  -> scoring
