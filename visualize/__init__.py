@@ -1,5 +1,6 @@
 """What the plot scripts share, one concern a module. Imports point one way, down this list:
 
+    page        figures/index.html, rebuilt from the folder's files  -> context, drawing
     figures     feature maps and reconstructions of the report       -> cli, scoring, drawing
                 (and the three reconstruction scripts' main)
     cli         the scripts' shared flags, each parsed once, checked -> context, units, drawing
