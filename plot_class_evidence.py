@@ -27,10 +27,10 @@ def main(argv=None):
     p.add_argument("--target", default="predicted",
                    help="whose logit the maps explain: predicted, true, or a class index 0..C-1 or name (default: "
                         "%(default)s)")
-    p.add_argument("--methods", default=",".join(ATTRIBUTION_METHODS),
+    p.add_argument("--methods", default=",".join(ATTRIBUTION_METHODS), type=evidence.parse_methods,
                    help=f"any of {', '.join(ATTRIBUTION_METHODS)}, comma-separated, one column each, in this "
                         f"order (default: %(default)s)")
-    p.add_argument("--layer", default=",".join(evidence.DEFAULT_LAYERS),
+    p.add_argument("--layer", default=",".join(evidence.DEFAULT_LAYERS), type=evidence.parse_gradcam_layers,
                    help=f"Grad-CAM's stages, any of {', '.join(GRADCAM_LAYERS)}, comma-separated, one column "
                         f"each (default: %(default)s)")
     smooth, ig, occlusion = (DEFAULT_OPTIONS[m] for m in ("smoothgrad", "integrated_gradients", "occlusion"))
@@ -47,11 +47,11 @@ def main(argv=None):
     p.add_argument("--stride", type=int, default=occlusion["s"],
                    help="occlusion's stride, 1..32 (default: %(default)s)")
     args = p.parse_args(argv)
-    methods, layers = evidence.parse_methods(args.methods), evidence.parse_gradcam_layers(args.layer)
     options = evidence.method_options(args)
     run = p.load(args)
     target = evidence.parse_target(args.target, run.classes)
-    return evidence.plot_class_evidence(run, args.images, target, methods, layers, options, args.figures_dir)
+    return evidence.plot_class_evidence(run, args.images, target, args.methods, args.layer, options,
+                                        args.figures_dir)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
-import utils
 from conftest import assert_one_line_error, run_in_process
 from model import ResNet
 from visualize.attribution import ATTRIBUTION_METHODS, GRADCAM_LAYERS, attribute, check_options
@@ -240,7 +240,7 @@ QUICK = ["--images", "3,10,11", "--samples", "2", "--steps", "2", "--window", "1
 
 
 def test_the_figures_json_holds_each_images_classes_probability_and_maps(trained_checkpoint, tmp_path):
-    model, ckpt = utils.load_checkpoint(trained_checkpoint)
+    model, ckpt = checkpoint.load_checkpoint(trained_checkpoint)
     classes = ckpt["config"]["classes"]
     images, labels, _ = data.load_cifar10(data.dataset_root(ckpt["config"]["data_dir"], True), train=False)
     proc = run_in_process(SCRIPT, ["--checkpoint", str(trained_checkpoint), "--figures-dir", str(tmp_path),
@@ -276,7 +276,7 @@ def test_the_figures_json_holds_each_images_classes_probability_and_maps(trained
 
 
 def test_the_default_target_is_the_predicted_class_and_true_the_label(trained_checkpoint, tmp_path):
-    model, ckpt = utils.load_checkpoint(trained_checkpoint)
+    model, ckpt = checkpoint.load_checkpoint(trained_checkpoint)
     for target in ("predicted", "true"):
         proc = run_in_process(SCRIPT, ["--checkpoint", str(trained_checkpoint), "--figures-dir", str(tmp_path),
                                        "--target", target, "--methods", "gradcam", *QUICK])

@@ -6,7 +6,7 @@ order given. Each map is drawn on its own scale, written under it, so strengths 
 panels only through those numbers:
     Grad-CAM      over the image: 0.5 * the image in grey + 0.5 * the map through 'jet' from 0 (blue)
                   to its max (red), as the paper draws it; the map upsampled (attribute's default)
-    saliency,     sum over colour |r_c| (the magnitude i22b's faithfulness ranks pixels by), through
+    saliency,     sum over colour |r_c| (the magnitude visualize.faithfulness ranks pixels by), through
     SmoothGrad,   'inferno' from 0 (black) to its PERCENTILE-th percentile over the image's pixels
     integrated    (yellow; the few above it saturate), as Smilkov et al. cap theirs: a gradient's largest
     gradients     pixels would otherwise leave the rest black. The sign is dropped: for gradients it is
