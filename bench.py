@@ -454,6 +454,7 @@ def json_path(args, device):
 def main(argv=None):
     args = parse_args(argv)
     device = utils.resolve_device(args.device)
+    speed.use_device(device)
     resolve_settings(args, device)
     if args.feature_vis:
         return measure_feature_visualization(args, device)

@@ -617,8 +617,9 @@ class Run:
         self.drawn = None  # time.monotonic() of the last figures drawn
 
     def graph_dropped(self, why):
-        """GraphedStep's fallback: the run goes on eagerly, and its checkpoint says so."""
-        self.config.update(cuda_graph=False, speed_reason=f"{self.config['speed_reason']}; {why}")
+        """GraphedStep's fallback: a batch size (or, once no graph is left, the run) goes on eagerly, and
+        its checkpoint says so."""
+        self.config.update(cuda_graph=self.step.dropped is None, speed_reason=f"{self.config['speed_reason']}; {why}")
         tqdm.write(why)
 
     def save(self, figures=True):
@@ -696,6 +697,7 @@ def main(argv=None):
     if not args.show_settings:  # it writes nothing
         check_outputs(ckpt_path, config["figures_dir"])
     device = utils.resolve_device(config["device"])
+    speed.use_device(device)
     caps = speed.detect(device)
     plan = speed_plan(asked_speed(args), ckpt, caps)
     check_memory(config, device, cuda_graph=any(c.cuda_graph for c in plan.candidates))

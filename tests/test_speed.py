@@ -315,6 +315,164 @@ def test_a_failed_capture_is_dropped_and_training_goes_on_eagerly_losing_nothing
         assert "first replay" in said[0]
 
 
+def second_capture_fails(self, step, device):
+    """A GraphedStep._record whose second capture (here the partial batch's, 8) raises; the first works."""
+    self.records = getattr(self, "records", 0) + 1
+    if self.records == 2:
+        raise RuntimeError("CUDA error: out of memory")
+    return step
+
+
+def assert_same_training(a, b):
+    """Two runs' (losses, weights, Adam state dict) are equal bit for bit."""
+    (losses_a, weights_a, adam_a), (losses_b, weights_b, adam_b) = a, b
+    assert losses_a == losses_b
+    for name, tensor in weights_a.items():
+        assert torch.equal(weights_b[name], tensor), name
+    assert adam_a["state"].keys() == adam_b["state"].keys()
+    for i, state in adam_a["state"].items():
+        for k, v in state.items():
+            assert torch.equal(adam_b["state"][i][k], v) and adam_b["state"][i][k].device == v.device, (i, k)
+
+
+def test_a_failed_capture_drops_only_its_batch_sizes_graph(monkeypatch, capturable_on_cpu):
+    """The partial batch's capture fails: its steps run eagerly, the full batch keeps its graph, and Adam
+    stays capturable with the lr tensor that graph reads. The run equals a plain one with the same
+    capturable Adam bit for bit, and the line says which size went and which stayed."""
+    monkeypatch.setattr(speed.GraphedStep, "_record", second_capture_fails)
+    config = dict(train.RECIPE, lr_step_epochs=1)
+    results, said = [], []
+    for graphed in (False, True):
+        model, batches = small_model_and_batches()
+        optimizer, scheduler = train.make_optimizer(model, config, cuda_graph=True)
+        step_fn = plain_step(model, optimizer)
+        if graphed:
+            step_fn = speed.GraphedStep(step_fn, model, optimizer, say=said.append)
+            held = optimizer.param_groups[0]["lr"]
+        losses = run_steps(model, batches, step_fn, scheduler)
+        results.append((losses, model.state_dict(), optimizer.state_dict()))
+    assert_same_training(*results)
+    assert sorted(step_fn.graphs) == [16] and list(step_fn.eager) == [8] and step_fn.dropped is None
+    assert said == [step_fn.eager[8]] and "batch size 8 was dropped (RuntimeError: CUDA error: out of memory)" in said[0]
+    assert "batch size 16 keeps its graph" in said[0]
+    group = optimizer.param_groups[0]
+    assert group["capturable"] and group["lr"] is held
+
+
+def test_with_no_graph_left_adam_is_made_plain_and_the_run_equals_an_eager_one(monkeypatch, capturable_on_cpu):
+    """Every capture fails: the run goes on eagerly with Adam as an eager run builds it (capturable off,
+    a float lr, the step count on the CPU), and trains bit for bit as a plain eager run whose lr is the
+    float32 lr tensor's value, the schedule's decays included."""
+    monkeypatch.setattr(speed.GraphedStep, "_record", graph_fails("raise"))
+    config = dict(train.RECIPE, lr_step_epochs=1)
+    results, said = [], []
+    for graphed in (False, True):
+        model, batches = small_model_and_batches()
+        lr = torch.tensor(config["lr"]).item()  # what the graph's float32 lr tensor holds
+        optimizer, scheduler = train.make_optimizer(model, dict(config, lr=lr), cuda_graph=graphed)
+        step_fn = plain_step(model, optimizer)
+        if graphed:
+            assert optimizer.param_groups[0]["capturable"]
+            step_fn = speed.GraphedStep(step_fn, model, optimizer, say=said.append)
+        losses = run_steps(model, batches, step_fn, scheduler)
+        results.append((losses, model.state_dict(), optimizer.state_dict()))
+    assert_same_training(*results)
+    assert len(said) == 1 and step_fn.dropped == said[0] and step_fn.graphs == {} and step_fn.eager == {}
+    group = optimizer.param_groups[0]
+    assert group["capturable"] is False and type(group["lr"]) is float and group["lr"] == lr / 4
+    assert all(state["step"].device.type == "cpu" and state["step"].item() == 6 for state in optimizer.state.values())
+
+
+class FakeStreams:
+    """The current CUDA stream, as torch.cuda.stream's context sets and restores it."""
+    def __init__(self):
+        self.current = "default stream"
+
+    def stream(self, stream):
+        streams = self
+
+        class Context:
+            def __enter__(self):
+                self.before, streams.current = streams.current, stream
+
+            def __exit__(self, *exc):
+                streams.current = self.before
+        return Context()
+
+
+class FakeGraph:
+    """A CUDAGraph whose capture a failed step invalidates: capture_end then raises, as CUDA does."""
+    def __init__(self):
+        self.state = "new"
+
+    def capture_begin(self):
+        self.state = "capturing"
+
+    def capture_end(self):
+        if self.state == "invalidated":
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        self.state = "captured"
+
+
+class TorchGraphContext:
+    """torch.cuda.graph as torch 2.14 writes it (torch/cuda/graphs.py), its CUDA calls left out: __enter__
+    enters the stream context and begins the capture; __exit__ ends the capture, then leaves the context."""
+    def __init__(self, cuda_graph, pool=None, stream=None):
+        self.cuda_graph, self.stream_ctx = cuda_graph, torch.cuda.stream(stream)
+
+    def __enter__(self):
+        self.stream_ctx.__enter__()
+        self.cuda_graph.capture_begin()
+
+    def __exit__(self, *exc):
+        self.cuda_graph.capture_end()
+        self.stream_ctx.__exit__(*exc)
+
+
+@pytest.fixture
+def fake_capture(monkeypatch):
+    streams = FakeStreams()
+    monkeypatch.setattr(torch.cuda, "stream", streams.stream)
+    monkeypatch.setattr(torch.cuda, "graph", TorchGraphContext)
+    return streams
+
+
+def failing_step(graph):
+    def step():
+        graph.state = "invalidated"  # as a host sync inside a capture invalidates it
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    return step
+
+
+def test_a_failed_capture_raises_its_first_error_and_puts_the_stream_back(fake_capture):
+    graph = FakeGraph()
+    with pytest.raises(RuntimeError) as bare:  # what torch.cuda.graph alone does, which capture_graph mends
+        with torch.cuda.graph(graph, stream="capture stream"):
+            failing_step(graph)()
+    assert "previous error during capture" in str(bare.value) and fake_capture.current == "capture stream"
+
+    fake_capture.current = "default stream"
+    graph = FakeGraph()
+    with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+        speed.capture_graph(graph, failing_step(graph), "capture stream", pool=None)
+    assert fake_capture.current == "default stream"
+    graph = FakeGraph()
+    assert speed.capture_graph(graph, lambda: "outputs", "capture stream", pool=None) == "outputs"
+    assert graph.state == "captured" and fake_capture.current == "default stream"
+
+
+def test_use_device_makes_a_gpu_current_and_sets_cudnn_benchmark(monkeypatch):
+    """`--device cuda:1` must be torch's current device before autocast's bf16 check runs (it asks the
+    current device); a CPU run changes nothing."""
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    speed.use_device(torch.device("cpu"))
+    assert made_current == [] and torch.backends.cudnn.benchmark is False
+    speed.use_device(torch.device("cuda", 1))
+    assert made_current == [torch.device("cuda", 1)] and torch.backends.cudnn.benchmark is True
+
+
 def test_the_graph_reads_the_live_lr_even_when_a_scheduler_replaces_it(capturable_on_cpu):
     """A graph reads the lr tensor it captured: one that turns up in its place (a float here) is copied
     into the held tensor, which goes back into the param group, so the step uses the new lr."""
