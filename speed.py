@@ -276,7 +276,7 @@ def restore_training_state(model, optimizer, saved):
         v.copy_(weights[k])
     for p, s in optimizer.state.items():
         for k, v in s.items():
-            v.copy_(adam[p][k]) if p in adam else v.zero_()
+            v.copy_(adam[p][k]) if k in adam.get(p, ()) else v.zero_()
 
 
 def use_device(device):
