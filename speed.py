@@ -330,7 +330,8 @@ def plain_adam(optimizer):
 
 class GraphedStep:
     """step(x, y) -> (loss, number correct), replayed from a CUDA graph: one graph launch a step instead
-    of hundreds of kernel launches.
+    of hundreds of kernel launches. (Not yet run on a GPU: none was lent where this was written;
+    tests/test_cuda.py and gpu_check.sh are ready for the first.)
 
     A graph has fixed shapes and addresses, so there is one graph per batch size (an epoch's partial
     last batch gets its own), each with static input and label buffers that a call copies the batch
