@@ -29,6 +29,18 @@ def conv3x3(in_channels, out_channels, stride=1):
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
+class SubsampledConv1x1(nn.Conv2d):
+    """A 1x1 conv with `stride`, computed as the stride-1 conv of every stride-th row and column: the same
+    function, weights, state_dict keys and attributes (the transposes and receptive fields read its stride)."""
+    # never oneDNN's strided 1x1 kernel, which corrupts memory on AVX2 CPUs (docs/performance.md)
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x):
+        return F.conv2d(x[:, :, ::self.stride[0], ::self.stride[1]], self.weight)
+
+
 class BasicBlock(nn.Module):
     """relu(trunk(x) + shortcut(x)); the shortcut is a 1x1 conv + BN only where the shape changes."""
 
@@ -43,7 +55,7 @@ class BasicBlock(nn.Module):
         ))
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(OrderedDict(
-                conv=nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                conv=SubsampledConv1x1(in_channels, out_channels, stride),
                 bn=nn.BatchNorm2d(out_channels),
             ))
         else:

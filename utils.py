@@ -3,6 +3,7 @@
 Everything about the data lives in data.py, everything the plot scripts share in visualize/.
 """
 import argparse
+import errno
 import fcntl
 import functools
 import json
@@ -35,6 +36,35 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        # a path to read (a checkpoint, a data dir) too long to open; paths to write are checked by name
+        print(f"error: {shorten(err.filename)} is longer than the file system allows ({err.strerror}); "
+              f"pass a shorter path", file=sys.stderr)
+        sys.exit(2)
+
+
+def shorten(path):
+    """`path` as text, its middle elided past 80 characters, so a message about it stays one readable line."""
+    text = str(path)
+    return text if len(text) <= 80 else f"{text[:60]}...{text[-15:]}"
+
+
+def check_name_length(path, what):
+    """UserError if `path`, or a name in it, is longer than the file system allows (os.stat and open
+    would raise ENAMETOOLONG); the limits are asked of the nearest folder that exists."""
+    path = Path(path).absolute()
+    existing = next(p for p in path.parents if os.path.isdir(p))
+    name_max, path_max = (os.pathconf(existing, limit) for limit in ("PC_NAME_MAX", "PC_PATH_MAX"))
+    longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
+    shown = shorten(path)
+    if len(os.fsencode(longest)) > name_max:
+        raise UserError(f"{what} {shown} has a name of {len(os.fsencode(longest))} bytes, but this file "
+                        f"system allows at most {name_max}; pass a shorter name")
+    if len(os.fsencode(str(path))) >= path_max:
+        raise UserError(f"{what} {shown} is {len(os.fsencode(str(path)))} bytes long, but this file system "
+                        f"allows paths under {path_max}; pass a shorter path")
 
 
 def check_writable(path, what, folder=False):
@@ -47,6 +77,7 @@ def check_writable(path, what, folder=False):
     """
     path = Path(path)
     kind, other = ("folder", "file") if folder else ("file", "folder")
+    check_name_length(path, what)
     if path.exists() and path.is_dir() != folder:
         raise UserError(f"{what} {path} is a {other}, but a {kind} must go there; move it away or pass "
                         f"another path")

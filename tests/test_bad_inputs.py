@@ -114,6 +114,17 @@ OUTPUT_ROWS = [  # train.py checks where it will write before any work; so do th
     ("plot figures dir is a file", PLOT, [], ["--figures-dir", "is a file"], file_at("figures")),
     ("plot figures dir under a file", "plot_gradient_pattern.py", ["--figures-dir", "{tmp}/f/figures"],
      ["cannot be made"], file_at("f")),
+    # a name longer than the file system's limit (255 bytes on most), and a path longer than PATH_MAX
+    ("figures dir name too long", TRAIN, ["--figures-dir", "{tmp}/" + "f" * 300], ["--figures-dir", "300 bytes",
+                                                                               "pass a shorter name"], None),
+    ("plot figures dir name too long", PLOT, ["--figures-dir", "{tmp}/" + "f" * 300], ["--figures-dir", "300 bytes"],
+     None),
+    ("figures dir path too long", TRAIN, ["--figures-dir", "{tmp}/" + "/".join(["f" * 200] * 25)],
+     ["--figures-dir", "pass a shorter path"], None),
+    ("checkpoint name too long", TRAIN, ["--checkpoint", "{tmp}/" + "c" * 300 + ".pt"],
+     ["is longer than the file system allows", "pass a shorter path"], None),
+    ("plot checkpoint name too long", PLOT, ["--checkpoint", "{tmp}/" + "c" * 300 + ".pt"],
+     ["is longer than the file system allows"], None),
 ]
 FLAG_ROWS = [  # every flag is range-checked, and argparse's errors are one line too
     ("lr nan", TRAIN, ["--lr", "nan"], ["--lr must be a finite number above 0", "nan"], None),
