@@ -1,5 +1,6 @@
 """Every figure, in one Python process: each plot script's own code, run with its defaults (the
-report's figures, the unit atlas, the feature visualization and the sanity checks), on one checkpoint.
+report's figures, the unit atlas, the feature visualization and the sanity checks), on one checkpoint;
+last, figures/index.html (visualize.page): one page with every figure in the folder and the run.
 
     python plot_all.py [--checkpoint checkpoints/resnet18_cifar10.pt] [--figures-dir figures]
 
@@ -11,7 +12,7 @@ import importlib
 import time
 
 import utils
-from visualize import cli
+from visualize import cli, page
 
 # Run in this order; a new figure script is one more line. The atlas comes before the gradient
 # pattern, whose search then reuses the atlas's conv5_x scores instead of scoring the test split again.
@@ -44,6 +45,9 @@ def main(argv=None):
         written = importlib.import_module(name).main(shared)
         print(f"{name}.py: {len(written)} files in {time.perf_counter() - began:.1f} s")
         paths += written
+    began = time.perf_counter()
+    paths.append(page.write_page(args.figures_dir, args.checkpoint, args.device, args.data_dir, args.synthetic))
+    print(f"index.html: in {time.perf_counter() - began:.2f} s")
     print(f"plot_all.py: {len(paths)} files in {args.figures_dir}/ in {time.perf_counter() - start:.1f} s")
     return paths
 

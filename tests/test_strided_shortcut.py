@@ -2,11 +2,13 @@
 
 oneDNN's AVX2 1x1 convolution, in channels_last with stride 2 and fewer input channels than its block of
 8, writes past its workspace when it computes the weight gradient: glibc aborts the process, or the
-gradient comes out wrong without a word. The model never calls a strided 1x1 conv; these tests check
-that its shortcut is still exactly the strided 1x1 conv in both memory formats, at the shapes the model
-gives it. Each comparison runs in a subprocess twice, once with the CPU's own kernels and once with
-oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2), so the faulty kernel would be
-reached on any x86 CPU, and a crash fails one test with its reason instead of killing the suite.
+gradient comes out wrong without a word. Below 16 input channels on a CPU the model's shortcut takes every
+second row and column and convolves with stride 1 (widths 4, 6, 8); above, it is the strided conv itself
+(width 64). These tests check that either way it is exactly the strided 1x1 conv, in both memory formats,
+at the shapes the model gives it. Each comparison runs in a subprocess twice, once with the CPU's own
+kernels and once with oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2), so the
+faulty kernel would be reached on any x86 CPU, and a crash fails one test with its reason instead of
+killing the suite.
 """
 import subprocess
 import sys

@@ -1,5 +1,6 @@
 """What the plot scripts share, one concern a module. Imports point one way, down this list:
 
+    page        figures/index.html, rebuilt from the folder's files  -> context, drawing
     cli         the scripts' shared flags and their checks           -> context, figures, atlas
     sanity      sanity checks: Adebayo's cascading randomisation     -> featurevis, ascent, scoring, drawing
     featurevis  feature visualization at 32x32                       -> ascent, scoring, drawing

@@ -1,0 +1,247 @@
+"""figures/index.html (visualize/page.py): every figure of a folder, escaped, linked relatively, and,
+in a real browser (headless Chromium), every image loaded, every link resolved and the atlas sortable.
+
+The figures are the real plot scripts' output at width 4 on a few images, trained on data whose class
+names and folder name are HTML (a class `<script>alert(1)</script>`), with two files the page does not
+know by name, one of them named with HTML too.
+"""
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import torch
+
+import data
+from conftest import run_in_process
+from visualize import page
+
+HOSTILE = "<script>alert(1)</script>"
+CLASSES = [HOSTILE, 'a&b "c"'] + [f"class-{k}" for k in range(2, 10)]
+STRANGE_PNG = "extra <b>&'.png"  # a figure the page does not know, with a name that is HTML
+SCRIPT_ARGS = [  # the real scripts, small: (script, flags)
+    ("plot_learning_progress.py", []),
+    ("plot_conv1_filters.py", []),
+    ("plot_conv1_feature_map.py", ["--image-index", "3"]),
+    ("plot_conv1_reconstructed_pattern.py", ["--images", "0-1"]),
+    ("plot_conv5_reconstructed_pattern_trunk.py", ["--images", "0-1", "--method", "guided", "--top1"]),
+    ("plot_unit_atlas.py", ["--layer", "conv2_x,conv5_x", "--channels", "0-3", "--ablation-images", "32"]),
+    ("plot_gradient_pattern.py", ["--steps", "2"]),
+    ("plot_feature_visualization.py", ["--steps", "2", "--channels", "0-1"]),
+    ("plot_sanity_checks.py", ["--images", "0-1"]),
+]
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    """A folder of figures from a width-4 checkpoint trained for 12 iterations, and index.html in it."""
+    root = tmp_path_factory.mktemp("page")
+    data_dir = root / 'data <i>&"x"'
+    data.write_cifar10_folder(data_dir, *data.make_synthetic_images(256, seed=1), *data.make_synthetic_images(64, seed=2),
+                              CLASSES)
+    checkpoint, folder = root / "ckpt.pt", root / "figures"
+    proc = run_in_process("train.py", ["--data-dir", str(data_dir), "--width", "4", "--iterations", "12",
+                                       "--checkpoint", str(checkpoint), "--figures-dir", str(root / "train")])
+    assert proc.returncode == 0, proc.stderr
+    for script, flags in SCRIPT_ARGS:
+        proc = run_in_process(script, [*flags, "--checkpoint", str(checkpoint), "--figures-dir", str(folder)])
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+    shutil.copyfile(folder / "conv1_filters_rgb.png", folder / STRANGE_PNG)
+    (folder / "mystery.json").write_text('{"what": "a file no script of this version writes"}\n')
+    path = page.write_page(folder, checkpoint, torch.device("cpu"))
+    return path, checkpoint, data_dir
+
+
+class Page(HTMLParser):
+    """What a test needs of a page: every element's tag and attributes, its text, and the atlas table's
+    column keys and rows (each row its cells' data-value)."""
+
+    def __init__(self, text):
+        super().__init__(convert_charrefs=True)
+        self.elements, self.text, self.keys, self.rows, self._atlas, self._part = [], [], [], [], False, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.elements.append((tag, attrs))
+        if tag == "table":
+            self._atlas = attrs.get("id") == "atlas-units"
+        elif tag in ("thead", "tbody"):
+            self._part = tag
+        elif self._atlas and tag == "th" and self._part == "thead":
+            self.keys.append(attrs["data-key"])
+        elif self._atlas and tag == "tr" and self._part == "tbody":
+            self.rows.append([])
+        elif self._atlas and tag == "td":
+            self.rows[-1].append(attrs.get("data-value"))
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._atlas = False
+
+    def handle_data(self, text):
+        self.text.append(text)
+
+    def all(self, tag, attribute=None):
+        return [a for t, a in self.elements if t == tag and (attribute is None or attribute in a)]
+
+
+def column(parsed, name):
+    """The data-values of one column of the atlas table, in the order of its rows."""
+    return [row[parsed.keys.index(name)] for row in parsed.rows]
+
+
+def atlas_records(folder):
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("atlas_*.json"))]
+
+
+def test_everything_from_the_checkpoint_or_the_data_is_text(figures):
+    path, checkpoint, data_dir = figures
+    text = path.read_text()
+    assert HOSTILE not in text and "<i>" not in text and "<b>" not in text
+    parsed = Page(text)
+    assert len(parsed.all("script")) == 1  # the page's own
+    shown = "".join(parsed.text)
+    for name in [*CLASSES, str(data_dir), STRANGE_PNG]:
+        assert name in shown, name  # as text, after the HTML's escapes are read back
+
+
+def test_every_link_is_relative_and_names_a_file_of_the_folder(figures):
+    path, _, _ = figures
+    parsed = Page(path.read_text())
+    links = [a["href"] for a in parsed.all("a", "href")] + [img["src"] for img in parsed.all("img", "src")]
+    ids = {a["id"] for _, a in parsed.elements if "id" in a}
+    files = {p.name for p in path.parent.iterdir()}
+    assert len(links) > 30
+    for link in links:
+        parts = urlsplit(link)
+        assert not parts.scheme and not parts.netloc and not link.startswith("/"), link
+        if parts.path:
+            assert "/" not in unquote(parts.path) and unquote(parts.path) in files, link
+        elif not parts.fragment.startswith("sort="):
+            assert parts.fragment in ids, link
+    # every file of the folder is on the page: shown, or linked beside its figure, or among the others
+    assert {unquote(urlsplit(link).path) for link in links} >= files - {page.PAGE}
+
+
+def test_figures_go_to_their_sections_with_the_command_that_draws_them(figures):
+    path, _, _ = figures
+    sections, atlas, others = page.classify_files(path.parent)
+    assert sorted(others) == sorted([STRANGE_PNG, "mystery.json"])
+    names = {key: [f.name for f in found] for key, found in sections.items()}
+    assert names["progress"] == ["train_accuracy.png", "train_loss.png", "test_accuracy.png", "test_loss.png"]
+    assert names["atlas"] == ["atlas_conv2_x.png", "atlas_conv5_x.png"]
+    assert names["reconstructions"] == ["conv1_channel0_reconstructions.png",  # the deconvnet before guided
+                                        "conv5_x_channel1_reconstructions_trunk_guided_top1.png"]
+    commands = {f.name: f.command for found in sections.values() for f in found}
+    assert commands["conv5_x_channel1_reconstructions_trunk_guided_top1.png"] == \
+        "python plot_conv5_reconstructed_pattern_trunk.py --layer conv5_x --channel 1 --method guided --top1"
+    assert commands["atlas_conv2_x.png"] == \
+        "python plot_unit_atlas.py --layer conv2_x --channels 0-3 --ablation-images 32"
+    assert commands["sanity_conv5_x_channel1.png"] == \
+        "python plot_sanity_checks.py --layer conv5_x --channel 1 --images 0-1 --seed 0"
+    beside = {f.name: f.beside for found in sections.values() for f in found}
+    assert beside["feature_visualization_conv5_x.png"] == ["feature_visualization_conv5_x.pt"]
+    assert beside["sanity_conv5_x_channel1.png"] == ["sanity_conv5_x_channel1.json"]
+
+
+def test_the_tables_hold_the_jsons_numbers(figures):
+    path, _, _ = figures
+    parsed = Page(path.read_text())
+    units = [(r["layer"], u) for r in atlas_records(path.parent) for u in r["units"]]
+    assert len(parsed.rows) == len(units) == 8
+    assert column(parsed, "stage") == [layer for layer, _ in units]
+    assert [float(v) for v in column(parsed, "selectivity")] == [u["selectivity"] for _, u in units]
+    lost = [100 * (u["ablation"]["unablated_accuracy"] - u["ablation"]["accuracy"]) for _, u in units]
+    assert [float(v) for v in column(parsed, "lost")] == pytest.approx(lost, abs=1e-9)
+    assert all(v in CLASSES for v in column(parsed, "leading") if v != "none (silent)")
+    sanity = json.loads((path.parent / "sanity_conv5_x_channel1.json").read_text())
+    text = path.read_text()
+    for technique, values in sanity["similarity"].items():
+        row = f"<th>{page.e(technique)}</th>" + "".join(page.cell(v) for v in values)
+        assert row in text, technique
+
+
+def test_a_json_of_a_layout_it_does_not_pin_shows_its_scalars_and_leaves_out_its_maps():
+    # the layouts plot_trust.py and plot_class_evidence.py write (issue 22): a row per technique, a row per image
+    trust = {"count": 4, "unit": {"layer": "conv5_x", "channel": 1},
+             "rows": {"guided": {"kind": "unit", "weights_top": 0.91, "passes": {"weights": False, "class": True}},
+                      HOSTILE: {"kind": "class", "deletion": 0.125, "weights_top": None, "passes": {}}}}
+    parsed = Page(page.json_table(trust))
+    assert [th.get("data-key") for th in parsed.all("th", "data-key")] == ["name", "kind", "weights_top", "passes",
+                                                                           "deletion"]
+    assert len(parsed.all("script")) == 0 and HOSTILE in parsed.text
+    assert [td["data-value"] for td in parsed.all("td")] == ["unit", "0.91", "weights no, class yes", "NaN",
+                                                             "class", "NaN", "", "0.125"]
+    evidence = {"images": [1, 2], "options": {"smoothgrad": {"n": 50}},
+                "per_image": [{"index": i, "true_name": HOSTILE, "probability": 0.5,
+                               "maps": {"saliency": [[0.25] * 32] * 32}} for i in (1, 2)]}
+    parsed = Page(page.json_table(evidence))
+    assert [th["data-key"] for th in parsed.all("th", "data-key")] == ["index", "true_name", "probability"]
+    assert [td["data-value"] for td in parsed.all("td")] == ["1", HOSTILE, "0.5", "2", HOSTILE, "0.5"]
+
+
+def test_the_run_is_described_from_the_checkpoint(figures):
+    path, checkpoint, data_dir = figures
+    ckpt = torch.load(checkpoint, weights_only=True)
+    shown = " ".join(Page(path.read_text()).text)
+    assert "width-4 ResNet-18" in shown and "CIFAR-10? no" in shown.replace("  ", " ")
+    assert f"{100 * ckpt['history']['test_acc'][-1]:.2f} % at iteration 12" in shown
+    for key, value in ckpt["config"].items():
+        if key not in ("classes", "data_name"):
+            assert key in shown and str(value) in shown, key
+
+
+def test_writing_the_page_is_quick(figures):
+    """Under a second is the budget in plot_all.py; on this tiny folder it must be far under."""
+    path, checkpoint, _ = figures
+    import time
+    began = time.perf_counter()
+    page.write_page(path.parent, checkpoint, torch.device("cpu"))
+    assert time.perf_counter() - began < 1.0
+
+
+# --------------------------------------------------------------------------- in a real browser
+
+def browser():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def rendered(path, fragment, tmp_path):
+    """The page's DOM after Chromium loaded it from disk with `fragment` and ran its script."""
+    proc = subprocess.run([browser(), *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                           path.as_uri() + fragment], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "</html>" in proc.stdout, proc.stderr[-2000:]
+    return Page(proc.stdout)
+
+
+@pytest.mark.skipif(browser() is None, reason="no Chromium installed (apt-get install -y chromium; .ci/run does)")
+def test_in_a_browser_every_image_loads_every_link_resolves_and_the_atlas_sorts(figures, tmp_path):
+    path, _, _ = figures
+    before = Page(path.read_text())
+    dom = rendered(path, "#sort=selectivity-desc&selftest", tmp_path)
+    # no script but the page's own, and the hostile class name is text in the table
+    assert len(dom.all("script")) == 1 and HOSTILE in "".join(dom.text)
+    images = dom.all("img")
+    assert len(images) == len(before.all("img")) > 15
+    for img in images:
+        assert int(img.get("data-natural-width", 0)) > 0, img["src"]
+    for link in [a["href"] for a in dom.all("a", "href")] + [img["src"] for img in images]:
+        target = unquote(urlsplit(link).path)
+        if target:
+            assert (path.parent / target).is_file(), link
+    # sorted by selectivity, largest first: the same rows, in another order than the page's own
+    written = [float(v) for v in column(before, "selectivity")]
+    shown = [float(v) for v in column(dom, "selectivity")]
+    assert shown == sorted(written, reverse=True) and written != shown
+    # each row moved whole: its channel and stage go with its selectivity
+    rows = sorted(zip(column(before, "selectivity"), column(before, "stage"), column(before, "channel")),
+                  key=lambda r: -float(r[0]))
+    assert list(zip(column(dom, "selectivity"), column(dom, "stage"), column(dom, "channel"))) == rows
+    ascending = rendered(path, "#sort=selectivity-asc", tmp_path)
+    assert [float(v) for v in column(ascending, "selectivity")] == sorted(written)

@@ -1,0 +1,574 @@
+"""figures/index.html: one static page to read every figure of a figures folder, and the run it shows.
+
+    page.write_page(figures_dir, checkpoint, device)   # plot_all.py calls it last; -> the page's path
+
+The page is rebuilt from the files in the folder, not from what this process drew, so nothing drawn by
+a single script, by an earlier run or by a script newer than this module goes missing: the files it
+knows by their names (FIGURES) go into sections in the README's order, each PNG with a caption saying
+what it shows and the command that draws it (the flags its file name and its JSON carry), the files
+beside it (same stem: .json, .pt) linked; every other file lands in a last section, "Other files".
+The atlas's units become one sortable table, the sanity checks and the trust table tables of numbers.
+
+Plain HTML, CSS and a few lines of script, all in the one file. Every link is a file of the folder or
+an anchor of the page, so the folder can be zipped and sent. Everything from the checkpoint, the data
+or a file name is escaped (html.escape), so a class name such as <script> shows as text. Two URL
+fragments drive the script: #sort=<column>-<asc|desc> sorts the atlas's table (e.g. selectivity-desc,
+so a sorted view can be linked); #selftest writes each image's natural width into its tag
+(data-natural-width), for the browser test.
+"""
+import html
+import json
+import math
+import re
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import quote
+
+from data import dataset_root, describe_dataset
+from utils import UserError
+from visualize.context import load_run
+from visualize.drawing import METHOD_TITLES, format_indices
+
+PAGE = "index.html"
+LAYER = r"(?P<layer>conv1|conv[2-5]_x)"
+SECTIONS = {  # id: heading, in the README's order
+    "progress": "Learning progress",
+    "maps": "Filters and feature maps",
+    "reconstructions": "Reconstructions, by method",
+    "atlas": "The unit atlas, per stage",
+    "featurevis": "Feature visualization and the gradient pattern",
+    "trust": "Sanity checks and trust",
+    "evidence": "Class evidence",
+    "other": "Other files",
+}
+WIDE_SECTIONS = {"reconstructions", "atlas", "trust", "evidence"}  # dense figures: two a row on a laptop
+METHOD_SUBSECTIONS = {"deconvnet": "Deconvnet (Zeiler & Fergus, the report's)", "guided": "Guided backpropagation",
+                      "gradient": "The plain gradient"}
+
+
+def command(script, *flags):
+    """'python script.py --a 1 --b': the flags given as (flag, value) pairs, value None for a switch, a
+    pair with value False left out."""
+    words = [f"python {script}"]
+    for flag, value in flags:
+        if value is not False:
+            words.append(flag if value is None else f"{flag} {value}")
+    return " ".join(words)
+
+
+# ------------------------------------------------------------------- each kind of figure, by file name
+# Each describer gets the file name's match and the JSON beside the PNG (or None) and returns
+# (subsection or None, caption, command).
+
+def progress_figure(m, record):
+    what = {"accuracy": "accuracy", "loss": "cross-entropy loss"}[m["what"]]
+    caption = (f"Training {what} of every batch (faint) and its mean over windows of iterations, against the "
+               f"iteration." if m["split"] == "train" else f"Test {what} on the whole test split after every epoch.")
+    return None, caption, command("plot_learning_progress.py") + "  (train.py draws it too, as it trains)"
+
+
+def filters_figure(m, record):
+    if m["channel"] is None:
+        caption = "conv1's filters as RGB images, one display scale for the whole grid, grey = 0."
+    else:
+        caption = (f"conv1's filters on input channel {m['channel']} ({'RGB'[int(m['channel'])]} of the image), "
+                   f"one colour scale symmetric around 0.")
+    return None, caption, command("plot_conv1_filters.py")
+
+
+def feature_maps_figure(m, record):
+    layer, channels = m["layer"], m["channels"]
+    shown = (f"channels {channels} of its {layer} feature maps, each labelled with its maximum" if channels else
+             f"its {layer} feature maps (where the stage has more than 64: the 64 most active, labelled)")
+    script = "plot_conv1_feature_map.py" if layer == "conv1" else "plot_conv5_feature_map.py"
+    return None, f"Test image {m['image']} and {shown}, on one colour scale.", command(
+        script, ("--image-index", m["image"]), ("--layer", layer), ("--channels", channels or False))
+
+
+def reconstructions_figure(m, record):
+    method = m["method"] or "deconvnet"
+    path = m["path"]
+    through = "" if m["layer"] == "conv1" else f", through {('the ' + path) if path else 'both branches'} of each residual sum"
+    scale = ("one display scale for all panels, so strengths compare" if m["shared"] else
+             "each scaled to its own max|r|")
+    caption = (f"{m['layer']} channel {m['channel']}: the {METHOD_TITLES[method]}"
+               f"{' of its strongest activation (top-1)' if m['top1'] else ''}{through}, beside each test image, "
+               f"headed by the channel's activation on it; {scale}, grey = 0.")
+    script = {None: "plot_conv1_reconstructed_pattern.py", "shortcut": "plot_conv5_reconstructed_pattern_shortcut.py",
+              "trunk": "plot_conv5_reconstructed_pattern_trunk.py"}[path]
+    return METHOD_SUBSECTIONS[method], caption, command(
+        script, ("--layer", m["layer"]), ("--channel", m["channel"]), ("--method", m["method"] or False),
+        ("--top1", None if m["top1"] else False), ("--scale", "shared" if m["shared"] else False))
+
+
+def atlas_figure(m, record):
+    method = m["method"] or "deconvnet"
+    units = (record or {}).get("units", [])
+    ablated = units[0]["ablation"]["images"] if units and "ablation" in units[0] else None
+    caption = (f"The atlas of {m['layer']}: for each channel the 9 test images with its largest single activation, "
+               f"the top-1 {METHOD_TITLES[method]} beside each image, cropped to the unit's receptive field; above "
+               f"each block its leading class, class selectivity and the accuracy lost when it is set to 0"
+               f"{f' (first {ablated} test images)' if ablated else ''}. Every unit's numbers: the table above.")
+    channels = format_indices([unit["channel"] for unit in units]) if units else False
+    return None, caption, command("plot_unit_atlas.py", ("--layer", m["layer"]), ("--channels", channels),
+                                  ("--method", m["method"] or False), ("--ablation-images", ablated or False))
+
+
+def gradient_pattern_figure(m, record):
+    caption = (f"The report's gradient pattern: from the test image that excites {m['layer']} channel {m['channel']} "
+               f"most (the sum of its feature map), Adam on the input raises that sum; the start, the pattern, "
+               f"and their difference (grey = 0).")
+    return None, caption, command("plot_gradient_pattern.py", ("--layer", m["layer"]), ("--channel", m["channel"]))
+
+
+def feature_visualization_figure(m, record):
+    objective = "its centre unit" if m["neuron"] else "its mean over the feature map"
+    start = ("from the test image that excites it most, beside the report's pattern from the same image" if m["top"]
+             else "from the data's mean colour")
+    caption = (f"Feature visualization of {m['layer']}: for each channel an image optimised to excite {objective}, a "
+               f"1/f Fourier image made robust to small shifts, zooms and rotations, {start}.")
+    return None, caption, command("plot_feature_visualization.py", ("--layer", m["layer"]),
+                                  ("--objective", "neuron" if m["neuron"] else False),
+                                  ("--start", "top" if m["top"] else False))
+
+
+def sanity_figure(m, record):
+    record = record or {}
+    caption = (f"Sanity checks (Adebayo et al. 2018) of {m['layer']} channel {m['channel']}: every technique "
+               f"redrawn as the stages are re-initialised from {m['layer']} down, under each picture its Spearman "
+               f"similarity to the trained network's (1: unchanged, 0: unrelated); the numbers below.")
+    images = format_indices(record["images"]) if record.get("images") else False
+    return None, caption, command("plot_sanity_checks.py", ("--layer", m["layer"]), ("--channel", m["channel"]),
+                                  ("--images", images), ("--seed", record.get("seed", False)))
+
+
+def trust_figure(m, record):
+    caption = ("The trust table: each technique, unit pictures and class maps alike, by how much it depends on the "
+               "weights and on the class and how faithful it is, beside a random map and an edge map; the numbers "
+               "below, from its JSON.")
+    return None, caption, command("plot_trust.py") + (f"  (file-name suffix: {m['rest']})" if m["rest"] else "")
+
+
+def class_evidence_figure(m, record):
+    caption = ("Class evidence: test images with their true and predicted class and its probability, and for each "
+               "method the map of the pixels that made the prediction.")
+    return None, caption, command("plot_class_evidence.py") + (f"  (file-name suffix: {m['rest']})" if m["rest"] else "")
+
+
+# ------------------------------------------------------------------- HTML pieces
+
+def e(value):
+    """Text for HTML, attributes included: every &, <, >, " and ' escaped."""
+    return html.escape(str(value), quote=True)
+
+
+def href(name):
+    """The relative URL of a file in the folder, escaped for an attribute."""
+    return e(quote(name))
+
+
+def anchor(name):
+    """The element id of a file's figure: its name with anything but letters, digits and _.- as _."""
+    return e("f-" + re.sub(r"[^A-Za-z0-9_.-]", "_", name))
+
+
+def png_size(path):
+    """(width, height) from a PNG's header, None for a file that is not one: the page reserves each
+    image's box before it loads."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def cell(value, digits=3):
+    """A <td> of a JSON value, with data-value for sorting: numbers right-aligned (floats to `digits`
+    decimals), None (undefined: JSON's null for NaN) as n/a, sorted last."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return '<td class="num" data-value="NaN">n/a</td>'
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        shown = f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+        return f'<td class="num" data-value="{e(repr(value))}">{e(shown)}</td>'
+    text = value if isinstance(value, str) else json.dumps(value)
+    return f'<td data-value="{e(text)}">{e(text)}</td>'
+
+
+def table(columns, rows, table_id=None, sortable=False):
+    """A <table>: columns [(key, title, numeric)], rows lists of ready <td> strings."""
+    head = "".join(
+        f'<th data-key="{e(key)}" data-type="{"num" if numeric else "text"}"' +
+        (f'><button type="button">{e(title)}</button></th>' if sortable else f">{e(title)}</th>")
+        for key, title, numeric in columns)
+    body = "".join(f"<tr>{''.join(row)}</tr>" for row in rows)
+    attributes = (f' id="{e(table_id)}"' if table_id else "") + (' class="sortable"' if sortable else "")
+    return f"<table{attributes}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ------------------------------------------------------------------- the tables of numbers
+
+def atlas_table(atlas_records):
+    """Every atlas unit, a row: stage, channel, leading class, selectivity, accuracy lost when ablated,
+    the class that loses most and how much; each row links to its stage's picture. One JSON a stage
+    (the deconvnet's where there are several: the numbers do not depend on the method)."""
+    columns = [("stage", "stage", False), ("channel", "channel", True), ("leading", "leading class", False),
+               ("selectivity", "selectivity", True), ("lost", "accuracy lost when ablated (points)", True),
+               ("class", "class that loses most", False), ("class_lost", "its loss (points)", True),
+               ("picture", "picture", False)]
+    rows = []
+    for png, record in atlas_records:
+        for unit in record.get("units", []):
+            ablation = unit.get("ablation") or {}
+            lost = (100 * (ablation["unablated_accuracy"] - ablation["accuracy"])
+                    if "accuracy" in ablation else None)
+            class_lost = 100 * ablation["class_drop"] if "class_drop" in ablation else None
+            rows.append([
+                cell(record.get("layer", "")), cell(unit["channel"]), cell(unit.get("leading_class") or "none (silent)"),
+                cell(unit.get("selectivity")), cell(lost, 1),
+                cell(ablation.get("class") if class_lost else "none"), cell(class_lost, 1),
+                f'<td data-value="{e(png)}"><a href="{href(png)}" title="its block is headed &quot;channel '
+                f'{e(unit["channel"])}&quot;">{e(png)}</a></td>'])
+    if not rows:
+        return ""
+    images = sorted({(unit.get("ablation") or {}).get("images") for _, record in atlas_records
+                     for unit in record.get("units", [])} - {None})
+    images = " or ".join(map(str, images)) or "?"
+    return (f'<div class="note">Every unit of the atlas. Selectivity: Morcos et al.\'s class selectivity index '
+            f'over the test split; accuracy lost: the test accuracy on the first {e(images)} test images with the '
+            f'channel set to 0, below the network\'s own, in points. Click a heading to sort (again to reverse); '
+            f'<a href="#sort=selectivity-desc">most selective first</a>, '
+            f'<a href="#sort=lost-desc">most needed first</a>.</div>'
+            f'<div class="scroll">{table(columns, rows, "atlas-units", sortable=True)}</div>')
+
+
+def sanity_table(record):
+    """A sanity JSON's similarities: a row per technique, a column per depth (trained; the unit's stage
+    random; + each stage below also random)."""
+    depths = record.get("depths") or []
+    similarity = record.get("similarity") or {}
+    if not depths or not isinstance(similarity, dict):
+        return ""
+    layer = record.get("layer", depths[1] if len(depths) > 1 else "")
+    titles = [("+ " if d not in ("trained", layer) else "") + str(d) + (" random" if d == layer else "") for d in depths]
+    columns = [("technique", "technique", False)] + [(str(d), title, True) for d, title in zip(depths, titles)]
+    rows = [[f"<th>{e(name)}</th>"] + [cell(v) for v in values] for name, values in similarity.items()]
+    return table(columns, rows)
+
+
+LARGE = object()  # a JSON value too large for a cell (a map, a list): it stays in the JSON
+
+
+def shown_value(value):
+    """What a table cell shows of a JSON value: a scalar as it is, booleans as yes/no, an object of at
+    most 8 scalars as 'key value, ...'; LARGE for anything else."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, dict) and len(value) <= 8 and all(isinstance(v, (str, int, float)) for v in value.values()):
+        return ", ".join(f"{key} {shown_value(v)}" for key, v in value.items())
+    return LARGE
+
+
+def json_table(record):
+    """The largest table in a JSON whose layout this module does not pin (the trust table's, the class
+    evidence's): a list of objects, a row each, or an object of objects, a row per key, with the
+    columns a cell can show (shown_value); '' when there is none. Sortable by every column."""
+    found = []
+    for value in [record, *(record.values() if isinstance(record, dict) else [])]:
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            found.append((None, value))
+        elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            found.append((list(value), list(value.values())))
+    if not found:
+        return ""
+    names, rows = max(found, key=lambda f: len(f[1]))
+    keys = [key for key in dict.fromkeys(k for row in rows for k in row)
+            if all(shown_value(row.get(key)) is not LARGE for row in rows)]
+    numeric = {key: all(isinstance(shown_value(row.get(key)), (int, float, type(None))) for row in rows) for key in keys}
+    columns = ([("name", "", False)] if names else []) + [(key, key, numeric[key]) for key in keys]
+    body = [([f'<th data-value="{e(name)}">{e(name)}</th>'] if names else []) +
+            [cell(shown_value(row.get(key))) for key in keys] for name, row in zip(names or rows, rows)]
+    return table(columns, body, sortable=True)
+
+
+# ------------------------------------------------------------------- the run
+
+def data_name(data_dir, synthetic):
+    """data.describe_dataset's name of the data in data_dir (checkpoints before it was stored in the
+    config, and test data other than the training data); where it cannot be read, its folder."""
+    try:
+        return describe_dataset(dataset_root(data_dir, synthetic), synthetic)
+    except UserError:
+        return f"the data in {data_dir} (not readable now)"
+
+
+def run_description(run, checkpoint, note=""):
+    """The run the figures show, from the checkpoint's config and history: a table of what it is (and
+    `note`, HTML, under it), beside every training setting of its config."""
+    ckpt = run.checkpoint
+    config, history = ckpt.get("config", {}), ckpt.get("history", {})
+    trained_on = config.get("data_name") or data_name(config.get("data_dir", "data"), config.get("synthetic", False))
+    same = (run.data_dir, run.synthetic) == (config.get("data_dir", "data"), config.get("synthetic", False))
+    tested_on = "the same" if same else data_name(run.data_dir, run.synthetic)
+    asked = (f"{config['iterations']} iterations" if config.get("iterations") else
+             f"{config['epochs']} epochs" if config.get("epochs") else "")
+    trained = f"{ckpt.get('iteration', '?')} iterations (epoch {ckpt.get('epoch', '?')})" + (
+        f"; the run asked for {asked}" if asked else "")
+    if history.get("test_acc"):
+        accuracy = (f"{100 * history['test_acc'][-1]:.2f} % at iteration {history['test_iteration'][-1]} "
+                    f"(epoch {history['test_epoch'][-1]}), the last test of the whole test split")
+    else:
+        accuracy = "not measured yet (no epoch has ended)"
+    summary = [("checkpoint", str(checkpoint)), ("network", f"width-{run.model.width} ResNet-18"),
+               ("trained on", trained_on), ("CIFAR-10?", "yes" if trained_on == "CIFAR-10" else "no"),
+               ("test images from", tested_on), ("classes", ", ".join(map(str, config.get("classes", run.classes)))),
+               ("trained for", trained), ("test accuracy", accuracy)]
+    shown = {"data_name", "classes"}
+    settings = [(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+                for key, value in config.items() if key not in shown]
+    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in summary)
+    wide = ' class="wide"'  # a long value (the speed settings' reason) takes a line of its own
+    setting_items = "".join(f'<div{wide if len(v) > 60 else ""}><dt>{e(k)}</dt><dd>{e(v)}</dd></div>'
+                            for k, v in settings)
+    return (f'<div class="run-grid"><div><table class="run">{rows}</table>{note}</div><div>'
+            f'<h3>Training settings (the checkpoint\'s config: train.py\'s flags and what it chose)</h3>'
+            f'<dl class="settings">{setting_items}</dl></div></div>')
+
+
+# ------------------------------------------------------------------- the page
+
+# (section, file-name pattern of the PNG, describer, the table of its JSON's numbers or None), in the
+# order the page shows them.
+FIGURES = [
+    ("progress", r"(?P<split>train)_(?P<what>accuracy|loss)", progress_figure, None),
+    ("progress", r"(?P<split>test)_(?P<what>accuracy|loss)", progress_figure, None),
+    ("maps", r"conv1_filters_(?:input_channel(?P<channel>[0-2])|rgb)", filters_figure, None),
+    ("maps", rf"{LAYER}_feature_maps_image(?P<image>\d+)(?:_channels(?P<channels>[\d,-]+))?", feature_maps_figure, None),
+    ("reconstructions", rf"{LAYER}_channel(?P<channel>\d+)_reconstructions(?:_(?P<path>shortcut|trunk))?"
+                        rf"(?:_(?P<method>guided|gradient))?(?P<top1>_top1)?(?P<shared>_sharedscale)?",
+     reconstructions_figure, None),
+    ("atlas", rf"atlas_{LAYER}(?:_(?P<method>guided|gradient))?", atlas_figure, None),  # one table for all stages
+    ("featurevis", rf"gradient_pattern_{LAYER}_channel(?P<channel>\d+)", gradient_pattern_figure, None),
+    ("featurevis", rf"feature_visualization_{LAYER}(?P<neuron>_neuron)?(?P<top>_top)?", feature_visualization_figure,
+     None),
+    ("trust", rf"sanity_{LAYER}_channel(?P<channel>\d+)(?P<rest>.*)", sanity_figure, sanity_table),
+    ("trust", r"trust(?P<rest>.*)", trust_figure, json_table),
+    ("evidence", r"class_evidence(?P<rest>.*)", class_evidence_figure, json_table),
+]
+# The reconstructions' subsections in this order, whatever the file names' order
+SUBSECTION_ORDER = list(METHOD_SUBSECTIONS.values())
+
+
+class Figure(NamedTuple):
+    name: str  # the PNG's file name
+    subsection: str | None
+    caption: str
+    command: str
+    beside: list  # the names of the files beside it (same stem)
+    numbers: str  # HTML: the table of its JSON's numbers, or ''
+
+
+def classify_files(folder):
+    """The folder's files: ({section: [Figure, ...]}, {atlas PNG: its JSON record}, [every other
+    file's name]), each section in FIGURES' order, and within a kind by name."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != PAGE and not p.name.startswith("."))
+    stems = {}
+    for name in names:
+        stems.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    claimed, sections, atlas_records = set(), {key: [] for key in SECTIONS}, {}
+    for section, pattern, describe, numbers in FIGURES:
+        for name in names:
+            m = re.fullmatch(pattern + r"\.png", name)
+            if not m or name in claimed:
+                continue
+            stem = name[:-len(".png")]
+            beside = [other for other in stems[stem] if other != name]
+            record = read_json(folder / f"{stem}.json") if f"{stem}.json" in beside else None
+            subsection, caption, cmd = describe(m, record)
+            table_html = numbers(record) if numbers and record else ""
+            sections[section].append(Figure(name, subsection, caption, cmd, beside, table_html))
+            claimed.update([name, *beside])
+            if section == "atlas" and record:
+                atlas_records[name] = record
+    sections["reconstructions"].sort(key=lambda f: SUBSECTION_ORDER.index(f.subsection))  # stable
+    return sections, atlas_records, [name for name in names if name not in claimed]
+
+
+def read_json(path):
+    """A JSON object from a file; None for one that cannot be read or is no object (it is linked all
+    the same; only its numbers are left out)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def figure_card(folder, figure):
+    size = png_size(folder / figure.name)
+    dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
+    links = " ".join(f'<a href="{href(b)}">{e(b)}</a>' for b in figure.beside)
+    return (f'<figure id="{anchor(figure.name)}"><a href="{href(figure.name)}"><img src="{href(figure.name)}"{dims} '
+            f'alt="{e(figure.caption)}"></a><figcaption><a class="name" href="#{anchor(figure.name)}">'
+            f'{e(figure.name)}</a> {e(figure.caption)}' + (f'<code>{e(figure.command)}</code>' if figure.command else "")
+            + (f'<span class="data">beside it: {links}</span>' if links else "") + f'</figcaption>{figure.numbers}</figure>')
+
+
+def section_body(folder, figures, grid):
+    """A section's figures in `grid`s, a heading before each subsection."""
+    if not figures:
+        return '<p class="none">None in this folder.</p>'
+    parts, cards, subsection = [], [], None
+    for figure in figures:
+        if figure.subsection != subsection:
+            parts.append(f'<div class="{grid}">{"".join(cards)}</div>' if cards else "")
+            parts.append(f"<h3>{e(figure.subsection)}</h3>")
+            subsection, cards = figure.subsection, []
+        cards.append(figure_card(folder, figure))
+    return "".join(parts) + f'<div class="{grid}">{"".join(cards)}</div>'
+
+
+def other_files(folder, names):
+    """The files the page does not know by name: a PNG shown as a figure, anything else linked."""
+    figures = [Figure(name, None, "A figure this page does not know by its name.", "", [], "")
+               for name in names if name.endswith(".png")]
+    files = "".join(f'<li><a href="{href(name)}">{e(name)}</a></li>' for name in names if not name.endswith(".png"))
+    return (section_body(folder, figures, "grid") if figures else "") + (
+        f'<ul class="files">{files}</ul>' if files else "")
+
+
+def page_html(folder, run, checkpoint):
+    folder = Path(folder)
+    sections, atlas_records, others = classify_files(folder)
+    by_layer = {}  # one atlas JSON a stage for the table: the deconvnet's where several methods were drawn
+    for png, record in atlas_records.items():
+        layer = record.get("layer", png)
+        if layer not in by_layer or record.get("method") == "deconvnet":
+            by_layer[layer] = (png, record)
+    parts, nav = [], []
+    for key, heading in SECTIONS.items():
+        if key == "other":
+            if not others:
+                continue
+            body, count = other_files(folder, others), len(others)
+        else:
+            figures = sections[key]
+            body = section_body(folder, figures, "grid wide" if key in WIDE_SECTIONS else "grid")
+            body, count = (atlas_table(list(by_layer.values())) if key == "atlas" else "") + body, len(figures)
+        nav.append(f'<a href="#{key}">{e(heading)} <span>{count}</span></a>')
+        parts.append(f'<section id="{key}"><h2>{e(heading)}</h2>{body}</section>')
+    title = f"{Path(checkpoint).name}: what a width-{run.model.width} ResNet-18 learned"
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width, initial-scale=1"><title>{e(title)}</title><style>{STYLE}</style></head>'
+            f'<body><header><h1>{e(title)}</h1><nav><a href="#run">The run</a>{"".join(nav)}</nav></header><main>'
+            f'<section id="run"><h2>The run</h2>{run_description(run, checkpoint, NOTE)}</section>'
+            f'{"".join(parts)}</main><script>{SCRIPT}</script></body></html>\n')
+
+
+NOTE = ('<p class="note">Rebuilt by plot_all.py from the files in this folder. Each caption gives the command '
+        'that draws the figure, from the flags its file name (and its JSON) carry; every command also takes the '
+        'run\'s --checkpoint and --data-dir. Click a figure for the full-size file.</p>')
+
+
+def write_page(figures_dir, checkpoint, device, data_dir=None, synthetic=None):
+    """figures_dir/index.html for the figures in it, the run described from `checkpoint` (loaded as
+    the plot scripts load it: context.load_run, so plot_all.py pays nothing for it). Returns its path."""
+    run = load_run(checkpoint, device, data_dir, synthetic, test_split=False)
+    path = Path(figures_dir) / PAGE
+    tmp = path.with_name(f".{PAGE}.tmp")
+    tmp.write_text(page_html(figures_dir, run, checkpoint), encoding="utf-8")
+    tmp.replace(path)  # a reader never sees half a page
+    print(f"wrote {path}")
+    return path
+
+
+STYLE = """
+:root { --ink: #1d2330; --soft: #5b6475; --line: #d9dde5; --bg: #f6f7f9; --accent: #2458a6; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--ink); background: var(--bg); }
+header { position: sticky; top: 0; z-index: 2; background: #fff; border-bottom: 1px solid var(--line); padding: 8px 24px; }
+h1 { font-size: 19px; margin: 0 0 4px; }
+nav { display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 14px; }
+nav a span { color: var(--soft); font-size: 12px; }
+a { color: var(--accent); text-decoration: none; }
+a:hover { text-decoration: underline; }
+main { max-width: 1500px; margin: 0 auto; padding: 0 24px 48px; }
+section { padding-top: 8px; }
+h2 { font-size: 18px; margin: 24px 0 10px; padding-bottom: 4px; border-bottom: 2px solid var(--line); }
+h3 { font-size: 15px; margin: 16px 0 8px; color: var(--soft); }
+section[id], figure[id] { scroll-margin-top: 80px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(420px, 100%), 1fr)); gap: 14px; align-items: start; }
+.grid.wide { grid-template-columns: repeat(auto-fill, minmax(min(600px, 100%), 1fr)); }
+figure { margin: 0; background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 10px; }
+figure img { display: block; width: 100%; height: auto; }
+figcaption { font-size: 13.5px; margin-top: 8px; }
+figcaption .name { display: block; font-weight: 600; word-break: break-all; }
+code { display: block; margin-top: 6px; padding: 4px 6px; background: var(--bg); border-radius: 4px;
+       font: 12.5px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; white-space: pre-wrap; word-break: break-word; }
+.data { display: block; margin-top: 4px; font-size: 13px; }
+table { border-collapse: collapse; font-size: 13.5px; background: #fff; }
+th, td { padding: 3px 9px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+thead th { background: #eef1f5; position: sticky; top: 0; }
+figure table { margin-top: 8px; width: 100%; }
+table.run { width: 100%; }
+table.run th { white-space: nowrap; color: var(--soft); font-weight: 600; }
+.run-grid { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 24px; align-items: start; }
+@media (max-width: 1000px) { .run-grid { grid-template-columns: minmax(0, 1fr); } }
+.run-grid h3 { margin-top: 0; }
+dl.settings { display: grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap: 2px 16px;
+              margin: 0; font-size: 13.5px; }
+dl.settings div { display: flex; gap: 8px; border-bottom: 1px solid var(--line); padding: 2px 0; min-width: 0; }
+dl.settings div.wide { grid-column: 1 / -1; }
+dl.settings dt { color: var(--soft); font-weight: 600; }
+dl.settings dd { margin: 0; font: 12.5px/1.5 ui-monospace, "DejaVu Sans Mono", monospace; word-break: break-word; }
+.scroll { max-height: 70vh; overflow: auto; border: 1px solid var(--line); margin-bottom: 14px; display: inline-block; max-width: 100%; }
+table.sortable th button { all: unset; cursor: pointer; }
+table.sortable th[aria-sort=ascending] button::after { content: " \\25B2"; }
+table.sortable th[aria-sort=descending] button::after { content: " \\25BC"; }
+table.sortable tbody tr:hover { background: #f0f4fb; }
+.note { color: var(--soft); font-size: 13.5px; margin: 6px 0 10px; max-width: 1100px; }
+.none { color: var(--soft); }
+ul.files { font-size: 14px; }
+"""
+
+# Sorting: numbers by data-value (NaN last), text as text; ties keep the page's order. Then the fragment.
+SCRIPT = """
+function sortTable(table, key, dir) {
+  var th = table && table.querySelector('th[data-key="' + key + '"]');
+  if (!th) return;
+  var col = th.cellIndex, num = th.dataset.type === 'num', body = table.tBodies[0];
+  var rows = Array.prototype.slice.call(body.rows);
+  rows.forEach(function (r, i) { if (r.dataset.order === undefined) r.dataset.order = i; });
+  rows.sort(function (a, b) {
+    var x = a.cells[col].dataset.value, y = b.cells[col].dataset.value, c;
+    if (num) { x = parseFloat(x); y = parseFloat(y);
+      c = isNaN(x) ? (isNaN(y) ? 0 : 1) : isNaN(y) ? -1 : (dir === 'desc' ? y - x : x - y); }
+    else c = (dir === 'desc' ? -1 : 1) * x.localeCompare(y);
+    return c || a.dataset.order - b.dataset.order;
+  });
+  rows.forEach(function (r) { body.appendChild(r); });
+  table.querySelectorAll('th').forEach(function (h) { h.removeAttribute('aria-sort'); });
+  th.setAttribute('aria-sort', dir === 'desc' ? 'descending' : 'ascending');
+}
+document.querySelectorAll('table.sortable th').forEach(function (th) {
+  th.addEventListener('click', function () {
+    var again = th.getAttribute('aria-sort');
+    var dir = again ? (again === 'descending' ? 'asc' : 'desc') : (th.dataset.type === 'num' ? 'desc' : 'asc');
+    sortTable(th.closest('table'), th.dataset.key, dir);
+  });
+});
+function fromFragment() {
+  location.hash.slice(1).split('&').forEach(function (part) {
+    var m = /^sort=(.+)-(asc|desc)$/.exec(part);
+    if (m) sortTable(document.getElementById('atlas-units'), m[1], m[2]);
+  });
+}
+window.addEventListener('hashchange', fromFragment);
+fromFragment();
+window.addEventListener('load', function () {
+  if (location.hash.indexOf('selftest') < 0) return;
+  document.querySelectorAll('img').forEach(function (img) { img.dataset.naturalWidth = img.naturalWidth; });
+});
+"""
