@@ -1,8 +1,12 @@
 """The device's speed settings: what decides a run's numerics and layout, and what runs them.
 
+    device = speed.resolve_device("auto")           # the device a --device names, if this machine has it
     caps = speed.detect(device)                      # what the device can do (a Capabilities)
-    plan = speed.plan(caps, asked)                   # the rules: the candidates that can be fast there
-    settings, rates, why = speed.choose(plan, ...)   # a short probe keeps the fastest candidate
+    settings, record = speed.decide(asked, previous_config, caps, iterations, measure)
+
+decide is the one call a run makes: the rules (plan) leave the candidates that can be fast on the device,
+a resumed run keeps what its run chose (plan_for), and a short probe keeps the fastest (choose); it
+returns the settings and what the run's config records of them.
 
 The rules only rule out what cannot be fast on the device:
 
@@ -28,14 +32,16 @@ runs there.
 """
 import dataclasses
 import itertools
+import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-import utils
+from utils import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,7 +86,7 @@ class Settings:
                          *(["graph"] if self.cuda_graph else []), *(["compile"] if self.compile else [])])
 
 
-SWITCHES = tuple(f.name for f in dataclasses.fields(Settings))  # the keys a run's config records
+SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(Settings))  # the keys a run's config records
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,57 @@ class Plan:
     reasons: tuple
 
 
-# --------------------------------------------------------------------------- what the device can do
+# --------------------------------------------------------------------------- the device and what it can do
+
+def resolve_device(name="auto"):
+    """The torch device `name` names, if this machine has it; UserError otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        with warnings.catch_warnings():  # torch warns about some legacy names ("mkldnn")
+            warnings.simplefilter("ignore")
+            device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu or cuda "
+                        f"(cuda:1 for a second GPU)") from None
+    fix = "use --device cpu" + (" or cuda" if torch.cuda.is_available() else "") + ", or leave out --device"
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise UserError(f"--device meta holds shapes but no numbers, so nothing can be computed on it; {fix}")
+    if device.type == "mps":
+        count = int(torch.backends.mps.is_available())
+    else:  # cuda, xpu, mtia: torch's backend module says how many this machine has
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        count = backend.device_count() if callable(available) and available() else 0
+    if count == 0:
+        raise UserError(f"--device {name}: torch knows the name, but this machine has no {device.type} "
+                        f"device that torch can use; {fix}")
+    if device.index is not None and device.index >= count:
+        raise UserError(f"--device {name}: this machine has {count} {device.type} device{'s' * (count > 1)}, "
+                        f"{device.type}:0..{device.type}:{count - 1}")
+    return device
+
+
+def available_memory(device):
+    """Bytes that `device` has free now (CPU: MemAvailable of /proc/meminfo); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
 
 def cpu_bf16_support():
     """(whether this CPU computes bf16 natively, how that was found). torch 2.14 has
@@ -152,13 +208,13 @@ def ruled_precisions(caps):
 
 
 def plan(caps, asked):
-    """The candidates the rules leave for `caps`, each setting the user gave (asked: SWITCHES -> value,
+    """The candidates the rules leave for `caps`, each setting the user gave (asked: SETTING_FIELDS -> value,
     None where not given) fixed as given. UserError for a combination that cannot run."""
     cuda = caps.kind == "cuda"
     if asked.get("cuda_graph") and not cuda:
-        raise utils.UserError(f"--cuda-graph needs a CUDA device, and this run is on {caps.kind}; drop --cuda-graph")
+        raise UserError(f"--cuda-graph needs a CUDA device, and this run is on {caps.kind}; drop --cuda-graph")
     if asked.get("cuda_graph") and asked.get("compile"):
-        raise utils.UserError("--cuda-graph and --compile are two ways to cut the launch cost; pick one")
+        raise UserError("--cuda-graph and --compile are two ways to cut the launch cost; pick one")
     reasons = [caps.describe()]
     if asked.get("precision") is not None:
         precisions = [asked["precision"]]
@@ -182,9 +238,9 @@ def plan(caps, asked):
             continue
         candidates.append(Settings(precision, channels_last, graph, compile_))
     if not candidates:
-        raise utils.UserError("--cuda-graph cannot run with fp16 (GradScaler's step syncs with the host); "
-                              "add --precision fp32, or drop --cuda-graph")
-    given = [k for k in SWITCHES if asked.get(k) is not None]
+        raise UserError("--cuda-graph cannot run with fp16 (GradScaler's step syncs with the host); "
+                        "add --precision fp32, or drop --cuda-graph")
+    given = [k for k in SETTING_FIELDS if asked.get(k) is not None]
     if given:
         reasons.append("given: " + ", ".join(f"{k}={asked[k]}" for k in given))
     return Plan(caps, tuple(candidates), tuple(reasons))
@@ -217,20 +273,50 @@ def choose(plan, iterations, measure):
     return best, {c.label(): rates[c] for c in plan.candidates}, "; ".join(reasons)
 
 
-def time_steps(step, images_per_step, steps, device):
-    """Images/s of step() (one training step): PROBE_WARMUP untimed, then the faster of two windows."""
-    for _ in range(PROBE_WARMUP):
+def plan_for(asked, previous, caps):
+    """plan(caps, asked) for a run that may be resumed: one resumed on the same kind of device keeps the
+    settings its run chose (previous: that run's config; a new probe could choose others, and the resumed
+    run would then not equal one run). Flags still win."""
+    previous = previous or {}
+    if previous.get("device_name") != caps.name or not all(k in previous for k in SETTING_FIELDS):
+        return plan(caps, asked)
+    kept = plan(caps, {k: previous[k] if asked[k] is None else asked[k] for k in SETTING_FIELDS})
+    given = [f"{k}={asked[k]}" for k in SETTING_FIELDS if asked[k] is not None]
+    return Plan(caps, kept.candidates, (kept.reasons[0], "resumed: as the checkpoint's run chose on this device",
+                                        *(["given: " + ", ".join(given)] if given else [])))
+
+
+def decide(asked, previous, caps, iterations, measure):
+    """(settings, record) of a run of `iterations` more steps on the device `caps` describes: plan_for's
+    candidates, the fastest by the probe (choose), and what the run's config records of them: the
+    settings, why (speed_reason), the probe's images/s (speed_probe) and the device (device_name).
+
+    asked: SETTING_FIELDS -> the value a flag gave, None where none did; previous: the config of the run
+    resumed, None for a new one; measure(settings, steps) -> images/s, the probe's."""
+    settings, probe, reason = choose(plan_for(asked, previous, caps), iterations, measure)
+    return settings, dict(dataclasses.asdict(settings), speed_reason=reason, speed_probe=probe, device_name=caps.name)
+
+
+def time_steps(step, windows, window_steps, warmup, device):
+    """Images/s of each of `windows` timed windows of `window_steps` calls of step() (one training step,
+    returning the images it trained on), after `warmup` untimed calls; the device's queue is drained at
+    each window's edges."""
+    for _ in range(warmup):
         step()
-    window = max(1, (steps - PROBE_WARMUP) // 2)
     rates = []
-    for _ in range(2):
+    for _ in range(windows):
         sync(device)
         start = time.perf_counter()
-        for _ in range(window):
-            step()
+        images = sum(step() for _ in range(window_steps))
         sync(device)
-        rates.append(window * images_per_step / (time.perf_counter() - start))
-    return max(rates)
+        rates.append(images / (time.perf_counter() - start))
+    return rates
+
+
+def probe_rate(step, steps, device):
+    """The probe's images/s of step() over `steps` calls: PROBE_WARMUP untimed, then the faster of two
+    windows (the cores may be shared)."""
+    return max(time_steps(step, 2, max(1, (steps - PROBE_WARMUP) // 2), PROBE_WARMUP, device))
 
 
 def sync(device):
@@ -349,7 +435,7 @@ class GraphedStep:
     batch's, without which graphing the small last batch is not worth it), every later step runs
     eagerly and Adam is made plain again (plain_adam). Either way the run loses nothing.
 
-    The optimizer must be capturable Adam with a tensor lr (train.make_optimizer(..., cuda_graph=True)).
+    The optimizer must be capturable Adam with a tensor lr (steps.make_optimizer(..., cuda_graph=True)).
     The graph reads that lr tensor: it is held, and a call that finds another object in the param group
     (a scheduler that replaced it) copies the new value into the held one and puts it back. The graphs
     share one memory pool; their outputs are the graph's buffers, overwritten by the next call (a caller

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plot_all  # noqa: E402
 import plot_conv5_reconstructed_pattern_trunk  # noqa: E402
+import checkpoint  # noqa: E402
 import utils  # noqa: E402
 
 GALLERY = Path(__file__).resolve().parent / "gallery"
@@ -40,7 +41,7 @@ def main(argv=None):
         GALLERY.mkdir(exist_ok=True)
         for name in SHOWN:
             shutil.copyfile(Path(scratch) / name, GALLERY / name)
-    ckpt = utils.read_checkpoint(args.checkpoint)
+    ckpt = checkpoint.read_checkpoint(args.checkpoint)
     config, history = ckpt["config"], ckpt["history"]
     (GALLERY / "SOURCE.txt").write_text(
         f"made by: python docs/make_gallery.py {' '.join(shared)}\n"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import data
 import speed
-import train
+import steps
 from conftest import ROOT, run_in_process, script_env
 from model import ResNet
 from speed import GraphedStep
@@ -37,7 +37,7 @@ def batches_on(device, channels_last):
     """The steps' (input, labels) batches of EPOCHS epochs of learnable synthetic images on `device`."""
     x, y = (t.to(device) for t in data.make_synthetic_images(IMAGES, seed=5))
     return [batch for epoch in range(EPOCHS)
-            for batch in train.epoch_batches(x, y, epoch, seed=5, batch_size=BATCH, channels_last=channels_last)]
+            for batch in data.epoch_batches(x, y, epoch, seed=5, batch_size=BATCH, channels_last=channels_last)]
 
 
 def train_steps(device, settings, batches):
@@ -47,9 +47,9 @@ def train_steps(device, settings, batches):
     model = ResNet(8).to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = train.make_optimizer(model, dict(train.RECIPE, lr_step_epochs=1))
+    optimizer, scheduler = steps.make_optimizer(model, dict(steps.RECIPE, lr_step_epochs=1))
     scaler = speed.grad_scaler(device, settings.precision)
-    step = train.make_step(model, optimizer, settings, scaler)
+    step = steps.make_step(model, optimizer, settings, scaler)
     losses = []
     for i, (x, y) in enumerate(batches):
         losses.append(step(x, y)[0].item())
@@ -80,8 +80,8 @@ def lockstep(device, precision, wrap=None, say=None):
     torch.manual_seed(0)
     models = [ResNet(8).to(device).to(memory_format=torch.channels_last) for _ in range(2)]
     (graphed, optimizer, scheduler), (eager, eager_opt, _) = (
-        (m, *train.make_optimizer(m, dict(train.RECIPE, lr_step_epochs=1), cuda_graph=True)) for m in models)
-    inner = lambda x, y: train.train_step(graphed, optimizer, x, y, precision)
+        (m, *steps.make_optimizer(m, dict(steps.RECIPE, lr_step_epochs=1), cuda_graph=True)) for m in models)
+    inner = lambda x, y: steps.train_step(graphed, optimizer, x, y, precision)
     step = speed.GraphedStep(wrap(inner) if wrap else inner, graphed, optimizer, say)
     loss_rtol, update_gap = LOCKSTEP[precision]
     losses = []
@@ -89,7 +89,7 @@ def lockstep(device, precision, wrap=None, say=None):
         copy_training_state(graphed, optimizer, eager, eager_opt)
         before = [p.detach().clone() for p in graphed.parameters()]
         loss = step(x, y)[0].item()
-        eager_loss = train.train_step(eager, eager_opt, x, y, precision)[0].item()
+        eager_loss = steps.train_step(eager, eager_opt, x, y, precision)[0].item()
         update = torch.cat([(p.detach() - b).flatten() for p, b in zip(graphed.parameters(), before)])
         eager_update = torch.cat([(q.detach() - b).flatten() for q, b in zip(eager.parameters(), before)])
         assert loss == pytest.approx(eager_loss, rel=loss_rtol), i
@@ -214,7 +214,7 @@ def test_a_run_resumed_cpu_gpu_cpu_continues_where_each_part_stopped(small_data_
         if channels_last:
             model.to(memory_format=torch.channels_last)
         epoch, index = divmod(iteration - 1, 22)
-        x, y = next(train.epoch_batches(images.to(device), labels.to(device), epoch, saved["config"]["seed"], 48,
+        x, y = next(data.epoch_batches(images.to(device), labels.to(device), epoch, saved["config"]["seed"], 48,
                                         channels_last, index, index + 1))
         with torch.no_grad(), speed.autocast(device, precision):
             return F.cross_entropy(model.train()(x).float(), y).item()

@@ -14,6 +14,8 @@ from data import denormalize
 
 TITLE_WIDTH = 90  # characters a title line holds at the figures' sizes; a long data name takes two
 # How titles name each of model.METHODS, ResNet.reconstruct's ways back to the pixels
+FEATURE_MAP_TILES = 64  # a feature-map figure shows every channel of a stage with at most this many
+SCALES = ("image", "shared")  # the display scale of reconstructions: max|r| per image, or one for all panels
 METHOD_TITLES = {"deconvnet": "deconvnet reconstruction", "guided": "guided backpropagation", "gradient": "gradient"}
 
 
@@ -88,12 +90,13 @@ def bare(ax):
     ax.set_yticks([])
 
 
-def save(fig, path):
-    """Save a figure (the Agg renderer, no pyplot state), say so, and return the path."""
+def save(fig, path, quiet=False):
+    """Save a figure (the Agg renderer, no pyplot state), say so (unless quiet), and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
     return path
 
 
