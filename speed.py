@@ -91,10 +91,12 @@ SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(Settings))  # the keys
 
 @dataclass(frozen=True)
 class Plan:
-    """What the rules leave on a device: the candidates (the first is kept when no probe runs) and why."""
+    """What the rules leave on a device: the candidates (the first is kept when no probe runs) and why;
+    compile_trial: whether the probe may weigh torch.compile for the fastest (weigh_compile)."""
     caps: Capabilities
     candidates: tuple
     reasons: tuple
+    compile_trial: bool = False
 
 
 # --------------------------------------------------------------------------- the device and what it can do
@@ -243,7 +245,8 @@ def plan(caps, asked):
     given = [k for k in SETTING_FIELDS if asked.get(k) is not None]
     if given:
         reasons.append("given: " + ", ".join(f"{k}={asked[k]}" for k in given))
-    return Plan(caps, tuple(candidates), tuple(reasons))
+    # torch.compile is weighed only on a CPU: on CUDA a graph cuts the same launch cost without compiling
+    return Plan(caps, tuple(candidates), tuple(reasons), compile_trial=caps.kind == "cpu" and asked.get("compile") is None)
 
 
 def probe_steps(plan, iterations):
@@ -255,9 +258,10 @@ def probe_steps(plan, iterations):
     return steps if steps >= PROBE_MIN_STEPS else 0
 
 
-def choose(plan, iterations, measure):
+def choose(plan, iterations, measure, clock=time.perf_counter):
     """(settings, {label: images/s}, reason): the fastest candidate by measure(settings, steps) -> images/s,
-    or the first where the probe is skipped."""
+    or the first where the probe is skipped; where the plan allows it, that candidate compiled instead if
+    compiling pays for itself over the run (weigh_compile). clock times the probe."""
     steps = probe_steps(plan, iterations)
     reasons = list(plan.reasons)
     if len(plan.candidates) == 1:
@@ -267,10 +271,54 @@ def choose(plan, iterations, measure):
         reasons.append(f"probe skipped: {iterations} iterations are too short for {len(plan.candidates)} candidates "
                        f"(needs {need}); the rules' default")
         return plan.candidates[0], {}, "; ".join(reasons)
-    rates = {c: measure(c, steps) for c in plan.candidates}
+    rates, seconds = {}, {}
+    for c in plan.candidates:
+        started = clock()
+        rates[c] = measure(c, steps)
+        seconds[c] = clock() - started
     best = max(rates, key=rates.get)
     reasons.append(f"probe ({steps} steps each): {best.label()} fastest, {rates[best]:.0f} images/s")
-    return best, {c.label(): rates[c] for c in plan.candidates}, "; ".join(reasons)
+    probe = {c.label(): rates[c] for c in plan.candidates}
+    if plan.compile_trial:
+        best, why = weigh_compile(best, rates[best], seconds[best], iterations, steps, measure, clock, probe)
+        reasons.append(why)
+    return best, probe, "; ".join(reasons)
+
+
+# torch.compile on a CPU: the AVX2 EPYC (issue 24, width 64, batch 128, channels_last) trained 80.6 images/s
+# compiled against 70.0 eager after 58 s of compiling. It is tried where the run would take at least
+# COMPILE_MIN_RUN_S eagerly (the trial's compile, a minute or more, is then a few % of it at most), and kept
+# if the time it saves over the run beats COMPILE_SHAPES compiles: the run compiles the full batch and
+# again the epoch's last, partial one (width 4 on one busy core: 169 s, then 129 s for batch 8).
+COMPILE_MIN_RUN_S = 3600
+COMPILE_SHAPES = 2
+
+
+def weigh_compile(best, rate, probe_s, iterations, steps, measure, clock, probe):
+    """(settings, reason): `best`, the probe's fastest (eager, `rate` images/s, its `steps` probe steps
+    taking probe_s), or the same compiled, for a run of `iterations` steps. The compiled one is measured
+    as the probe's candidates are (and added to `probe`); its compile time is what its probe took beyond
+    the eager one's, its steps counted at its own rate."""
+    run_s = probe_s * iterations / steps  # the run's eager time (a little over: the probe builds a model)
+    if run_s < COMPILE_MIN_RUN_S:
+        return best, f"compile not tried (a run of ~{run_s / 60:.0f} min eagerly; tried from {COMPILE_MIN_RUN_S // 60})"
+    compiled = dataclasses.replace(best, compile=True)
+    started = clock()
+    try:
+        compiled_rate = measure(compiled, steps)
+    except Exception as err:  # noqa: BLE001 - no C++ compiler, an inductor error: the eager run is as good
+        return best, f"compile failed ({type(err).__name__}: {' '.join(str(err).split())[:120]}), so eager"
+    probe[compiled.label()] = compiled_rate
+    if compiled_rate <= 0:
+        return best, "compiled: measured 0 images/s, so eager"
+    compile_s = max(0.0, clock() - started - probe_s * rate / compiled_rate)
+    if compiled_rate <= rate:
+        return best, f"compiled {compiled_rate:.0f} images/s after ~{compile_s:.0f} s compiling, no faster, so eager"
+    saved_s = run_s * (1 - rate / compiled_rate)
+    kept = saved_s > COMPILE_SHAPES * compile_s
+    return (compiled if kept else best), (
+        f"compiled {compiled_rate:.0f} images/s after ~{compile_s:.0f} s compiling: saves ~{saved_s / 60:.0f} min "
+        f"of a ~{run_s / 60:.0f} min run, {'kept' if kept else f'less than {COMPILE_SHAPES} compiles cost, so eager'}")
 
 
 def plan_for(asked, previous, caps):

@@ -76,7 +76,8 @@ def parse_args(argv=None):
                    help="fp32, bf16 autocast, or fp16 autocast with a GradScaler (default: the device's)")
     p.add_argument("--bf16", action=on, help="--bf16 is --precision bf16, --no-bf16 is --precision fp32")
     p.add_argument("--channels-last", action=on, help="channels_last memory layout, else NCHW (default: the device's)")
-    p.add_argument("--compile", action=on, help="torch.compile the model (default: off; costs compile time)")
+    p.add_argument("--compile", action=on, help="torch.compile the model (default: off, but on a CPU the probe "
+                                                "compiles a run of an hour or more where that saves more than it costs)")
     p.add_argument("--cuda-graph", action=on,
                    help="replay each training step (forward, backward, Adam) from a CUDA graph "
                         "(default: the device's; CUDA only)")

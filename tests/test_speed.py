@@ -123,7 +123,7 @@ def test_a_flag_given_always_wins_and_conflicts_are_one_line():
     assert speed.plan(AVX2_CPU, dict(UNSET, precision="bf16")).candidates == (S("bf16", False), S("bf16", True))
     assert speed.plan(A100, dict(UNSET, precision="fp32", channels_last=False, cuda_graph=False)).candidates == (
         S("fp32", False, False),)
-    # torch.compile replaces the graph, and is never probed
+    # torch.compile replaces the graph; on CUDA it is never probed
     assert speed.plan(H100, dict(UNSET, compile=True)).candidates == (S("bf16", True, False, True),
                                                                       S("bf16", False, False, True))
     for caps, asked, words in [(AMX_CPU, dict(cuda_graph=True), "needs a CUDA device"),
@@ -131,6 +131,64 @@ def test_a_flag_given_always_wins_and_conflicts_are_one_line():
                                (T4, dict(cuda_graph=True), "cannot run with fp16")]:
         with pytest.raises(utils.UserError, match=words):
             speed.plan(caps, dict(UNSET, **asked))
+
+
+def fake_probe(eager_rates, compiled_rate, compile_s, batch=128, fails=False):
+    """(measure, clock, measured) for speed.choose: a measure that takes, on the fake clock, the probe's
+    steps at each setting's images/s (eager_rates: channels_last -> images/s), plus compile_s to compile
+    a compiled one (or raises, `fails`), as a CPU's probe takes them."""
+    now, measured = [0.0], []
+
+    def measure(settings, steps):
+        measured.append(settings)
+        if settings.compile and fails:
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        now[0] += steps * batch / (compiled_rate if settings.compile else eager_rates[settings.channels_last])
+        now[0] += compile_s if settings.compile else 0.0
+        return compiled_rate if settings.compile else eager_rates[settings.channels_last]
+    return measure, lambda: now[0], measured
+
+
+RECIPE_ITERATIONS = 20_332  # 52 epochs of 50,000 images at batch 128
+
+
+def test_a_long_cpu_run_is_compiled_where_the_probe_finds_that_it_repays_its_compile_time():
+    """The AVX2 EPYC's figures (issue 24: channels_last 70.0 images/s eager, 80.6 compiled after 58 s of
+    compiling; NCHW 67.7): the full recipe, ~10 h eagerly, saves over an hour compiled, so the probe
+    keeps fp32 channels_last compiled, and its figures and reason say so."""
+    measure, clock, measured = fake_probe({False: 67.7, True: 70.0}, 80.6, 58)
+    chosen, probe, reason = speed.choose(speed.plan(AVX2_CPU, UNSET), RECIPE_ITERATIONS, measure, clock)
+    assert chosen == S("fp32", True, False, True)
+    assert measured == [S("fp32", False), S("fp32", True), S("fp32", True, False, True)]  # one compile: the fastest's
+    assert probe == {"fp32 NCHW": 67.7, "fp32 channels_last": 70.0, "fp32 channels_last compile": 80.6}
+    saved_min = RECIPE_ITERATIONS * 128 * (1 / 70.0 - 1 / 80.6) / 60
+    assert f"after ~58 s compiling: saves ~{saved_min:.0f} min" in reason and "kept" in reason
+
+
+@pytest.mark.parametrize("compiled_rate, compile_s, words", [
+    (68.0, 58, "no faster, so eager"),                   # compiled slower than eager
+    (71.0, 1500, "less than 2 compiles cost, so eager"),  # 1.4 % faster saves ~20 min: not 2 x 25 min of compiling
+])
+def test_a_compile_that_does_not_repay_itself_is_not_kept(compiled_rate, compile_s, words):
+    measure, clock, _ = fake_probe({False: 67.7, True: 70.0}, compiled_rate, compile_s)
+    chosen, probe, reason = speed.choose(speed.plan(AVX2_CPU, UNSET), RECIPE_ITERATIONS, measure, clock)
+    assert chosen == S("fp32", True) and probe["fp32 channels_last compile"] == compiled_rate and words in reason
+
+
+def test_compile_is_not_tried_for_a_short_run_a_flag_on_cuda_or_where_it_fails():
+    # the AMX Xeon at ~320 images/s: 4,800 iterations (the least that the probe runs for 4 candidates)
+    # take ~32 min eagerly, under the hour from which compiling is tried
+    measure, clock, measured = fake_probe({False: 300.0, True: 320.0}, 400.0, 30)
+    chosen, probe, reason = speed.choose(speed.plan(AMX_CPU, UNSET), 4_800, measure, clock)
+    assert not chosen.compile and not any(s.compile for s in measured) and "compile not tried" in reason
+    assert len(probe) == 4
+    for caps, asked in [(AVX2_CPU, dict(UNSET, compile=False)), (H100, UNSET)]:  # --no-compile; CUDA has graphs
+        measure, clock, measured = fake_probe({False: 67.7, True: 70.0}, 80.6, 58)
+        chosen, probe, reason = speed.choose(speed.plan(caps, asked), RECIPE_ITERATIONS, measure, clock)
+        assert not any(s.compile for s in measured) and "compile not tried" not in reason and "compiled" not in reason
+    measure, clock, _ = fake_probe({False: 67.7, True: 70.0}, 80.6, 58, fails=True)
+    chosen, probe, reason = speed.choose(speed.plan(AVX2_CPU, UNSET), RECIPE_ITERATIONS, measure, clock)
+    assert chosen == S("fp32", True) and "compile failed (RuntimeError: InductorError" in reason
 
 
 def test_this_cpus_bf16_units_are_found_as_its_flags_say():
@@ -147,10 +205,11 @@ def test_this_cpus_bf16_units_are_found_as_its_flags_say():
 
 def test_show_settings_prints_the_probed_choice_as_one_json_line_and_trains_nothing(small_data_dir, tmp_path):
     ckpt = tmp_path / "c.pt"
-    # 1,000 epochs of 32 iterations: long enough for the probe (tiny at width 4)
+    # 1,000 epochs of 32 iterations: long enough for the probe (tiny at width 4); --no-compile, since on a
+    # slow enough CPU the run would be long enough to weigh compiling (minutes; tested apart, with a fake probe)
     proc = run_script("train.py", "--data-dir", small_data_dir, "--width", 4, "--batch-size", 32, "--epochs", 1000,
                       "--device", "cpu", "--checkpoint", ckpt, "--figures-dir", tmp_path / "figures",
-                      "--show-settings", env={"OMP_NUM_THREADS": "1"})
+                      "--show-settings", "--no-compile", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 1
