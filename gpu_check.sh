@@ -142,8 +142,8 @@ EOF
         cp "$WORK/figures/test_accuracy.png" "$OUT/test_accuracy.png" 2>/dev/null ;;
     bench)
         if [ -n "$DRY" ]; then
-            run_stage bench "$PY" bench.py --device cpu --quick --width 4 --images 512 --test-images 256 \
-                --top-images 64 --workers 0 ${BENCH_ARGS:-} --json "$OUT/bench_cpu_dry.json"
+            run_stage bench "$PY" bench.py --device cpu --quick --width 4 --images 512 --test-images 256 --workers 0 \
+                ${BENCH_ARGS:-} --json "$OUT/bench_cpu_dry.json"
         else
             run_stage bench "$PY" bench.py --device cuda ${BENCH_ARGS:-} --json "$OUT/bench_cuda.json"
         fi ;;
