@@ -1,4 +1,4 @@
-"""CIFAR-10 on disk, its download, the synthetic stand-in, and the batched augmentation.
+"""CIFAR-10 on disk, its download, the synthetic stand-in, the batched augmentation and an epoch's batches.
 
 Data is handled as one uint8 tensor (N, 3, 32, 32) per split: that is what the official archive
 holds, and it fits on any device (150 MB for the training set). The folder format read here is the
@@ -47,6 +47,8 @@ OFFICIAL_MD5 = {
 }
 SYNTHETIC_FOLDER = "synthetic"  # under --data-dir; holds a cifar-10-batches-py/ that is NOT CIFAR-10
 SYNTHETIC_NAME = "synthetic gratings (NOT CIFAR-10)"
+CIFAR10_TRAIN_IMAGES = 50_000    # what the download gives
+SYNTHETIC_TRAIN_IMAGES = 10_000  # what synthetic_cifar10 writes
 # Tests serve a small archive from 127.0.0.1: these two variables, read only here, point the
 # download at it. They are not a user setting.
 URL_FOR_TESTS, MD5_FOR_TESTS = "CIFAR10_URL_FOR_TESTS", "CIFAR10_MD5_FOR_TESTS"
@@ -428,7 +430,7 @@ def make_synthetic_images(n, seed):
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
-def synthetic_cifar10(data_dir, num_train=10000, num_test=10000):
+def synthetic_cifar10(data_dir, num_train=SYNTHETIC_TRAIN_IMAGES, num_test=10000):
     """Write (once) and return the folder of the offline demo data: NOT CIFAR-10.
 
     The test split has 10,000 images like the real one, so the plot scripts' default indices work.
@@ -498,3 +500,30 @@ def draw_augmentation(n, generator, padding=4):
     offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
     flips = torch.rand(n, generator=generator) < 0.5
     return offsets, flips
+
+
+# --------------------------------------------------------------------------- an epoch's batches
+
+def epoch_plan(num_images, epoch, seed):
+    """Shuffle order and augmentation of one epoch, drawn from a generator seeded by (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_images, generator=g)
+    offsets, flips = draw_augmentation(num_images, g)
+    return order, offsets, flips
+
+
+def prepare_batch(images, index, offsets, flips, channels_last=False):
+    """Gather uint8 images on their device, crop + flip, normalise: the network's input batch."""
+    x = normalize(random_crop_flip(images[index], offsets, flips))
+    # The gather leaves channels-last strides; convolutions on CPU are fastest on the layout asked for.
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def epoch_batches(images, labels, epoch, seed, batch_size, channels_last=False, first=0, last=None):
+    """Batches first..last-1 of one epoch as (network input, labels), gathered and augmented on the device."""
+    order, offsets, flips = (t.to(images.device) for t in epoch_plan(len(images), epoch, seed))
+    last = -(-len(images) // batch_size) if last is None else last
+    for step in range(first, last):
+        batch = slice(step * batch_size, (step + 1) * batch_size)
+        index = order[batch]
+        yield prepare_batch(images, index, offsets[batch], flips[batch], channels_last), labels[index]

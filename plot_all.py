@@ -30,6 +30,8 @@ SCRIPTS = (
     "plot_gradient_pattern",
     "plot_feature_visualization",
     "plot_sanity_checks",
+    "plot_class_evidence",
+    "plot_trust",  # after the sanity checks: its unit rows are their numbers (sanity.unit_sanity_checks)
 )
 
 

@@ -12,11 +12,11 @@ image, or with --scale shared one for all panels.
 (ResNet.reconstruct); the file name then ends in _guided or _gradient.
 """
 import utils
-from visualize import cli
+from visualize import figures
 
 
 def main(argv=None):
-    return cli.reconstructions_main(__doc__, argv, layer="conv1", channel=0)
+    return figures.reconstructions_main(__doc__, argv, layer="conv1", channel=0)
 
 
 if __name__ == "__main__":

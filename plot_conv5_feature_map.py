@@ -15,7 +15,8 @@ def main(argv=None):
     parser = cli.plot_parser(__doc__, image_index=7876, layer="conv5_x", channels="auto")
     args = parser.parse_args(argv)
     run = parser.load(args)
-    return [figures.plot_feature_maps(run, args.image_index, args.layer, args.figures_dir, args.channels)]
+    channels = args.channels.of(run.model, args.layer)
+    return [figures.plot_feature_maps(run, args.image_index, args.layer, args.figures_dir, channels)]
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ image, or with --scale shared one for all panels. --top1 projects only the stron
 (ResNet.reconstruct); the file name then ends in _guided or _gradient.
 """
 import utils
-from visualize import cli
+from visualize import figures
 
 
 def main(argv=None):
-    return cli.reconstructions_main(__doc__, argv, layer="conv5_x", channel=1, path="shortcut")
+    return figures.reconstructions_main(__doc__, argv, layer="conv5_x", channel=1, path="shortcut")
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ def main(argv=None):
     if not 0 <= args.seed < 2 ** 63:
         raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
     run = p.load(args, test_split=args.start == "top" or args.measure)
-    # "auto" (None) means the default: channels 0-15, or all of a stage with fewer
-    channels = args.channels if args.channels is not None else list(range(min(16, run.model.channels(args.layer))))
+    channels = args.channels.of(run.model, args.layer)
+    if channels is None:  # auto: channels 0-15, or all of a stage with fewer
+        channels = list(range(min(16, run.model.channels(args.layer))))
     return featurevis.plot_feature_visualization(run, args.layer, channels, args.figures_dir, steps=args.steps,
                                                  lr=args.lr, seed=args.seed, objective=args.objective,
                                                  start=args.start, penalty=args.penalty, measure=args.measure)

@@ -19,24 +19,16 @@ guided or gradient projects by guided backpropagation or the plain gradient inst
 then end in _guided or _gradient.
 """
 import utils
-from visualize import atlas, cli, units
+from visualize import atlas, cli
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, method="deconvnet")
-    p.add_argument("--layer", dest="layers", default=atlas.ATLAS_LAYERS,
-                   help="stages, a comma list from conv1, conv2_x, ..., conv5_x (default: %(default)s)")
-    p.add_argument("--channels", help="channels of each stage, as --images elsewhere: a range A-B, a list "
-                                      "1,2,3 or both mixed, or all (default: 0-15, or every channel of a stage "
-                                      "with fewer)")
-    p.add_argument("--ablation-images", type=int,
-                   help=f"ablate each channel on the first N test images (default: {units.ABLATION_IMAGES}, "
-                        f"or all of a smaller test split)")
+    p = cli.plot_parser(__doc__, layers=atlas.ATLAS_LAYERS, stage_channels=atlas.DEFAULT_CHANNELS_HELP,
+                        ablation_images=True, method="deconvnet")
     args = p.parse_args(argv)
-    layers = cli.parse_layers(args.layers)
     run = p.load(args)
-    channels = cli.atlas_channels(run.model, layers, args.channels)
-    cli.check_ablation_images(args.ablation_images, len(run.images))
+    channels = (atlas.default_channels(run.model, args.layers) if args.channels is None
+                else {layer: args.channels.of(run.model, layer) for layer in args.layers})
     unit_atlas = atlas.unit_atlas(run, channels, ablation_images=args.ablation_images)
     return [path for layer, layer_units in unit_atlas.items()
             for path in atlas.plot_unit_atlas(run, layer, layer_units, args.checkpoint, args.figures_dir, args.method)]

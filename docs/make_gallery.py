@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plot_all  # noqa: E402
 import plot_conv5_reconstructed_pattern_trunk  # noqa: E402
+import checkpoint  # noqa: E402
 import utils  # noqa: E402
 
 GALLERY = Path(__file__).resolve().parent / "gallery"
@@ -24,7 +25,8 @@ SHOWN = ["train_accuracy.png", "test_accuracy.png", "conv1_filters_rgb.png", "co
          "conv5_x_channel1_reconstructions_shortcut.png", "conv5_x_channel1_reconstructions_trunk.png",
          "conv5_x_channel1_reconstructions_trunk_guided.png", "conv5_x_channel1_reconstructions_trunk_gradient.png",
          "gradient_pattern_conv5_x_channel0.png", "atlas_conv2_x.png", "atlas_conv5_x.png",
-         "feature_visualization_conv5_x.png", "sanity_conv5_x_channel1.png"]
+         "feature_visualization_conv5_x.png", "sanity_conv5_x_channel1.png", "class_evidence.png",
+         "trust.png"]
 
 
 def main(argv=None):
@@ -40,7 +42,7 @@ def main(argv=None):
         GALLERY.mkdir(exist_ok=True)
         for name in SHOWN:
             shutil.copyfile(Path(scratch) / name, GALLERY / name)
-    ckpt = utils.read_checkpoint(args.checkpoint)
+    ckpt = checkpoint.read_checkpoint(args.checkpoint)
     config, history = ckpt["config"], ckpt["history"]
     (GALLERY / "SOURCE.txt").write_text(
         f"made by: python docs/make_gallery.py {' '.join(shared)}\n"

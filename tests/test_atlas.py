@@ -10,6 +10,7 @@ from matplotlib.image import imread
 import data
 import plot_all
 import plot_unit_atlas
+import checkpoint
 import utils
 from visualize import atlas, cli, scoring
 from conftest import assert_one_line_error, run_script
@@ -269,6 +270,7 @@ def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_pat
                 "conv5_x_channel1_reconstructions_trunk.png", "gradient_pattern_conv5_x_channel0.png",
                 "feature_visualization_conv5_x.png", "feature_visualization_conv5_x.pt",
                 "sanity_conv5_x_channel1.png", "sanity_conv5_x_channel1.json", "index.html",
+                "class_evidence.png", "class_evidence.json", "trust.png", "trust.json",
                 *(f"atlas_{layer}.{ext}" for layer in atlas.ATLAS_LAYERS.split(",") for ext in ("png", "json")),
                 *(f"conv1_filters_input_channel{c}.png" for c in range(3))}
     assert names == expected
@@ -276,7 +278,7 @@ def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_pat
         assert re.search(rf"^{name}\.py: \d+ files in [\d.]+ s$", proc.stdout, flags=re.M), name
     # the gradient pattern's search, served by the atlas's shared pass, finds the image that
     # top_activating's own pass finds
-    model, _ = utils.load_checkpoint(trained_checkpoint)
+    model, _ = checkpoint.load_checkpoint(trained_checkpoint)
     images = data.load_cifar10(data.dataset_root(synthetic_data_dir, True), train=False)[0]
     (index,), _ = scoring.top_activating(model, images, "conv5_x", 0)
     assert re.search(rf"test image {index.item()} \(.*\) excites conv5_x channel 0 most", proc.stdout)

@@ -30,9 +30,10 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
-import train
 import utils
+from visualize import progress
 from conftest import ROOT, assert_one_line_error, message_lines, run_in_process, run_script, script_env
 
 TRAIN, PLOT = "train.py", "plot_conv1_filters.py"
@@ -348,12 +349,12 @@ def test_two_runs_raced_on_one_checkpoint_one_wins_and_the_other_is_refused(smal
     # refused at its start (not "already exists" after the winner's end): naming the winner
     assert_one_line_error(subprocess.CompletedProcess(cmd, loser.returncode, "", err), *IN_USE,
                           f"{tmp_path / 'c.pt'} is in use", f"pid {winner.pid},")
-    ckpt = utils.read_checkpoint(tmp_path / "c.pt")  # the winner's, whole
+    ckpt = checkpoint.read_checkpoint(tmp_path / "c.pt")  # the winner's, whole
     assert ckpt["iteration"] == 20 and len(ckpt["history"]["train_loss"]) == 20
     after = files_under(tmp_path)
     assert {k: after[k] for k in before} == before  # what was there is untouched
     new = set(after) - set(before)  # and the only new files are the winner's outputs: no lock file
-    assert new == {"c.pt", "c.csv", "figures", *(f"figures/{n}.png" for n in train.PROGRESS_FIGURES)}
+    assert new == {"c.pt", "c.csv", "figures", *(f"figures/{n}.png" for n in progress.PROGRESS_FIGURES)}
 
 
 def start_owner(small_data_dir, folder, log):
@@ -412,7 +413,7 @@ def test_a_checkpoint_in_use_is_refused_and_a_killed_owners_claim_is_taken_over(
     for word in (f"{folder / 'c.pt'} was left claimed by pid {owner.pid},", "ended without releasing it",
                  "takes it over"):
         assert word in lines[0], lines[0]
-    assert utils.read_checkpoint(folder / "c.pt")["iteration"] == 5  # trained on from the owner's checkpoint
+    assert checkpoint.read_checkpoint(folder / "c.pt")["iteration"] == 5  # trained on from the owner's checkpoint
     assert not lock_of(folder).exists()
 
 
@@ -424,5 +425,5 @@ def test_a_claim_left_before_a_reboot_is_taken_over_even_if_its_pid_is_running_a
     assert proc.returncode == 0, proc.stderr
     lines = message_lines(proc.stderr)
     assert len(lines) == 1 and f"pid {os.getpid()}," in lines[0] and "the machine has restarted since" in lines[0], lines
-    assert utils.read_checkpoint(tmp_path / "c.pt")["iteration"] == 2
+    assert checkpoint.read_checkpoint(tmp_path / "c.pt")["iteration"] == 2
     assert sorted(os.listdir(tmp_path)) == ["c.csv", "c.pt", "figures"]  # the lock file went with the run

@@ -234,7 +234,10 @@ def test_checkpoint_stores_data_dir_absolute_so_plots_run_from_elsewhere_read_it
         small_data_dir, synthetic_data_dir, tmp_path, monkeypatch):
     """A relative --data-dir is stored absolute (and accepted again on --resume); a plot script
     run from another folder then reads that data and names it in its caption."""
+    import checkpoint
+    import steps
     import train
+    from model import ResNet
     from visualize import cli
     monkeypatch.chdir(small_data_dir.parent)
     argv = ["--data-dir", small_data_dir.name, "--width", "4"]
@@ -244,9 +247,10 @@ def test_checkpoint_stores_data_dir_absolute_so_plots_run_from_elsewhere_read_it
 
     config["data_name"] = name = data.describe_dataset(config["data_dir"])
     config["classes"] = data.load_cifar10(small_data_dir, train=False)[2]  # as train.py records them
-    model = train.ResNet(4)
-    utils.save_atomic(train.checkpoint_state(model, *train.make_optimizer(model, config), 0, 0, config,
-                                             train.new_history()), tmp_path / "c.pt")
+    model = ResNet(4)
+    checkpoint.save_atomic(checkpoint.portable(checkpoint.state_of(model, *steps.make_optimizer(model, config), None,
+                                                                   0, 0, config, checkpoint.new_history())),
+                           tmp_path / "c.pt")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -8,6 +8,7 @@ from matplotlib.image import imread
 
 import data
 import plot_feature_visualization
+import checkpoint
 import utils
 from visualize import featurevis, scoring
 from conftest import assert_one_line_error, run_script
@@ -16,7 +17,7 @@ from conftest import assert_one_line_error, run_script
 @pytest.fixture(scope="module")
 def trained(trained_checkpoint, synthetic_data_dir):
     """The trained width-8 model, its training data's colour statistics, and 2,000 test images."""
-    model, _ = utils.load_checkpoint(trained_checkpoint)
+    model, _ = checkpoint.load_checkpoint(trained_checkpoint)
     root = data.dataset_root(synthetic_data_dir, True)
     images = data.load_cifar10(root, train=False)[0][:2000]
     return model, featurevis.colour_statistics(root), images

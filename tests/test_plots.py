@@ -6,7 +6,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-import bench
+import checkpoint
 import data
 import utils
 from visualize import ascent, cli, drawing, figures, scoring
@@ -22,13 +22,26 @@ def test_images(synthetic_data_dir):
 
 # --------------------------------------------------------------------------- scores and gradient ascent
 
+@torch.inference_mode()
+def per_image_top(model, images, layer, channel, k):
+    """The reference, the report's approach: each image alone through the whole network, the channel's
+    map captured and summed."""
+    scores = torch.empty(len(images))
+    for i in range(len(images)):
+        with model.capture(layer) as acts:
+            model(data.normalize(images[i:i + 1]))
+        scores[i] = acts[layer][0, channel].sum()
+    top = scores.topk(k)
+    return top.indices, top.values
+
+
 @pytest.mark.parametrize("layer, channel", [("conv1", 3), ("conv3_x", 5), ("conv5_x", 60)])
 def test_top_activating_equals_the_one_image_at_a_time_loop(test_images, layer, channel):
     torch.manual_seed(0)
     model = ResNet(8).eval()
     images = test_images[:50]
     # the report's loop: each image alone through the whole network, the stage output captured
-    loop_indices, loop = bench.per_image_top(model, images, layer, channel, k=len(images))
+    loop_indices, loop = per_image_top(model, images, layer, channel, k=len(images))
     assert loop.unique().numel() == len(loop) and loop.max() > 0  # a strict ranking to compare
     # batches of 16: three full ones and a partial one
     indices, scores = scoring.top_activating(model, images, layer, channel, k=10, batch_size=16)
@@ -37,7 +50,7 @@ def test_top_activating_equals_the_one_image_at_a_time_loop(test_images, layer, 
 
 
 def test_gradient_ascent_raises_the_activation_within_the_pixel_range(trained_checkpoint, test_images):
-    model, _ = utils.load_checkpoint(trained_checkpoint)
+    model, _ = checkpoint.load_checkpoint(trained_checkpoint)
     layer, channel = "conv5_x", 0
     (index,), _ = scoring.top_activating(model, test_images[:200], layer, channel)
     x0 = data.normalize(test_images[[index.item()]])
@@ -154,7 +167,7 @@ def test_gradient_script_starts_from_the_top_image_and_raises_its_activation(run
     out = runs[0]["plot_gradient_pattern.py"].stdout
     found = re.search(r"test image (\d+) .*excites conv5_x channel 0 most: feature-map sum ([\d.]+)", out)
     index, score = found.groups()
-    model, _ = utils.load_checkpoint(trained_checkpoint)
+    model, _ = checkpoint.load_checkpoint(trained_checkpoint)
     (expected_index,), (expected_score,) = scoring.top_activating(model, test_images, "conv5_x", 0)
     assert int(index) == expected_index.item() and float(score) == pytest.approx(expected_score.item(), abs=1e-4)
     before, after = map(float, re.search(r"activation: ([\d.]+) before, ([\d.]+) after 20 steps", out).groups())

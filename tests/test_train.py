@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
-import train
-import utils
+import steps
 from conftest import PROGRESS_BAR, ROOT, run_in_process, script_env
+from model import ResNet
 from visualize import progress
 
 
@@ -28,11 +29,11 @@ def test_training_on_synthetic_data_reaches_high_test_accuracy(trained_checkpoin
     assert history["test_iteration"] == [79, 158, 160] and history["test_epoch"] == [1, 2, 2]
     assert history["test_acc"][-1] >= 0.95, history["test_acc"]
     # ...which is learned: the same network untrained is near chance on the same test set
-    untrained = utils.build_model({**ckpt, "model": train.ResNet(8).state_dict()})
+    untrained = checkpoint.build_model({**ckpt, "model": ResNet(8).state_dict()})
     images, labels, _ = data.load_cifar10(data.dataset_root(synthetic_data_dir, True), train=False)
-    assert train.evaluate(untrained, images, labels)[0] < 0.3
-    model, _ = utils.load_checkpoint(trained_checkpoint)
-    acc, loss = train.evaluate(model, images, labels)
+    assert steps.evaluate(untrained, images, labels)[0] < 0.3
+    model, _ = checkpoint.load_checkpoint(trained_checkpoint)
+    acc, loss = steps.evaluate(model, images, labels)
     assert acc == pytest.approx(history["test_acc"][-1]) and loss == pytest.approx(history["test_loss"][-1], rel=1e-4)
     assert ckpt["config"]["width"] == 8 and ckpt["config"]["synthetic"] is True
     # a CPU run unasked trains as the report did: fp32, NCHW, eager; the config records what the run used
@@ -197,13 +198,13 @@ def test_a_second_signal_right_after_the_first_stops_at_once(small_data_dir, tmp
 KILLER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import utils
+import checkpoint
 big = torch.arange(4_000_000, dtype=torch.float64)
 print("ready", flush=True)
 i = 0
 while True:
     i += 1
-    utils.save_atomic({{"version": i, "payload": big + i}}, {path!r})
+    checkpoint.save_atomic({{"version": i, "payload": big + i}}, {path!r})
 """
 
 

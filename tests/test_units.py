@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import data
-import utils
+import checkpoint
 from visualize import scoring, units
 from model import ResNet
 
@@ -74,7 +74,7 @@ def hooked_predictions(model, x, layer, channel):
 
 def test_ablation_equals_the_whole_network_with_the_channel_hooked_to_0(trained_checkpoint, small_data_dir,
                                                                         one_thread):
-    model, ckpt = utils.load_checkpoint(trained_checkpoint)
+    model, ckpt = checkpoint.load_checkpoint(trained_checkpoint)
     images, labels, _ = data.load_cifar10(data.dataset_root(small_data_dir, False), train=False)
     images, labels = images[:300], labels[:300]
     classes = ckpt["config"]["classes"]

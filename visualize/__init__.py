@@ -1,17 +1,25 @@
 """What the plot scripts share, one concern a module. Imports point one way, down this list:
 
     page        figures/index.html, rebuilt from the folder's files  -> context, drawing
-    cli         the scripts' shared flags and their checks           -> context, figures, atlas
-    sanity      sanity checks: Adebayo's cascading randomisation     -> featurevis, ascent, scoring, drawing
+    figures     feature maps and reconstructions of the report       -> cli, scoring, drawing
+                (and the three reconstruction scripts' main)
+    cli         the scripts' shared flags, each parsed once, checked -> context, units, drawing
+    trust       both axes of trust in one table: unit and class maps -> faithfulness, attribution, sanity, drawing
+    evidence    the class-evidence figure and its JSON               -> attribution, scoring, drawing
+    faithfulness deletion, insertion, ROAD and the baseline maps    -> scoring
+    attribution class evidence maps: Grad-CAM, gradients, occlusion  -> scoring
+    sanity      sanity checks: Adebayo's cascading randomisation     -> featurevis, ascent, context, scoring, drawing
     featurevis  feature visualization at 32x32                       -> ascent, context, scoring, drawing
     atlas       the top-9 unit atlas per stage                       -> units, context, scoring, drawing
     units       each unit's class selectivity and ablation           -> scoring
     ascent      the report's gradient-ascent pattern                 -> context, scoring, drawing
-    figures     feature maps and reconstructions of the report       -> scoring, drawing
     context     PlotRun: the checkpoint, test split and its one pass -> scoring, drawing
     progress    the learning-progress figures (train.py draws them)  -> drawing
     scoring     running stages, scoring units on images              -> model, data
     drawing     every matplotlib figure is made and saved here       -> data
+
+Below the package: checkpoint (context reads one, featurevis saves its cache atomically, progress takes
+the history's windows from it), data, model, speed (cli's --device) and utils.
 
 Import the modules themselves (`from visualize import cli, figures`); this file imports nothing, so
 train.py can draw its progress figures without loading the rest.

@@ -18,7 +18,13 @@ from visualize.scoring import top_k
 
 ATLAS_LAYERS = "conv2_x,conv3_x,conv4_x,conv5_x"
 ATLAS_CHANNELS = 16  # the default: channels 0-15, or every channel of a stage with fewer
+DEFAULT_CHANNELS_HELP = f"0-{ATLAS_CHANNELS - 1}, or every channel of a stage with fewer"
 OUTSIDE_IMAGE = (0.69, 0.77, 0.87)  # light steel blue: where a receptive field reaches past the image
+
+
+def default_channels(model, layers):
+    """{layer: channels} the atlas shows unless told: channels 0..ATLAS_CHANNELS-1, or all of a stage with fewer."""
+    return {layer: list(range(min(ATLAS_CHANNELS, model.channels(layer)))) for layer in layers}
 
 
 def unit_atlas(run, channels, k=9, ablation_images=None):
@@ -99,6 +105,23 @@ def field_canvas(patch, box, field, size):
     return canvas
 
 
+def unit_block(run, layer, unit, method="deconvnet"):
+    """One unit's picture, as an (h, w, 3) array in [0, 1]: its k projections tiled, a gap, its k image
+    patches tiled, each on a canvas as large as its receptive field (field_canvas); white where the unit
+    is silent on the image (no strongest unit to show)."""
+    size = run.images.shape[-1]
+    halves = ([], [])  # the projections' canvases, the patches'
+    for entry, *crops in zip(unit["top"], *atlas_crops(run, layer, unit, method)):
+        field = run.model.receptive_field(layer, entry["row"], entry["col"], size, clip=False)
+        for canvases, patch in zip(halves, crops):
+            canvases.append(field_canvas(patch, entry["box"], field, size))
+            if entry["activation"] <= 0:
+                canvases[-1][:] = 1.0
+    halves = [tile(canvases, fill=1.0) for canvases in halves]
+    gap = np.ones((halves[0].shape[0], max(2, halves[0].shape[1] // 12), 3), dtype=np.float32)
+    return np.concatenate([halves[0], gap, halves[1]], axis=1)
+
+
 def unit_label(unit):
     """The three lines above a unit's block: its channel and strongest activation; its leading class
     and class selectivity; its ablation, test accuracy without -> with the channel at 0, and the
@@ -123,23 +146,15 @@ def plot_unit_atlas(run, layer, units, checkpoint, figures_dir, method="deconvne
     """figures_dir/atlas_<layer>.png and .json of unit_atlas's units for one stage, the projections
     by `method` (one of model.METHODS; the file names carry any but the deconvnet); returns both paths."""
     size = run.images.shape[-1]
+    blocks = [unit_block(run, layer, unit, method) for unit in units]
     cols = min(blocks_per_row, len(units))
     rows = math.ceil(len(units) / cols)
     title_lines = 4 + run.caption.count("\n") + 1  # the suptitle below: four lines, then the caption
     head = 0.2 + 0.17 * title_lines  # inches a 9-pt title needs, so it never runs into the first row
     fig = new_figure(3.5 * cols + 0.3, 2.3 * rows + 0.4 + head)  # 0.4 of each row's 2.3 inches: the 3-line label
     axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=dict(wspace=0.08, hspace=0.42)).ravel()
-    for ax, unit in zip(axes, units):
-        halves = ([], [])  # the projections' canvases, the patches'
-        for entry, *crops in zip(unit["top"], *atlas_crops(run, layer, unit, method)):
-            field = run.model.receptive_field(layer, entry["row"], entry["col"], size, clip=False)
-            for canvases, patch in zip(halves, crops):
-                canvases.append(field_canvas(patch, entry["box"], field, size))
-                if entry["activation"] <= 0:
-                    canvases[-1][:] = 1.0  # silent on this image: no strongest unit to show
-        halves = [tile(canvases, fill=1.0) for canvases in halves]
-        gap = np.ones((halves[0].shape[0], max(2, halves[0].shape[1] // 12), 3), dtype=np.float32)
-        ax.imshow(np.concatenate([halves[0], gap, halves[1]], axis=1), interpolation="nearest")
+    for ax, unit, block in zip(axes, units, blocks):
+        ax.imshow(block, interpolation="nearest")
         ax.set_title(unit_label(unit), fontsize=8, loc="left")
     for ax in axes:
         bare(ax)

@@ -1,20 +1,22 @@
-"""The plot scripts' command line: the flags they share, and the checks that turn each flag into a
-value the figure modules can trust. Every bad value gets one line (utils.UserError) naming the flag
-and what it accepts, before any figure is computed.
+"""The plot scripts' command line: the flags they share, each parsed once into the value the figure
+modules take, and the checks that make it one they can trust. Every bad value gets one line
+(utils.UserError) naming the flag and what it accepts, before any figure is computed.
 
     parser = cli.plot_parser(__doc__, layer="conv5_x", channel=1)
     args = parser.parse_args(argv)  # flags checked that need nothing loaded (--figures-dir included)
     run = parser.load(args)         # the PlotRun; then the flags that need the network or the test split
+    channels = args.channels.of(run.model, args.layer)  # which channels --channels names depends on the network
 """
 import argparse
 import math
+from dataclasses import dataclass
 
 from model import METHODS, PATHS, STAGES
-from utils import OneLineArgumentParser, UserError, check_writable, resolve_device
-from visualize.atlas import ATLAS_CHANNELS
+from speed import resolve_device
+from utils import OneLineArgumentParser, UserError, check_writable
 from visualize.context import load_run
-from visualize import figures
-from visualize.figures import FEATURE_MAP_TILES, SCALES
+from visualize.drawing import FEATURE_MAP_TILES, SCALES
+from visualize.units import ABLATION_IMAGES
 
 MAX_IMAGES = 64  # test images a figure may show (--images): beyond that the panels are too small to read
 CHANNELS_AUTO_HELP = (f"; auto: every channel of a stage with at most {FEATURE_MAP_TILES}, else the "
@@ -38,7 +40,8 @@ class PlotParser(OneLineArgumentParser):
                           help="use the synthetic gratings, not CIFAR-10 (default: whatever the checkpoint was "
                                "trained on)")
         self.add_argument("--figures-dir", default="figures", help="where the PNGs go (default: %(default)s/)")
-        self.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ... (default: auto)")
+        self.add_argument("--device", default="auto", type=resolve_device,
+                          help="auto (cuda if available), cpu, cuda, ... (default: auto)")
 
     def add_shared(self, name, *args, **kwargs):
         self.shared.add(name)
@@ -60,42 +63,53 @@ class PlotParser(OneLineArgumentParser):
             check_path(args.path)
         if "ascent" in self.shared:
             check_ascent(args.steps, args.lr, args.penalty)
-        if "images" in self.shared:
-            args.images = parse_indices(args.images)
         check_writable(args.figures_dir, "--figures-dir", folder=True)
-        args.device = resolve_device(args.device)
         return args
 
     def load(self, args, test_split=True):
-        """The PlotRun the flags name, then the flags checked against it: --channel and --channels
-        against --layer of this network (--channels becomes a list, or None for 'auto'), the test
-        image indices against the test split."""
+        """The PlotRun the flags name, then the flags checked against it: --channel and --channels against
+        --layer of this network, the test image indices and --ablation-images against the test split."""
         run = load_run(args.checkpoint, args.device, args.data_dir, args.synthetic, test_split)
         if "channel" in self.shared:
             check_channel(run.model, args.layer, args.channel)
-        if "channels" in self.shared:
-            args.channels = parse_channels(args.channels, run.model, args.layer)
+        if "channels" in self.shared and args.channels is not None:
+            args.channels.check(run.model, args.layers if "layers" in self.shared else [args.layer])
         if test_split:
             for name in ("images", "image_index"):
                 value = getattr(args, name) if name in self.shared else None
                 if value is not None:
                     check_image_indices(value if name == "images" else [value], len(run.images))
+            if "ablation_images" in self.shared and args.ablation_images is not None \
+                    and not 1 <= args.ablation_images <= len(run.images):
+                raise UserError(f"--ablation-images {args.ablation_images} is out of range: the test split has "
+                                f"{len(run.images)} images; choose 1..{len(run.images)}")
         return run
 
 
-def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, path=None, channels=None,
-                top1=None, scale=None, method=None):
-    """A PlotParser with the shared flags whose default is given here (None: the script has no such flag)."""
+TOP_ACTIVATING = "the top-activating one"  # plot_parser(image_index=...): no index unless one is given
+
+
+def plot_parser(doc, image_index=None, images=None, layer=None, layers=None, channel=None, path=None, channels=None,
+                stage_channels=None, top1=None, scale=None, method=None, ablation_images=False):
+    """A PlotParser with the shared flags whose default is given here (None: the script has no such flag).
+
+    image_index=TOP_ACTIVATING: --image-index without a default (the figure finds its image). layers:
+    --layer naming several stages (args.layers, a list). stage_channels: --channels of each of those
+    stages, unset by default (the words say what that means). ablation_images: --ablation-images."""
     p = PlotParser(doc)
     if image_index is not None:
-        p.add_shared("image_index", "--image-index", type=int, default=image_index,
-                     help="index of the test image (default: %(default)s)")
+        top = image_index == TOP_ACTIVATING
+        p.add_shared("image_index", "--image-index", type=int, default=None if top else image_index,
+                     help=f"index of the test image (default: {image_index if top else '%(default)s'})")
     if images is not None:
-        p.add_shared("images", "--images", default=images,
+        p.add_shared("images", "--images", default=images, type=parse_indices,
                      help=f"test image indices: a range A-B (inclusive), a list 1,2,3 or both mixed; at most "
                           f"{MAX_IMAGES} a figure (default: %(default)s)")
     if layer is not None:
         p.add_shared("layer", "--layer", default=layer, help=f"one of {', '.join(STAGES)} (default: %(default)s)")
+    if layers is not None:
+        p.add_shared("layers", "--layer", dest="layers", default=layers, type=parse_layers,
+                     help=f"stages, a comma list from {', '.join(STAGES)} (default: %(default)s)")
     if channel is not None:
         p.add_shared("channel", "--channel", type=int, default=channel,
                      help="channel (filter) of --layer, 0..C-1 (default: %(default)s)")
@@ -103,9 +117,16 @@ def plot_parser(doc, image_index=None, images=None, layer=None, channel=None, pa
         p.add_shared("path", "--path", default=path, help=f"where the signal goes back at the residual sums "
                                                           f"of --layer: {', '.join(PATHS)} (default: %(default)s)")
     if channels is not None:
-        p.add_shared("channels", "--channels", default=channels,
+        p.add_shared("channels", "--channels", default=channels, type=channel_choice,
                      help=f"channels of --layer: a range A-B (inclusive), a list 1,2,3 or both mixed, or 'all'"
                           f"{CHANNELS_AUTO_HELP if channels == 'auto' else ''} (default: %(default)s)")
+    if stage_channels is not None:
+        p.add_shared("channels", "--channels", type=channel_choice, help=f"channels of each stage, as --images elsewhere: a range A-B, "
+                                                    f"a list 1,2,3 or both mixed, or all (default: {stage_channels})")
+    if ablation_images:
+        p.add_shared("ablation_images", "--ablation-images", type=int,
+                     help=f"ablate each channel on the first N test images (default: {ABLATION_IMAGES}, "
+                          f"or all of a smaller test split)")
     if top1 is not None:
         p.add_argument("--top1", action=argparse.BooleanOptionalAction, default=top1,
                        help="project only the channel's strongest activation in each image, as Zeiler & Fergus "
@@ -128,6 +149,11 @@ def parse_indices(text, flag="--images", what="test image indices", example="453
     `limit` indices (None: any number), counted before any list is made. drawing.format_indices
     writes a list back as text.
     """
+    return expand(index_ranges(text, flag, what, example), text, flag, what, example, limit)
+
+
+def index_ranges(text, flag, what, example):
+    """parse_indices' ranges, none made into a list yet."""
     ranges = []
     try:
         for part in text.split(","):
@@ -139,11 +165,49 @@ def parse_indices(text, flag="--images", what="test image indices", example="453
     except ValueError:
         raise UserError(f"{flag} {text!r} is not a list of {what}; "
                         f"write a range like {example} or a list like 1,2,3") from None
+    return ranges
+
+
+def expand(ranges, text, flag, what, example, limit):
+    """The indices of `ranges`, in order, if there are at most `limit` (None: any number)."""
     count = sum(map(len, ranges))
     if limit is not None and count > limit:
         raise UserError(f"{flag} {text} names {count} {what}, but at most {limit} fit here; "
                         f"pick fewer, e.g. {example}")
     return [i for r in ranges for i in r]
+
+
+@dataclass(frozen=True)
+class ChannelChoice:
+    """--channels as parsed (channel_choice): 'auto' (the figure chooses), 'all', or index ranges. Which
+    channels these are depends on the network: check() them against it, then of() gives a stage's."""
+    text: str
+    ranges: tuple = ()
+
+    def check(self, model, layers):
+        """UserError unless every channel named is one of each of `layers` (none too many to list)."""
+        if self.text not in ("auto", "all"):
+            for layer in layers:
+                for channel in self.indices(max(model.channels(name) for name in layers)):
+                    check_channel(model, layer, channel, flag="--channels: channel")
+
+    def indices(self, limit):
+        return expand(self.ranges, self.text, "--channels", "channel indices", "0-15", limit)
+
+    def of(self, model, layer):
+        """The channels of `layer` chosen: None for 'auto', every one for 'all', else those named."""
+        if self.text == "auto":
+            return None
+        if self.text == "all":
+            return list(range(model.channels(layer)))
+        return self.indices(None)
+
+
+def channel_choice(text):
+    """--channels text -> a ChannelChoice; one line for text that is no list of channels."""
+    if text in ("auto", "all"):
+        return ChannelChoice(text)
+    return ChannelChoice(text, tuple(index_ranges(text, "--channels", "channel indices", "0-15")))
 
 
 def check_layer(layer):
@@ -170,19 +234,11 @@ def check_channel(model, layer, channel, flag="--channel"):
 
 
 def parse_channels(text, model, layer, layers=None):
-    """--channels: 'auto' -> None (the figure chooses), 'all' -> every channel, else parse_indices,
-    each checked against `layer` (or against every stage of `layers`, for the atlas)."""
-    if text == "auto":
-        return None
-    if text == "all":
-        return list(range(model.channels(layer)))
-    layers = layers or [layer]
-    channels = parse_indices(text, "--channels", "channel indices", "0-15",
-                             limit=max(model.channels(name) for name in layers))
-    for name in layers:
-        for channel in channels:
-            check_channel(model, name, channel, flag="--channels: channel")
-    return channels
+    """--channels text, checked against `layer` (or against every stage of `layers`, for the atlas):
+    'auto' -> None (the figure chooses), 'all' -> every channel, else the channels named."""
+    choice = channel_choice(text)
+    choice.check(model, layers or [layer])
+    return choice.of(model, layer)
 
 
 def check_image_indices(indices, num_images):
@@ -207,31 +263,3 @@ def check_ascent(steps, lr, penalty):
     if not (math.isfinite(penalty) and penalty >= 0):
         raise UserError(f"--penalty must be a finite number, 0 or above (0: no pull towards the start image), "
                         f"got {penalty}")
-
-
-def atlas_channels(model, layers, text=None):
-    """{layer: channels} of the atlas's --channels (None: its default, channels 0..ATLAS_CHANNELS-1, or
-    all of a stage with fewer; 'all': every channel of each stage), checked against each stage."""
-    if text is None or text == "all":
-        counts = {layer: model.channels(layer) for layer in layers}
-        return {layer: list(range(n if text == "all" else min(ATLAS_CHANNELS, n))) for layer, n in counts.items()}
-    channels = parse_channels(text, model, layers[0], layers)
-    return {layer: channels for layer in layers}
-
-
-def check_ablation_images(count, num_images):
-    """The atlas's --ablation-images, if given: 1..num_images."""
-    if count is not None and not 1 <= count <= num_images:
-        raise UserError(f"--ablation-images {count} is out of range: the test split has {num_images} images; "
-                        f"choose 1..{num_images}")
-
-
-def reconstructions_main(doc, argv, layer, channel, path=None):
-    """main() of the three reconstruction scripts: test images 4531-4546 beside their projections from
-    `layer`/`channel`, through `path` at the residual sums (None: the --path flag, default both)."""
-    parser = plot_parser(doc, images="4531-4546", layer=layer, channel=channel, path="both" if path is None else None,
-                         top1=False, scale="image", method="deconvnet")
-    args = parser.parse_args(argv)
-    run = parser.load(args)
-    return [figures.plot_reconstructions(run, args.images, args.layer, args.channel, path or args.path,
-                                         args.figures_dir, args.top1, args.scale, args.method)]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import load_checkpoint
 from data import CIFAR10_FOLDER, SYNTHETIC_NAME, dataset_root, describe_dataset, load_cifar10
 from model import STAGES
-from utils import load_checkpoint
 from visualize.drawing import wrap_title
 from visualize.scoring import score_pass
 

@@ -14,6 +14,8 @@ from data import denormalize
 
 TITLE_WIDTH = 90  # characters a title line holds at the figures' sizes; a long data name takes two
 # How titles name each of model.METHODS, ResNet.reconstruct's ways back to the pixels
+FEATURE_MAP_TILES = 64  # a feature-map figure shows every channel of a stage with at most this many
+SCALES = ("image", "shared")  # the display scale of reconstructions: max|r| per image, or one for all panels
 METHOD_TITLES = {"deconvnet": "deconvnet reconstruction", "guided": "guided backpropagation", "gradient": "gradient"}
 
 
@@ -77,6 +79,14 @@ def signed_to_display(r, per_image=True):
     return (0.5 + r / (2 * scale)).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def colour_mapped(values, cmap, low, high):
+    """values (..., H, W) -> (..., H, W, 3) RGB in [0, 1] through the matplotlib colour map `cmap`,
+    low and high its two ends (values beyond them get the end's colour)."""
+    import matplotlib
+    scaled = (np.asarray(values, dtype=np.float64) - low) / (high - low)
+    return matplotlib.colormaps[cmap](np.clip(scaled, 0, 1))[..., :3]
+
+
 def new_figure(width, height, dpi=150):
     """A figure of width x height inches drawn by the Agg renderer: no pyplot, no global state."""
     from matplotlib.figure import Figure
@@ -88,12 +98,13 @@ def bare(ax):
     ax.set_yticks([])
 
 
-def save(fig, path):
-    """Save a figure (the Agg renderer, no pyplot state), say so, and return the path."""
+def save(fig, path, quiet=False):
+    """Save a figure (the Agg renderer, no pyplot state), say so (unless quiet), and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
     return path
 
 
@@ -193,6 +204,36 @@ def save_panels(path, panels, title, cols=None):
     return save(fig, path)
 
 
+# The row shading of save_text_table by a row's kind, and of a cell by its verdict
+KIND_COLOURS = {"unit picture": "#eef3fb", "class map": "#f7f2ea", "baseline": "#e6e6e6"}
+VERDICT_COLOURS = {"pass": "#cdebc5", "fail": "#f4c7c3"}
+
+
+def save_text_table(path, cells, title, column_titles, row_titles, row_kinds):
+    """A table of text: cells[i][j] written in row i (titled row_titles[i] at its left, shaded by
+    KIND_COLOURS[row_kinds[i]]) and column j, under the title; a last column of "<test> pass|fail, ..."
+    verdicts is shaded green where every test passes, red where any fails."""
+    title_height = 0.13 * (title.count("\n") + 1) + 0.15  # inches, at 7 points a line
+    table_height = 0.22 * (len(cells) + 1)
+    height = title_height + table_height + 0.15
+    fig = new_figure(0.95 * len(column_titles) + 3.6, height)
+    ax = fig.add_axes((0.01, 0.1 / height, 0.98, table_height / height))
+    ax.axis("off")
+    rows = [[title_, *row] for title_, row in zip(row_titles, cells)]
+    header = ["", *column_titles]
+    characters = [max(len(str(row[j])) for row in [header, *rows]) + 2 for j in range(len(header))]
+    table = ax.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="center", bbox=(0, 0, 1, 1),
+                     colWidths=[c / sum(characters) for c in characters])
+    table.auto_set_font_size(False)
+    table.set_fontsize(7)
+    for i, kind in enumerate(row_kinds, start=1):
+        for j in range(len(header)):
+            table[i, j].set_facecolor(KIND_COLOURS.get(kind, "white"))
+        verdict = cells[i - 1][-1]
+        if "pass" in verdict or "fail" in verdict:
+            table[i, len(header) - 1].set_facecolor(VERDICT_COLOURS["fail" if "fail" in verdict else "pass"])
+    fig.text(0.5, 1 - 0.06 / height, title, ha="center", va="top", fontsize=7)
+    return save(fig, path)
 
 
 def save_table(path, cells, title, column_titles, row_titles):
@@ -217,6 +258,7 @@ def save_table(path, cells, title, column_titles, row_titles):
                 ax.set_title(column_titles[j], fontsize=7)
             if j == 0:
                 ax.set_ylabel(row_titles[i], fontsize=8)
-    fig.suptitle(title, fontsize=8)
+    # 0.1 inch from the top (suptitle's default, 2 % of the height, pushed a tall table's title into its column titles)
+    fig.suptitle(title, fontsize=8, y=1 - 0.1 / fig.get_figheight(), va="top")
     fig.tight_layout()
     return save(fig, path)

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from checkpoint import save_atomic
 from data import (CIFAR10_FOLDER, TRAIN_FILES, dataset_root, denormalize, draw_augmentation, load_cifar10, normalize,
                   random_crop_flip)
-from utils import save_atomic
 from visualize.ascent import gradient_ascent, straight_through_relu
 from visualize.drawing import grid_shape, save_panels
 from visualize.context import test_split_scores

@@ -1,7 +1,8 @@
 """The report's figures of one unit or one image: a stage's feature maps for a test image, and the
 projection of one channel back to the pixels for several test images. Scripts that show the same
 kind of figure with different defaults share these functions; each first computes its numbers
-(feature_map_tiles, reconstruction_panels: tested), then draws them.
+(feature_map_tiles, reconstruction_panels: tested), then draws them. The three reconstruction scripts
+share their main, reconstructions_main.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +12,12 @@ import torch
 
 from data import normalize
 from model import BasicBlock
-from visualize.drawing import (METHOD_TITLES, bare, format_indices, grid_shape, method_suffix, new_figure, save,
-                               save_panels, short_number, show_mosaic, signed_to_display, to_display)
+from visualize import cli
+from visualize.drawing import (FEATURE_MAP_TILES, METHOD_TITLES, SCALES, bare, format_indices, grid_shape,
+                               method_suffix, new_figure, save, save_panels, short_number, show_mosaic,
+                               signed_to_display, to_display)
 from visualize.scoring import stage_output
 
-FEATURE_MAP_TILES = 64  # a feature-map figure shows every channel of a stage with at most this many
-SCALES = ("image", "shared")  # --scale of the reconstructions: max|r| per image, or one for all panels
 RECONSTRUCTION_DISPLAY = "each image shown as 0.5 + r / (2 max|r|), so grey is 0"
 
 
@@ -135,3 +136,12 @@ def plot_reconstructions(run, indices, layer, channel, path, figures_dir, top1=F
     return save_panels(Path(figures_dir) / name, panels, title, cols=2 * grid_shape(len(indices))[1])
 
 
+def reconstructions_main(doc, argv, layer, channel, path=None):
+    """main() of the three reconstruction scripts: test images 4531-4546 beside their projections from
+    `layer`/`channel`, through `path` at the residual sums (None: the --path flag, default both)."""
+    parser = cli.plot_parser(doc, images="4531-4546", layer=layer, channel=channel,
+                             path="both" if path is None else None, top1=False, scale="image", method="deconvnet")
+    args = parser.parse_args(argv)
+    run = parser.load(args)
+    return [plot_reconstructions(run, args.images, args.layer, args.channel, path or args.path,
+                                 args.figures_dir, args.top1, args.scale, args.method)]

@@ -6,28 +6,9 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import curve_window, window_means
 from data import SYNTHETIC_NAME
-from visualize.drawing import new_figure, wrap_title
-
-def curve_window(n):
-    """Iterations each point of the train curves averages in a run of n: the report's 100 from 1,000
-    iterations on, else n // 10 (at least 1), so every run gets about 10 points or more."""
-    return min(100, max(1, n // 10))
-
-
-def window_means(values, window, keep=None):
-    """(centres, means) of `values` (values[i] belongs to iteration i + 1) over consecutive complete
-    windows of `window` iterations; a partial window at the end is left out, as in the report. The
-    window of iterations a..b is drawn at its centre (a + b) / 2. keep: per iteration, whether it
-    counts; a window's mean is over its kept iterations, and a window with none kept has no point."""
-    v = torch.tensor(values, dtype=torch.float64)
-    w = torch.ones_like(v) if keep is None else torch.tensor(keep, dtype=torch.float64)
-    n = len(v) // window * window
-    sums = (v * w)[:n].view(-1, window).sum(1)
-    counts = w[:n].view(-1, window).sum(1)
-    centres = torch.arange(len(sums), dtype=torch.float64) * window + (window + 1) / 2
-    kept = counts > 0
-    return centres[kept].tolist(), (sums[kept] / counts[kept]).tolist()
+from visualize.drawing import new_figure, save, wrap_title
 
 
 def epoch_last_iterations(history):
@@ -84,7 +65,6 @@ def save_progress_figures(history, figures_dir, title):
     """The report's four learning-progress figures, against iterations, for a run of any length: a train
     curve is the mean of each window of curve_window(n) iterations over every iteration drawn faint (as a
     min..max band where there are more iterations than pixel columns); the legend names what is drawn."""
-    Path(figures_dir).mkdir(parents=True, exist_ok=True)
     paths = []
     for name, curve in progress_curves(history).items():
         fig = new_figure(6, 4, dpi=100)
@@ -108,8 +88,7 @@ def save_progress_figures(history, figures_dir, title):
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.88)  # room for a two-line title
-        paths.append(Path(figures_dir) / f"{name}.png")
-        fig.savefig(paths[-1])
+        paths.append(save(fig, Path(figures_dir) / f"{name}.png", quiet=True))  # train.py draws them as it runs
     return paths
 
 

@@ -33,6 +33,7 @@ import torch
 from data import dataset_root, denormalize, normalize
 from model import METHODS, STAGES, ResNet
 from visualize.ascent import gradient_ascent
+from visualize.context import memo
 from visualize.drawing import format_indices, save_table, signed_to_display, to_display, wrap_title
 from visualize.featurevis import FV_LR, colour_statistics, feature_visualization
 from visualize.scoring import channel_scores
@@ -232,14 +233,23 @@ def sanity_record(layer, channel, indices, seed, checks):
             "similarity": similarity}
 
 
+def unit_sanity_checks(run, layer, channel, indices, seed=0, fv_steps=SANITY_FV_STEPS, pattern_steps=PATTERN_STEPS):
+    """sanity_checks of the run's test images `indices`, computed once per process for each run and
+    choice (context.memo): plot_all.py's trust table (visualize.trust) reads the same numbers."""
+    def compute():
+        x = normalize(run.images[indices].to(run.device))
+        colour = colour_statistics(dataset_root(run.data_dir, run.trained_on_synthetic))
+        return sanity_checks(run.model, x, layer, channel, colour, seed, fv_steps, pattern_steps)
+    return memo(("sanity checks", run.key, layer, channel, tuple(indices), seed, fv_steps, pattern_steps), compute)
+
+
 def plot_sanity_checks(run, layer, channel, indices, figures_dir, seed=0, fv_steps=SANITY_FV_STEPS,
                        pattern_steps=PATTERN_STEPS):
     """plot_sanity_checks.py: sanity_checks for the test images `indices`, drawn for the one of them
     the channel responds to most (its feature-map sum, the report's criterion), and written as
     figures_dir/sanity_<layer>_channel<c>.png and .json. Prints the table; returns both paths."""
+    checks = unit_sanity_checks(run, layer, channel, indices, seed, fv_steps, pattern_steps)
     x = normalize(run.images[indices].to(run.device))
-    colour = colour_statistics(dataset_root(run.data_dir, run.trained_on_synthetic))
-    checks = sanity_checks(run.model, x, layer, channel, colour, seed, fv_steps, pattern_steps)
     with torch.inference_mode():
         shown = channel_scores(run.model, x, layer, channel).argmax().item()
 

@@ -1,0 +1,60 @@
+"""How far each picture can be trusted, on both axes, in one table (visualize/trust.py).
+
+    python plot_trust.py [--count 16] [--target predicted] [--step 5] [--noise 0.01] [--seed 0] [--images 4531-4546]
+
+A row per technique: the unit pictures of the sanity checks (deconvnet, guided backpropagation, the
+plain gradient, the feature visualization, the gradient pattern: conv5_x channel 1 on the test images
+--images, plot_sanity_checks.py's) and the class-evidence maps (Grad-CAM at conv4_x and conv3_x, saliency, SmoothGrad,
+integrated gradients, occlusion; visualize/attribution.py's defaults) on the first --count test
+images for their predicted (or true) class, beside a seeded random map and the Sobel edge map.
+Columns: does the map depend on the weights (Spearman rho to the trained map with conv5_x, and with
+every stage, re-initialised), on the class (rho to the map of a random other class, Sixt et al.
+2020), and is it faithful (deletion and insertion AUC, Petsiuk et al. 2018; ROAD most- and
+least-relevant-first, Rong et al. 2022)? docs/class_evidence.md gives every definition.
+
+Saved: trust.png and trust.json = {"count", "target", "seed", "step_percent", "road_noise",
+"road_levels", "unit", "pass_below", "rows": {row: {"kind", each column's number (absent: n/a),
+"passes": {test: bool}}}}; a non-default choice is added to both names (trust_count64_true.png).
+"""
+import math
+
+import utils
+from visualize import cli, faithfulness, trust
+from visualize.drawing import format_indices
+
+
+def main(argv=None):
+    p = cli.plot_parser(__doc__, images=format_indices(trust.UNIT_IMAGES))
+    p.add_argument("--count", type=int, default=trust.COUNT,
+                   help="the first N test images the class maps are measured on, 1..the split's size "
+                        "(default: %(default)s)")
+    p.add_argument("--target", default="predicted",
+                   help=f"the class each map explains: {' or '.join(trust.TARGETS)} (default: %(default)s)")
+    p.add_argument("--step", type=float, default=faithfulness.DELETION_STEP,
+                   help="percent of the pixels deleted or inserted a step, above 0 and at most 100 "
+                        "(default: %(default)s)")
+    p.add_argument("--noise", type=float, default=faithfulness.ROAD_NOISE,
+                   help="ROAD's imputation noise, standard deviation in [0, 1] pixels, 0 or above (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the re-initialisation's, the random map's, the random other class's and ROAD's noise, "
+                        "0..2^63-1 (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.target not in trust.TARGETS:
+        raise utils.UserError(f"--target {args.target!r}: choose one of {', '.join(trust.TARGETS)}")
+    if not 0 < args.step <= 100:
+        raise utils.UserError(f"--step {args.step:g} is not a percentage of the pixels; choose above 0 and at most 100")
+    if not (math.isfinite(args.noise) and args.noise >= 0):
+        raise utils.UserError(f"--noise {args.noise}: must be a finite number, 0 or above (0: no noise)")
+    if not 0 <= args.seed < 2 ** 63:
+        raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
+    if args.count < 1:
+        raise utils.UserError(f"--count {args.count}: must be at least 1 (the first N test images)")
+    run = p.load(args)
+    if args.count > len(run.images):
+        raise utils.UserError(f"--count {args.count} is out of range: the test split has {len(run.images)} images; "
+                              f"choose 1..{len(run.images)}")
+    return trust.plot_trust(run, args.figures_dir, args.count, args.target, args.seed, args.step, args.noise, args.images)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
