@@ -91,7 +91,7 @@ def parse_args(argv=None):
                               f"{channels} channels; choose 0..{channels - 1}")
     if args.top_activating and args.feature_vis:
         raise utils.UserError("--top-activating and --feature-vis: choose one")
-    args.device = utils.resolve_device(args.device)
+    args.device = speed.resolve_device(args.device)
     return args
 
 
