@@ -189,17 +189,6 @@ def trainpy_batches(images, labels, batch_size, seed, channels_last):
         yield from data.epoch_batches(images, labels, epoch, seed, batch_size, channels_last)
 
 
-# --------------------------------------------------------------------------- timing
-
-def time_call(fn, device):
-    """(result, seconds) of fn(), with the device's queued work included."""
-    speed.sync(device)
-    start = time.perf_counter()
-    result = fn()
-    speed.sync(device)
-    return result, time.perf_counter() - start
-
-
 def new_model(args, device, channels_last, cuda_graph=False):
     torch.manual_seed(args.seed)  # every row starts from the same weights
     model = ResNet(args.width).to(device)
@@ -263,8 +252,8 @@ def measure_row(label, pipeline, settings, args, windows, device, splits, bar):
         # Both shapes of the recipe compile (or are captured): the full batch and each epoch's last, partial one.
         partial = len(train_images) % args.batch_size or args.batch_size
         x, y = next(batches)
-        _, full_s = time_call(lambda: step(x, y), device)
-        _, partial_s = time_call(lambda: step(x[:partial], y[:partial]), device)
+        _, full_s = speed.time_call(lambda: step(x, y), device)
+        _, partial_s = speed.time_call(lambda: step(x[:partial], y[:partial]), device)
         compile_s = full_s + partial_s
 
     def next_step():
@@ -279,12 +268,12 @@ def measure_row(label, pipeline, settings, args, windows, device, splits, bar):
     n = windows.eval_images
     if pipeline == TUTORIAL:
         test_loader = tutorial_loader(test_images[:n], test_labels[:n], False, args.batch_size, args.workers)
-        _, eval_s = time_call(lambda: tutorial_evaluate(model, test_loader, device), device)
+        _, eval_s = speed.time_call(lambda: tutorial_evaluate(model, test_loader, device), device)
     else:
         evaluate = lambda m: steps.evaluate(model, test_images[:m], test_labels[:m], settings.precision,
                                             settings.channels_last)
         evaluate(min(200, n))  # warm-up
-        _, eval_s = time_call(lambda: evaluate(n), device)
+        _, eval_s = speed.time_call(lambda: evaluate(n), device)
     bar.update()
     bar.set_postfix_str("")
 
@@ -313,22 +302,14 @@ def trainpy_choice(args, device, caps):
 
 # --------------------------------------------------------------------------- report
 
-def matmul_gflop_per_s(device, n=4096, repeats=5, dtype=torch.float32):
-    """GFLOP/s of a large square matmul in dtype: about the most this device's arithmetic gives."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    _, seconds = time_call(lambda: [a @ b for _ in range(repeats)], device)
-    return 2 * n ** 3 * repeats / seconds / 1e9
-
-
 def capabilities(device, caps):
     """What the device can do, for the report: speed.detect's view and the fp32 and bf16 matmul rates
     (on a CPU n = 1024 for fp32 and 512 for bf16, where an emulated bf16 matmul runs at ~1 GFLOP/s)."""
     cuda = device.type == "cuda"
     sizes = dict(fp32=4096 if cuda else 1024, bf16=4096 if cuda else 512)
     return dict(dataclasses.asdict(caps), described=caps.describe(), matmul_n=sizes,
-                fp32_matmul_gflop_per_s=matmul_gflop_per_s(device, sizes["fp32"], repeats=3),
-                bf16_matmul_gflop_per_s=matmul_gflop_per_s(device, sizes["bf16"], repeats=3, dtype=torch.bfloat16))
+                fp32_matmul_gflop_per_s=speed.matmul_gflop_per_s(device, sizes["fp32"], repeats=3),
+                bf16_matmul_gflop_per_s=speed.matmul_gflop_per_s(device, sizes["bf16"], repeats=3, dtype=torch.bfloat16))
 
 
 def duration(seconds):

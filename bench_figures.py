@@ -95,15 +95,6 @@ def parse_args(argv=None):
     return args
 
 
-def time_call(fn, device):
-    """(result, seconds) of fn(), with the device's queued work included."""
-    speed.sync(device)
-    start = time.perf_counter()
-    result = fn()
-    speed.sync(device)
-    return result, time.perf_counter() - start
-
-
 def machine(device):
     """What the figures were measured on: the device, torch's threads and CPU kernels, the load."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else speed.cpu_model()
@@ -129,7 +120,7 @@ def forward_pass_seconds(model, images, batch_size=100):
 
     run(images[:batch_size])
     cpu = time.process_time()
-    wall = time_call(lambda: run(images), device)[1]
+    wall = speed.time_call(lambda: run(images), device)[1]
     return wall, time.process_time() - cpu
 
 
@@ -240,14 +231,6 @@ def per_image_top(model, images, layer, channel, k):
     return top.indices, top.values
 
 
-def matmul_gflop_per_s(device, n=4096, repeats=5, dtype=torch.float32):
-    """GFLOP/s of a large square matmul in dtype: about the most this device's arithmetic gives."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    _, seconds = time_call(lambda: [a @ b for _ in range(repeats)], device)
-    return 2 * n ** 3 * repeats / seconds / 1e9
-
-
 def new_model(width, device, seed=0):
     torch.manual_seed(seed)
     return ResNet(width).to(device).eval()
@@ -259,9 +242,9 @@ def measure_top_activating(args):
     images = torch.randint(0, 256, (args.top_images, 3, 32, 32), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0)).to(device)
     scoring.top_activating(model, images[:min(len(images), 100)], args.layer, args.channel)  # warm-up
-    (batched_idx, batched_scores), batched_s = time_call(
+    (batched_idx, batched_scores), batched_s = speed.time_call(
         lambda: scoring.top_activating(model, images, args.layer, args.channel, k=args.k), device)
-    (loop_idx, loop_scores), loop_s = time_call(
+    (loop_idx, loop_scores), loop_s = speed.time_call(
         lambda: per_image_top(model, images, args.layer, args.channel, args.k), device)
     batched_idx, batched_scores = torch.as_tensor(batched_idx).cpu(), torch.as_tensor(batched_scores).float().cpu()
     # The arithmetic the batched pass must do bounds its speed: its FLOP rate, next to the device's
@@ -269,7 +252,7 @@ def measure_top_activating(args):
     with FlopCounterMode(display=False) as flops, torch.inference_mode():
         scoring.stage_output(model, data.normalize(images[:1]), args.layer)
     gflop = flops.get_total_flops() * len(images) / 1e9
-    peak = matmul_gflop_per_s(device, 4096 if device.type == "cuda" else 1024, repeats=3)
+    peak = speed.matmul_gflop_per_s(device, 4096 if device.type == "cuda" else 1024, repeats=3)
     result = dict(machine(device), status="measured", width=args.width, layer=args.layer, channel=args.channel,
                   k=args.k, images=len(images), batched_s=batched_s, per_image_s=loop_s, speedup=loop_s / batched_s,
                   gflop=gflop, batched_gflop_per_s=gflop / batched_s, matmul_gflop_per_s=peak,
@@ -295,7 +278,7 @@ def measure_feature_visualization(args, channels=16):
     colour = (torch.full((3,), 0.5), torch.eye(3) / 16)
     run = lambda steps: featurevis.feature_visualization(model, "conv5_x", list(range(channels)), colour, steps=steps)
     run(4)
-    _, seconds = time_call(lambda: run(featurevis.FV_STEPS), args.device)
+    _, seconds = speed.time_call(lambda: run(featurevis.FV_STEPS), args.device)
     result = dict(machine(args.device), width=args.width, layer="conv5_x", channels=channels,
                   steps=featurevis.FV_STEPS, seconds=seconds, seconds_per_step=seconds / featurevis.FV_STEPS)
     print(f"feature visualization on {result['device_name']}: {channels} conv5_x channels of a width-{args.width} "

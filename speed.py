@@ -372,6 +372,23 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def time_call(fn, device):
+    """(result, seconds) of fn(), with the device's queued work included (bench.py, bench_figures.py)."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - start
+
+
+def matmul_gflop_per_s(device, n=4096, repeats=5, dtype=torch.float32):
+    """GFLOP/s of a large square matmul in dtype: about the most this device's arithmetic gives."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    _, seconds = time_call(lambda: [a @ b for _ in range(repeats)], device)
+    return 2 * n ** 3 * repeats / seconds / 1e9
+
+
 # --------------------------------------------------------------------------- running the settings
 
 def autocast(device, precision):
