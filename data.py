@@ -516,6 +516,11 @@ def draw_augmentation(n, generator, padding=4):
 
 # --------------------------------------------------------------------------- an epoch's batches
 
+def batches_per_epoch(num_images, batch_size):
+    """The batches (training steps) of an epoch: the last one partial where batch_size does not divide."""
+    return -(-num_images // batch_size)
+
+
 def epoch_plan(num_images, epoch, seed):
     """Shuffle order and augmentation of one epoch, drawn from a generator seeded by (seed, epoch)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -534,7 +539,7 @@ def prepare_batch(images, index, offsets, flips, channels_last=False):
 def epoch_batches(images, labels, epoch, seed, batch_size, channels_last=False, first=0, last=None):
     """Batches first..last-1 of one epoch as (network input, labels), gathered and augmented on the device."""
     order, offsets, flips = (t.to(images.device) for t in epoch_plan(len(images), epoch, seed))
-    last = -(-len(images) // batch_size) if last is None else last
+    last = batches_per_epoch(len(images), batch_size) if last is None else last
     for step in range(first, last):
         batch = slice(step * batch_size, (step + 1) * batch_size)
         index = order[batch]
