@@ -28,6 +28,7 @@ SCRIPTS = (
     "plot_gradient_pattern",
     "plot_feature_visualization",
     "plot_sanity_checks",
+    "plot_class_evidence",
 )
 
 

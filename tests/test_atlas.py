@@ -270,6 +270,7 @@ def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_pat
                 "conv5_x_channel1_reconstructions_trunk.png", "gradient_pattern_conv5_x_channel0.png",
                 "feature_visualization_conv5_x.png", "feature_visualization_conv5_x.pt",
                 "sanity_conv5_x_channel1.png", "sanity_conv5_x_channel1.json", "index.html",
+                "class_evidence.png", "class_evidence.json",
                 *(f"atlas_{layer}.{ext}" for layer in atlas.ATLAS_LAYERS.split(",") for ext in ("png", "json")),
                 *(f"conv1_filters_input_channel{c}.png" for c in range(3))}
     assert names == expected

@@ -4,6 +4,8 @@
     figures     feature maps and reconstructions of the report       -> cli, scoring, drawing
                 (and the three reconstruction scripts' main)
     cli         the scripts' shared flags, each parsed once, checked -> context, units, drawing
+    evidence    the class-evidence figure and its JSON               -> attribution, scoring, drawing
+    attribution class evidence maps: Grad-CAM, gradients, occlusion  -> scoring
     sanity      sanity checks: Adebayo's cascading randomisation     -> featurevis, ascent, scoring, drawing
     featurevis  feature visualization at 32x32                       -> ascent, scoring, drawing
     atlas       the top-9 unit atlas per stage                       -> units, context, scoring, drawing

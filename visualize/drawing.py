@@ -79,6 +79,14 @@ def signed_to_display(r, per_image=True):
     return (0.5 + r / (2 * scale)).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def colour_mapped(values, cmap, low, high):
+    """values (..., H, W) -> (..., H, W, 3) RGB in [0, 1] through the matplotlib colour map `cmap`,
+    low and high its two ends (values beyond them get the end's colour)."""
+    import matplotlib
+    scaled = (np.asarray(values, dtype=np.float64) - low) / (high - low)
+    return matplotlib.colormaps[cmap](np.clip(scaled, 0, 1))[..., :3]
+
+
 def new_figure(width, height, dpi=150):
     """A figure of width x height inches drawn by the Agg renderer: no pyplot, no global state."""
     from matplotlib.figure import Figure
@@ -220,6 +228,7 @@ def save_table(path, cells, title, column_titles, row_titles):
                 ax.set_title(column_titles[j], fontsize=7)
             if j == 0:
                 ax.set_ylabel(row_titles[i], fontsize=8)
-    fig.suptitle(title, fontsize=8)
+    # 0.1 inch from the top (suptitle's default, 2 % of the height, pushed a tall table's title into its column titles)
+    fig.suptitle(title, fontsize=8, y=1 - 0.1 / fig.get_figheight(), va="top")
     fig.tight_layout()
     return save(fig, path)
