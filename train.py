@@ -267,8 +267,9 @@ def main(argv=None):
         device = speed.resolve_device(config["device"])
         caps = speed.detect(device)
         asked = asked_speed(args)
-        speed.plan_for(asked, ckpt and ckpt["config"], caps)  # settings that cannot run here: refused before any data
-        steps.check_memory(config, device, cuda_graph=caps.kind == "cuda")  # the graphs' room, where they may run
+        # before any data: settings that cannot run here are refused, and memory is counted for the candidates
+        candidates = speed.plan_for(asked, ckpt and ckpt["config"], caps).candidates
+        steps.check_memory(config, device, cuda_graph=any(c.cuda_graph for c in candidates))
         done = ckpt["iteration"] if ckpt else 0
         if args.show_settings:  # before any data is read or downloaded: counted in the data it would train on
             images = data.SYNTHETIC_TRAIN_IMAGES if config["synthetic"] else data.CIFAR10_TRAIN_IMAGES
