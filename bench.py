@@ -373,6 +373,7 @@ def json_path(args, device):
 def main(argv=None):
     args = parse_args(argv)
     device = speed.resolve_device(args.device)
+    speed.use_device(device)
     windows = resolve_windows(args, device)
     caps = speed.detect(device)
     g = torch.Generator().manual_seed(args.seed)

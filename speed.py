@@ -26,7 +26,9 @@ and takes the first candidate, the rules' default. A flag the user gives always 
 pure function of a Capabilities, so tests give it a table of devices; CI has no GPU.
 
 GraphedStep replays a training step (forward, backward, Adam) from a CUDA graph; a capture that raises
-or whose first replay is wrong is dropped, and the run goes on eagerly from the same state.
+or whose first replay is wrong is dropped, and that batch size goes on eagerly from the same state.
+use_device makes the run's device torch's current one (and sets cuDNN's benchmark mode) before anything
+runs there.
 """
 import dataclasses
 import itertools
@@ -89,10 +91,12 @@ SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(Settings))  # the keys
 
 @dataclass(frozen=True)
 class Plan:
-    """What the rules leave on a device: the candidates (the first is kept when no probe runs) and why."""
+    """What the rules leave on a device: the candidates (the first is kept when no probe runs) and why;
+    compile_trial: whether the probe may weigh torch.compile for the fastest (weigh_compile)."""
     caps: Capabilities
     candidates: tuple
     reasons: tuple
+    compile_trial: bool = False
 
 
 # --------------------------------------------------------------------------- the device and what it can do
@@ -241,7 +245,8 @@ def plan(caps, asked):
     given = [k for k in SETTING_FIELDS if asked.get(k) is not None]
     if given:
         reasons.append("given: " + ", ".join(f"{k}={asked[k]}" for k in given))
-    return Plan(caps, tuple(candidates), tuple(reasons))
+    # torch.compile is weighed only on a CPU: on CUDA a graph cuts the same launch cost without compiling
+    return Plan(caps, tuple(candidates), tuple(reasons), compile_trial=caps.kind == "cpu" and asked.get("compile") is None)
 
 
 def probe_steps(plan, iterations):
@@ -253,9 +258,10 @@ def probe_steps(plan, iterations):
     return steps if steps >= PROBE_MIN_STEPS else 0
 
 
-def choose(plan, iterations, measure):
+def choose(plan, iterations, measure, clock=time.perf_counter):
     """(settings, {label: images/s}, reason): the fastest candidate by measure(settings, steps) -> images/s,
-    or the first where the probe is skipped."""
+    or the first where the probe is skipped; where the plan allows it, that candidate compiled instead if
+    compiling pays for itself over the run (weigh_compile). clock times the probe."""
     steps = probe_steps(plan, iterations)
     reasons = list(plan.reasons)
     if len(plan.candidates) == 1:
@@ -265,10 +271,54 @@ def choose(plan, iterations, measure):
         reasons.append(f"probe skipped: {iterations} iterations are too short for {len(plan.candidates)} candidates "
                        f"(needs {need}); the rules' default")
         return plan.candidates[0], {}, "; ".join(reasons)
-    rates = {c: measure(c, steps) for c in plan.candidates}
+    rates, seconds = {}, {}
+    for c in plan.candidates:
+        started = clock()
+        rates[c] = measure(c, steps)
+        seconds[c] = clock() - started
     best = max(rates, key=rates.get)
     reasons.append(f"probe ({steps} steps each): {best.label()} fastest, {rates[best]:.0f} images/s")
-    return best, {c.label(): rates[c] for c in plan.candidates}, "; ".join(reasons)
+    probe = {c.label(): rates[c] for c in plan.candidates}
+    if plan.compile_trial:
+        best, why = weigh_compile(best, rates[best], seconds[best], iterations, steps, measure, clock, probe)
+        reasons.append(why)
+    return best, probe, "; ".join(reasons)
+
+
+# torch.compile on a CPU: the AVX2 EPYC (issue 24, width 64, batch 128, channels_last) trained 80.6 images/s
+# compiled against 70.0 eager after 58 s of compiling. It is tried where the run would take at least
+# COMPILE_MIN_RUN_S eagerly (the trial's compile, a minute or more, is then a few % of it at most), and kept
+# if the time it saves over the run beats COMPILE_SHAPES compiles: the run compiles the full batch and
+# again the epoch's last, partial one (width 4 on one busy core: 169 s, then 129 s for batch 8).
+COMPILE_MIN_RUN_S = 3600
+COMPILE_SHAPES = 2
+
+
+def weigh_compile(best, rate, probe_s, iterations, steps, measure, clock, probe):
+    """(settings, reason): `best`, the probe's fastest (eager, `rate` images/s, its `steps` probe steps
+    taking probe_s), or the same compiled, for a run of `iterations` steps. The compiled one is measured
+    as the probe's candidates are (and added to `probe`); its compile time is what its probe took beyond
+    the eager one's, its steps counted at its own rate."""
+    run_s = probe_s * iterations / steps  # the run's eager time (a little over: the probe builds a model)
+    if run_s < COMPILE_MIN_RUN_S:
+        return best, f"compile not tried (a run of ~{run_s / 60:.0f} min eagerly; tried from {COMPILE_MIN_RUN_S // 60})"
+    compiled = dataclasses.replace(best, compile=True)
+    started = clock()
+    try:
+        compiled_rate = measure(compiled, steps)
+    except Exception as err:  # noqa: BLE001 - no C++ compiler, an inductor error: the eager run is as good
+        return best, f"compile failed ({type(err).__name__}: {' '.join(str(err).split())[:120]}), so eager"
+    probe[compiled.label()] = compiled_rate
+    if compiled_rate <= 0:
+        return best, "compiled: measured 0 images/s, so eager"
+    compile_s = max(0.0, clock() - started - probe_s * rate / compiled_rate)
+    if compiled_rate <= rate:
+        return best, f"compiled {compiled_rate:.0f} images/s after ~{compile_s:.0f} s compiling, no faster, so eager"
+    saved_s = run_s * (1 - rate / compiled_rate)
+    kept = saved_s > COMPILE_SHAPES * compile_s
+    return (compiled if kept else best), (
+        f"compiled {compiled_rate:.0f} images/s after ~{compile_s:.0f} s compiling: saves ~{saved_s / 60:.0f} min "
+        f"of a ~{run_s / 60:.0f} min run, {'kept' if kept else f'less than {COMPILE_SHAPES} compiles cost, so eager'}")
 
 
 def plan_for(asked, previous, caps):
@@ -360,22 +410,78 @@ def restore_training_state(model, optimizer, saved):
         v.copy_(weights[k])
     for p, s in optimizer.state.items():
         for k, v in s.items():
-            v.copy_(adam[p][k]) if p in adam else v.zero_()
+            v.copy_(adam[p][k]) if k in adam.get(p, ()) else v.zero_()
+
+
+def use_device(device):
+    """Make `device` the one torch works on, before anything runs there. On CUDA: the current device
+    (torch.autocast's bf16 check, torch.cuda.graph's synchronize and the default streams use it, so
+    `--device cuda:1` would otherwise make a context on cuda:0 too), and cuDNN's benchmark mode: every
+    step has the same shapes (two batch sizes a run), its best case, so cuDNN times its algorithms for
+    each shape once and keeps the fastest. The algorithm it keeps can differ from process to process,
+    which is why a resumed GPU run matches one unbroken run to rounding, not bit for bit
+    (docs/performance.md). A CPU needs nothing."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+
+
+def capture_graph(graph, step, stream, pool):
+    """step()'s outputs, its CUDA work captured into `graph` on `stream`, sharing the memory `pool`.
+
+    However the capture ends, the stream that was current before is current again, and the error
+    raised is the first one. torch.cuda.graph alone does neither: when the step raises inside the
+    capture, its __exit__ calls capture_end(), which raises "operation failed due to a previous error
+    during capture" over the step's error, and then never leaves its stream context (torch 2.14,
+    torch/cuda/graphs.py), so the capture stream would stay current for everything after."""
+    first = []
+    with torch.cuda.stream(stream):  # put back on the way out, whatever torch.cuda.graph leaves behind
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                try:
+                    return step()
+                except Exception as err:
+                    first.append(err)
+                    raise
+        except Exception as err:
+            if first and first[0] is not err:
+                raise first[0] from None  # the cause, not capture_end's "a previous error"
+            raise
+
+
+def plain_adam(optimizer):
+    """Capturable Adam (make_optimizer's for a graph) made plain again, in place, as it is built for an
+    eager run: capturable off, each lr a float, each step count a CPU tensor. Capturable Adam also runs
+    eagerly, but computes with its lr and step count on the device, extra kernels every step."""
+    for group in optimizer.param_groups:
+        group["capturable"] = False
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = group["lr"].item()
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].cpu()
 
 
 class GraphedStep:
     """step(x, y) -> (loss, number correct), replayed from a CUDA graph: one graph launch a step instead
-    of hundreds of kernel launches. (Not yet run on a GPU: none was lent where this was written.)
+    of hundreds of kernel launches. (Not yet run on a GPU: none was lent where this was written;
+    tests/test_cuda.py and gpu_check.sh are ready for the first.)
 
     A graph has fixed shapes and addresses, so there is one graph per batch size (an epoch's partial
     last batch gets its own), each with static input and label buffers that a call copies the batch
-    into. The first call of a size captures it: a few eager warm-up steps on a side stream of x's device
-    (Adam's state, cuDNN's choices), then the capture on that stream, then every weight, BatchNorm
-    buffer and Adam state is put back as it was, so the warm-up leaves no trace, and the graph's first
-    replay is this call's step. That replay is checked against the first warm-up step, an eager step
-    from the same state on the same batch. A capture that raises, or a replay that fails the check, is
-    dropped with one line (say): the state is put back again and this and every later step run eagerly,
-    so the run loses nothing.
+    into. The first call of a size captures it: a few eager warm-up steps (Adam's state, cuDNN's
+    choices), then the capture, both on the one side stream this GraphedStep keeps (graphs share a
+    memory pool only when captured on the same stream: the allocator gives no stream the blocks another
+    freed, so a second stream would make the partial batch's graph allocate its own), then every weight,
+    BatchNorm buffer and Adam state is put back as it was, so the warm-up leaves no trace, and the
+    graph's first replay is this call's step. That replay is checked against the first warm-up step, an
+    eager step from the same state on the same batch.
+
+    A capture that raises (its first error is told, see capture_graph), or a replay that fails the
+    check, is dropped with one line (say) and the state put back: that batch size runs eagerly from then
+    on, and the other sizes keep their graphs. When no graph is left (the first capture failed: the full
+    batch's, without which graphing the small last batch is not worth it), every later step runs
+    eagerly and Adam is made plain again (plain_adam). Either way the run loses nothing.
 
     The optimizer must be capturable Adam with a tensor lr (steps.make_optimizer(..., cuda_graph=True)).
     The graph reads that lr tensor: it is held, and a call that finds another object in the param group
@@ -395,15 +501,19 @@ class GraphedStep:
         self.step, self.model, self.optimizer = step, model, optimizer
         self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         self.graphs = {}      # batch size -> (static input, static labels, replay)
-        self.dropped = None   # why the graphs were dropped, once they were
+        self.eager = {}       # batch size -> why its graph was dropped, while other sizes keep theirs
+        self.dropped = None   # why the last graph went, once none is left: then every step is eager
         # the lr tensors the graphs read (a float lr, on the plain optimizer a CPU test may use, is not read)
         self.lrs = [group["lr"] if isinstance(group["lr"], torch.Tensor) else None for group in optimizer.param_groups]
         self.pool = None
+        self.stream = None    # the side stream of every warm-up and capture (CUDA only)
 
     def __call__(self, x, y):
         if self.dropped is not None:
             return self.step(x, y)
         self.hold_lr()
+        if len(y) in self.eager:
+            return self.step(x, y)
         if len(y) not in self.graphs:
             return self.capture(x, y)
         static_x, static_y, replay = self.graphs[len(y)]
@@ -417,19 +527,27 @@ class GraphedStep:
                 lr.copy_(group["lr"]) if isinstance(group["lr"], torch.Tensor) else lr.fill_(group["lr"])
                 group["lr"] = lr
 
+    def side_stream(self, device):
+        """The one stream this step warms up and captures on, made on `device` (not the current
+        device's: on cuda:1 a stream of cuda:0 would capture nothing); None on a CPU."""
+        if device.type != "cuda":
+            return None
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream
+
     def _record(self, step, device):
-        """replay() -> step's outputs: a CUDA graph of step captured on a side stream of `device` (not
-        the current device's: on cuda:1 that would capture nothing), sharing one pool; step on a CPU."""
+        """replay() -> step's outputs: a CUDA graph of step captured on the side stream, sharing one
+        pool with the other sizes' graphs; on a CPU, step itself."""
         if device.type != "cuda":
             return step
+        stream = self.side_stream(device)
         with torch.cuda.device(device):
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                outputs = step()
+            stream.wait_stream(torch.cuda.current_stream(device))
+            outputs = capture_graph(graph, step, stream, self.pool)
             torch.cuda.current_stream(device).wait_stream(stream)
 
         def replay():
@@ -445,16 +563,15 @@ class GraphedStep:
 
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         saved = training_state(self.model, self.optimizer)
-        cuda = x.device.type == "cuda"
-        side = torch.cuda.Stream(x.device) if cuda else None
-        if cuda:
+        side = self.side_stream(x.device)
+        if side is not None:
             side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side) if cuda else nullcontext():
+        with torch.cuda.stream(side) if side is not None else nullcontext():
             for i in range(self.WARMUP):
                 step()
                 if i == 0:
                     eager = [p.detach().clone() for p in params]
-        if cuda:
+        if side is not None:
             torch.cuda.current_stream(x.device).wait_stream(side)
             torch.cuda.empty_cache()  # the warm-up's activations go back, so the graph's pool can take them
         self.optimizer.zero_grad(set_to_none=True)  # backward then allocates .grad from the graph's pool
@@ -466,10 +583,9 @@ class GraphedStep:
             if error > self.TOLERANCE * update:  # one host sync per graph, once a run
                 raise RuntimeError(f"its first replay updates the weights unlike the eager step (relative "
                                    f"difference {(error / update).item():.3g})")
-        except Exception as err:  # noqa: BLE001 - any failure of the capture means: train eagerly
-            return self.drop(f"the CUDA graph for batch size {len(y)} was dropped ({type(err).__name__}: "
-                             f"{' '.join(str(err).split())[:200]}); training goes on eagerly from the same state",
-                             saved, x, y)
+        except Exception as err:  # noqa: BLE001 - any failure of the capture means: this size trains eagerly
+            return self.drop(len(y), f"the CUDA graph for batch size {len(y)} was dropped ({type(err).__name__}: "
+                                     f"{' '.join(str(err).split())[:200]})", saved, x, y)
         self.graphs[len(y)] = static_x, static_y, replay
         return result
 
@@ -480,10 +596,17 @@ class GraphedStep:
         error = sum(((p.detach() - e) ** 2).sum() for p, e in zip(params, eager)).sqrt()
         return error, update
 
-    def drop(self, why, saved, x, y):
-        self.graphs.clear()
-        self.dropped = why
+    def drop(self, size, why, saved, x, y):
+        """After a failed capture of batch size `size`: the state put back, the line told, the step eager."""
         self.optimizer.zero_grad(set_to_none=True)  # no .grad left pointing into a graph's pool
         restore_training_state(self.model, self.optimizer, saved)
+        if self.graphs:
+            kept = sorted(self.graphs)
+            why += (f"; its steps run eagerly, and batch size {kept[0]} keeps its graph" if len(kept) == 1 else
+                    f"; its steps run eagerly, and batch sizes {', '.join(map(str, kept))} keep their graphs")
+            self.eager[size] = why
+        else:
+            self.dropped = why = why + "; training goes on eagerly from the same state"
+            plain_adam(self.optimizer)
         self.say(why)
         return self.step(x, y)

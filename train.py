@@ -76,7 +76,8 @@ def parse_args(argv=None):
                    help="fp32, bf16 autocast, or fp16 autocast with a GradScaler (default: the device's)")
     p.add_argument("--bf16", action=on, help="--bf16 is --precision bf16, --no-bf16 is --precision fp32")
     p.add_argument("--channels-last", action=on, help="channels_last memory layout, else NCHW (default: the device's)")
-    p.add_argument("--compile", action=on, help="torch.compile the model (default: off; costs compile time)")
+    p.add_argument("--compile", action=on, help="torch.compile the model (default: off, but on a CPU the probe "
+                                                "compiles a run of an hour or more where that saves more than it costs)")
     p.add_argument("--cuda-graph", action=on,
                    help="replay each training step (forward, backward, Adam) from a CUDA graph "
                         "(default: the device's; CUDA only)")
@@ -265,6 +266,7 @@ def main(argv=None):
         if not args.show_settings:  # it writes nothing
             check_outputs(ckpt_path, config["figures_dir"])
         device = speed.resolve_device(config["device"])
+        speed.use_device(device)
         caps = speed.detect(device)
         asked = asked_speed(args)
         # before any data: settings that cannot run here are refused, and memory is counted for the candidates
@@ -321,9 +323,11 @@ def main(argv=None):
             figures = figures and (iteration == total or drawn is None or time.monotonic() - drawn >= FIGURES_EVERY_S)
             if figures:
                 drawn = time.monotonic()
-            dropped = getattr(step, "dropped", None)  # a graph dropped: the run went on eagerly, and says so
-            run_config = dict(config, cuda_graph=False, speed_reason=f"{config['speed_reason']}; {dropped}") \
-                if dropped else config
+            # a graph dropped: that batch size (or, with none left, the run) went on eagerly, and says so
+            dropped = getattr(step, "dropped", None)
+            why = dropped or "; ".join(getattr(step, "eager", {}).values())
+            run_config = dict(config, cuda_graph=not dropped, speed_reason=f"{config['speed_reason']}; {why}") \
+                if why else config
             state, ready = checkpoint.snapshot(checkpoint.state_of(model, optimizer, scheduler, scaler, iteration,
                                                                    epoch, run_config, history))
             writer.submit(write_outputs, state, ready, ckpt_path, config["figures_dir"], title, figures,

@@ -99,6 +99,9 @@ def test_bench_writes_measured_consistent_figures(tmp_path, monkeypatch, all_row
     """On a CPU without bf16 units (as speed.detect would see an AVX2 EPYC) the bf16 rows are skipped unless
     asked for; the train_py row is what train.py chooses, and its ratio to the fastest row is consistent."""
     monkeypatch.setattr(speed, "detect", lambda device: AVX2_CPU)
+    # no compile trial in the choice's probe: on a slow CPU even this tiny run would be long enough to
+    # weigh it (minutes of compiling; test_speed tests it with a fake probe)
+    monkeypatch.setattr(speed, "COMPILE_MIN_RUN_S", float("inf"))
     out = tmp_path / "bench.json"
     bench.main(["--device", "cpu", "--width", "4", "--images", "256", "--test-images", "96", "--batch-size", "32",
                 "--warmup", "1", "--windows", "3", "--window-steps", "2", "--eval-images", "64",

@@ -123,7 +123,7 @@ def test_a_flag_given_always_wins_and_conflicts_are_one_line():
     assert speed.plan(AVX2_CPU, dict(UNSET, precision="bf16")).candidates == (S("bf16", False), S("bf16", True))
     assert speed.plan(A100, dict(UNSET, precision="fp32", channels_last=False, cuda_graph=False)).candidates == (
         S("fp32", False, False),)
-    # torch.compile replaces the graph, and is never probed
+    # torch.compile replaces the graph; on CUDA it is never probed
     assert speed.plan(H100, dict(UNSET, compile=True)).candidates == (S("bf16", True, False, True),
                                                                       S("bf16", False, False, True))
     for caps, asked, words in [(AMX_CPU, dict(cuda_graph=True), "needs a CUDA device"),
@@ -131,6 +131,64 @@ def test_a_flag_given_always_wins_and_conflicts_are_one_line():
                                (T4, dict(cuda_graph=True), "cannot run with fp16")]:
         with pytest.raises(utils.UserError, match=words):
             speed.plan(caps, dict(UNSET, **asked))
+
+
+def fake_probe(eager_rates, compiled_rate, compile_s, batch=128, fails=False):
+    """(measure, clock, measured) for speed.choose: a measure that takes, on the fake clock, the probe's
+    steps at each setting's images/s (eager_rates: channels_last -> images/s), plus compile_s to compile
+    a compiled one (or raises, `fails`), as a CPU's probe takes them."""
+    now, measured = [0.0], []
+
+    def measure(settings, steps):
+        measured.append(settings)
+        if settings.compile and fails:
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        now[0] += steps * batch / (compiled_rate if settings.compile else eager_rates[settings.channels_last])
+        now[0] += compile_s if settings.compile else 0.0
+        return compiled_rate if settings.compile else eager_rates[settings.channels_last]
+    return measure, lambda: now[0], measured
+
+
+RECIPE_ITERATIONS = 20_332  # 52 epochs of 50,000 images at batch 128
+
+
+def test_a_long_cpu_run_is_compiled_where_the_probe_finds_that_it_repays_its_compile_time():
+    """The AVX2 EPYC's figures (issue 24: channels_last 70.0 images/s eager, 80.6 compiled after 58 s of
+    compiling; NCHW 67.7): the full recipe, ~10 h eagerly, saves over an hour compiled, so the probe
+    keeps fp32 channels_last compiled, and its figures and reason say so."""
+    measure, clock, measured = fake_probe({False: 67.7, True: 70.0}, 80.6, 58)
+    chosen, probe, reason = speed.choose(speed.plan(AVX2_CPU, UNSET), RECIPE_ITERATIONS, measure, clock)
+    assert chosen == S("fp32", True, False, True)
+    assert measured == [S("fp32", False), S("fp32", True), S("fp32", True, False, True)]  # one compile: the fastest's
+    assert probe == {"fp32 NCHW": 67.7, "fp32 channels_last": 70.0, "fp32 channels_last compile": 80.6}
+    saved_min = RECIPE_ITERATIONS * 128 * (1 / 70.0 - 1 / 80.6) / 60
+    assert f"after ~58 s compiling: saves ~{saved_min:.0f} min" in reason and "kept" in reason
+
+
+@pytest.mark.parametrize("compiled_rate, compile_s, words", [
+    (68.0, 58, "no faster, so eager"),                   # compiled slower than eager
+    (71.0, 1500, "less than 2 compiles cost, so eager"),  # 1.4 % faster saves ~20 min: not 2 x 25 min of compiling
+])
+def test_a_compile_that_does_not_repay_itself_is_not_kept(compiled_rate, compile_s, words):
+    measure, clock, _ = fake_probe({False: 67.7, True: 70.0}, compiled_rate, compile_s)
+    chosen, probe, reason = speed.choose(speed.plan(AVX2_CPU, UNSET), RECIPE_ITERATIONS, measure, clock)
+    assert chosen == S("fp32", True) and probe["fp32 channels_last compile"] == compiled_rate and words in reason
+
+
+def test_compile_is_not_tried_for_a_short_run_a_flag_on_cuda_or_where_it_fails():
+    # the AMX Xeon at ~320 images/s: 4,800 iterations (the least that the probe runs for 4 candidates)
+    # take ~32 min eagerly, under the hour from which compiling is tried
+    measure, clock, measured = fake_probe({False: 300.0, True: 320.0}, 400.0, 30)
+    chosen, probe, reason = speed.choose(speed.plan(AMX_CPU, UNSET), 4_800, measure, clock)
+    assert not chosen.compile and not any(s.compile for s in measured) and "compile not tried" in reason
+    assert len(probe) == 4
+    for caps, asked in [(AVX2_CPU, dict(UNSET, compile=False)), (H100, UNSET)]:  # --no-compile; CUDA has graphs
+        measure, clock, measured = fake_probe({False: 67.7, True: 70.0}, 80.6, 58)
+        chosen, probe, reason = speed.choose(speed.plan(caps, asked), RECIPE_ITERATIONS, measure, clock)
+        assert not any(s.compile for s in measured) and "compile not tried" not in reason and "compiled" not in reason
+    measure, clock, _ = fake_probe({False: 67.7, True: 70.0}, 80.6, 58, fails=True)
+    chosen, probe, reason = speed.choose(speed.plan(AVX2_CPU, UNSET), RECIPE_ITERATIONS, measure, clock)
+    assert chosen == S("fp32", True) and "compile failed (RuntimeError: InductorError" in reason
 
 
 def test_this_cpus_bf16_units_are_found_as_its_flags_say():
@@ -147,10 +205,11 @@ def test_this_cpus_bf16_units_are_found_as_its_flags_say():
 
 def test_show_settings_prints_the_probed_choice_as_one_json_line_and_trains_nothing(small_data_dir, tmp_path):
     ckpt = tmp_path / "c.pt"
-    # 1,000 epochs of 32 iterations: long enough for the probe (tiny at width 4)
+    # 1,000 epochs of 32 iterations: long enough for the probe (tiny at width 4); --no-compile, since on a
+    # slow enough CPU the run would be long enough to weigh compiling (minutes; tested apart, with a fake probe)
     proc = run_script("train.py", "--data-dir", small_data_dir, "--width", 4, "--batch-size", 32, "--epochs", 1000,
                       "--device", "cpu", "--checkpoint", ckpt, "--figures-dir", tmp_path / "figures",
-                      "--show-settings", env={"OMP_NUM_THREADS": "1"})
+                      "--show-settings", "--no-compile", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 1
@@ -356,6 +415,164 @@ def test_a_failed_capture_is_dropped_and_training_goes_on_eagerly_losing_nothing
     assert step_fn.dropped == said[0] and step_fn.graphs == {}
     if how == "empty graph":
         assert "first replay" in said[0]
+
+
+def second_capture_fails(self, step, device):
+    """A GraphedStep._record whose second capture (here the partial batch's, 8) raises; the first works."""
+    self.records = getattr(self, "records", 0) + 1
+    if self.records == 2:
+        raise RuntimeError("CUDA error: out of memory")
+    return step
+
+
+def assert_same_training(a, b):
+    """Two runs' (losses, weights, Adam state dict) are equal bit for bit."""
+    (losses_a, weights_a, adam_a), (losses_b, weights_b, adam_b) = a, b
+    assert losses_a == losses_b
+    for name, tensor in weights_a.items():
+        assert torch.equal(weights_b[name], tensor), name
+    assert adam_a["state"].keys() == adam_b["state"].keys()
+    for i, state in adam_a["state"].items():
+        for k, v in state.items():
+            assert torch.equal(adam_b["state"][i][k], v) and adam_b["state"][i][k].device == v.device, (i, k)
+
+
+def test_a_failed_capture_drops_only_its_batch_sizes_graph(monkeypatch, capturable_on_cpu):
+    """The partial batch's capture fails: its steps run eagerly, the full batch keeps its graph, and Adam
+    stays capturable with the lr tensor that graph reads. The run equals a plain one with the same
+    capturable Adam bit for bit, and the line says which size went and which stayed."""
+    monkeypatch.setattr(speed.GraphedStep, "_record", second_capture_fails)
+    config = dict(steps.RECIPE, lr_step_epochs=1)
+    results, said = [], []
+    for graphed in (False, True):
+        model, batches = small_model_and_batches()
+        optimizer, scheduler = steps.make_optimizer(model, config, cuda_graph=True)
+        step_fn = plain_step(model, optimizer)
+        if graphed:
+            step_fn = speed.GraphedStep(step_fn, model, optimizer, say=said.append)
+            held = optimizer.param_groups[0]["lr"]
+        losses = run_steps(model, batches, step_fn, scheduler)
+        results.append((losses, model.state_dict(), optimizer.state_dict()))
+    assert_same_training(*results)
+    assert sorted(step_fn.graphs) == [16] and list(step_fn.eager) == [8] and step_fn.dropped is None
+    assert said == [step_fn.eager[8]] and "batch size 8 was dropped (RuntimeError: CUDA error: out of memory)" in said[0]
+    assert "batch size 16 keeps its graph" in said[0]
+    group = optimizer.param_groups[0]
+    assert group["capturable"] and group["lr"] is held
+
+
+def test_with_no_graph_left_adam_is_made_plain_and_the_run_equals_an_eager_one(monkeypatch, capturable_on_cpu):
+    """Every capture fails: the run goes on eagerly with Adam as an eager run builds it (capturable off,
+    a float lr, the step count on the CPU), and trains bit for bit as a plain eager run whose lr is the
+    float32 lr tensor's value, the schedule's decays included."""
+    monkeypatch.setattr(speed.GraphedStep, "_record", graph_fails("raise"))
+    config = dict(steps.RECIPE, lr_step_epochs=1)
+    results, said = [], []
+    for graphed in (False, True):
+        model, batches = small_model_and_batches()
+        lr = torch.tensor(config["lr"]).item()  # what the graph's float32 lr tensor holds
+        optimizer, scheduler = steps.make_optimizer(model, dict(config, lr=lr), cuda_graph=graphed)
+        step_fn = plain_step(model, optimizer)
+        if graphed:
+            assert optimizer.param_groups[0]["capturable"]
+            step_fn = speed.GraphedStep(step_fn, model, optimizer, say=said.append)
+        losses = run_steps(model, batches, step_fn, scheduler)
+        results.append((losses, model.state_dict(), optimizer.state_dict()))
+    assert_same_training(*results)
+    assert len(said) == 1 and step_fn.dropped == said[0] and step_fn.graphs == {} and step_fn.eager == {}
+    group = optimizer.param_groups[0]
+    assert group["capturable"] is False and type(group["lr"]) is float and group["lr"] == lr / 4
+    assert all(state["step"].device.type == "cpu" and state["step"].item() == 6 for state in optimizer.state.values())
+
+
+class FakeStreams:
+    """The current CUDA stream, as torch.cuda.stream's context sets and restores it."""
+    def __init__(self):
+        self.current = "default stream"
+
+    def stream(self, stream):
+        streams = self
+
+        class Context:
+            def __enter__(self):
+                self.before, streams.current = streams.current, stream
+
+            def __exit__(self, *exc):
+                streams.current = self.before
+        return Context()
+
+
+class FakeGraph:
+    """A CUDAGraph whose capture a failed step invalidates: capture_end then raises, as CUDA does."""
+    def __init__(self):
+        self.state = "new"
+
+    def capture_begin(self):
+        self.state = "capturing"
+
+    def capture_end(self):
+        if self.state == "invalidated":
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        self.state = "captured"
+
+
+class TorchGraphContext:
+    """torch.cuda.graph as torch 2.14 writes it (torch/cuda/graphs.py), its CUDA calls left out: __enter__
+    enters the stream context and begins the capture; __exit__ ends the capture, then leaves the context."""
+    def __init__(self, cuda_graph, pool=None, stream=None):
+        self.cuda_graph, self.stream_ctx = cuda_graph, torch.cuda.stream(stream)
+
+    def __enter__(self):
+        self.stream_ctx.__enter__()
+        self.cuda_graph.capture_begin()
+
+    def __exit__(self, *exc):
+        self.cuda_graph.capture_end()
+        self.stream_ctx.__exit__(*exc)
+
+
+@pytest.fixture
+def fake_capture(monkeypatch):
+    streams = FakeStreams()
+    monkeypatch.setattr(torch.cuda, "stream", streams.stream)
+    monkeypatch.setattr(torch.cuda, "graph", TorchGraphContext)
+    return streams
+
+
+def failing_step(graph):
+    def step():
+        graph.state = "invalidated"  # as a host sync inside a capture invalidates it
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    return step
+
+
+def test_a_failed_capture_raises_its_first_error_and_puts_the_stream_back(fake_capture):
+    graph = FakeGraph()
+    with pytest.raises(RuntimeError) as bare:  # what torch.cuda.graph alone does, which capture_graph mends
+        with torch.cuda.graph(graph, stream="capture stream"):
+            failing_step(graph)()
+    assert "previous error during capture" in str(bare.value) and fake_capture.current == "capture stream"
+
+    fake_capture.current = "default stream"
+    graph = FakeGraph()
+    with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+        speed.capture_graph(graph, failing_step(graph), "capture stream", pool=None)
+    assert fake_capture.current == "default stream"
+    graph = FakeGraph()
+    assert speed.capture_graph(graph, lambda: "outputs", "capture stream", pool=None) == "outputs"
+    assert graph.state == "captured" and fake_capture.current == "default stream"
+
+
+def test_use_device_makes_a_gpu_current_and_sets_cudnn_benchmark(monkeypatch):
+    """`--device cuda:1` must be torch's current device before autocast's bf16 check runs (it asks the
+    current device); a CPU run changes nothing."""
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    speed.use_device(torch.device("cpu"))
+    assert made_current == [] and torch.backends.cudnn.benchmark is False
+    speed.use_device(torch.device("cuda", 1))
+    assert made_current == [torch.device("cuda", 1)] and torch.backends.cudnn.benchmark is True
 
 
 def test_the_graph_reads_the_live_lr_even_when_a_scheduler_replaces_it(capturable_on_cpu):
