@@ -62,7 +62,7 @@ RECIPE_EPOCHS = steps.RECIPE_EPOCHS                   # 52
 RECIPE_TRAIN_IMAGES = data.CIFAR10_TRAIN_IMAGES      # 50,000
 RECIPE_TEST_IMAGES = 10_000
 RECIPE_BATCH = steps.RECIPE["batch_size"]             # 128
-RECIPE_ITERATIONS = RECIPE_EPOCHS * -(-RECIPE_TRAIN_IMAGES // RECIPE_BATCH)  # 20,332
+RECIPE_ITERATIONS = RECIPE_EPOCHS * data.batches_per_epoch(RECIPE_TRAIN_IMAGES, RECIPE_BATCH)  # 20,332
 
 TUTORIAL = "tutorial"
 CHOICE = "train_py"
@@ -294,7 +294,7 @@ def trainpy_choice(args, device, caps):
     config = dict(steps.RECIPE, width=args.width, batch_size=args.batch_size)
     started = time.perf_counter()
     choice, record = speed.decide(dict.fromkeys(speed.SETTING_FIELDS), None, caps,
-                                  RECIPE_EPOCHS * -(-RECIPE_TRAIN_IMAGES // args.batch_size),
+                                  RECIPE_EPOCHS * data.batches_per_epoch(RECIPE_TRAIN_IMAGES, args.batch_size),
                                   steps.probe_measure(config, device, 10))
     return choice, dict(dataclasses.asdict(choice), label=choice.label(), reason=record["speed_reason"],
                         probe=record["speed_probe"], probe_s=time.perf_counter() - started)

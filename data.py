@@ -47,6 +47,7 @@ OFFICIAL_MD5 = {
 }
 SYNTHETIC_FOLDER = "synthetic"  # under --data-dir; holds a cifar-10-batches-py/ that is NOT CIFAR-10
 SYNTHETIC_NAME = "synthetic gratings (NOT CIFAR-10)"
+NAME_FILE = "NAME.txt"  # beside cifar-10-batches-py/: one line naming other data in the format, for titles
 CIFAR10_TRAIN_IMAGES = 50_000    # what the download gives
 SYNTHETIC_TRAIN_IMAGES = 10_000  # what synthetic_cifar10 writes
 # Tests serve a small archive from 127.0.0.1: these two variables, read only here, point the
@@ -245,8 +246,9 @@ def describe_dataset(root, synthetic=False):
     """The name of the data in root/cifar-10-batches-py/ for logs, titles and captions.
 
     "CIFAR-10" only when every file matches the official md5; other data in the format is named by
-    its folder (root) and its class names (as many as fit in about 100 characters); the synthetic
-    data says NOT CIFAR-10.
+    the first line of root/NAME.txt where there is one (a name that holds on any machine), else by its
+    folder (root), and by its class names (as many as fit in about 100 characters); the synthetic data
+    says NOT CIFAR-10.
     """
     if synthetic:
         return SYNTHETIC_NAME
@@ -259,7 +261,17 @@ def describe_dataset(root, synthetic=False):
     if len(shown) > 100:
         cut = max(1, max(k for k in range(len(classes) + 1) if len(", ".join(classes[:k])) <= 90))
         shown = f"{', '.join(classes[:cut])}, ... ({len(classes)} in all)"
-    return f"{root} (not the official CIFAR-10; classes {shown})"
+    return f"{_own_name(root) or root} (not the official CIFAR-10; classes {shown})"
+
+
+def _own_name(root):
+    """The first line of root/NAME.txt (at most 80 characters), None where there is none."""
+    try:
+        lines = (Path(root) / NAME_FILE).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    name = lines[0].strip()[:80] if lines else ""
+    return name or None
 
 
 # --------------------------------------------------------------------------- download and extraction
@@ -504,6 +516,11 @@ def draw_augmentation(n, generator, padding=4):
 
 # --------------------------------------------------------------------------- an epoch's batches
 
+def batches_per_epoch(num_images, batch_size):
+    """The batches (training steps) of an epoch: the last one partial where batch_size does not divide."""
+    return -(-num_images // batch_size)
+
+
 def epoch_plan(num_images, epoch, seed):
     """Shuffle order and augmentation of one epoch, drawn from a generator seeded by (seed, epoch)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -522,7 +539,7 @@ def prepare_batch(images, index, offsets, flips, channels_last=False):
 def epoch_batches(images, labels, epoch, seed, batch_size, channels_last=False, first=0, last=None):
     """Batches first..last-1 of one epoch as (network input, labels), gathered and augmented on the device."""
     order, offsets, flips = (t.to(images.device) for t in epoch_plan(len(images), epoch, seed))
-    last = -(-len(images) // batch_size) if last is None else last
+    last = batches_per_epoch(len(images), batch_size) if last is None else last
     for step in range(first, last):
         batch = slice(step * batch_size, (step + 1) * batch_size)
         index = order[batch]

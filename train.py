@@ -269,12 +269,14 @@ def main(argv=None):
         speed.use_device(device)
         caps = speed.detect(device)
         asked = asked_speed(args)
-        steps.check_memory(config, device, cuda_graph=caps.kind == "cuda")  # the graphs' room, where they may run
+        # before any data: settings that cannot run here are refused, and memory is counted for the candidates
+        candidates = speed.plan_for(asked, ckpt and ckpt["config"], caps).candidates
+        steps.check_memory(config, device, cuda_graph=any(c.cuda_graph for c in candidates))
         done = ckpt["iteration"] if ckpt else 0
         if args.show_settings:  # before any data is read or downloaded: counted in the data it would train on
             images = data.SYNTHETIC_TRAIN_IMAGES if config["synthetic"] else data.CIFAR10_TRAIN_IMAGES
             classes = len(ckpt["config"]["classes"]) if ckpt else len(data.CIFAR10_CLASSES)
-            left = max(0, run_length(config, -(-images // config["batch_size"])) - done)
+            left = max(0, run_length(config, data.batches_per_epoch(images, config["batch_size"])) - done)
             settings, record = speed.decide(asked, ckpt and ckpt["config"], caps, left,
                                             steps.probe_measure(config, device, classes))
             print(json.dumps(dict(device=str(device), **dataclasses.asdict(settings), reason=record["speed_reason"],
@@ -285,7 +287,7 @@ def main(argv=None):
         root = data.dataset_root(config["data_dir"], config["synthetic"])
         train_images, train_labels, classes = data.load_cifar10(root, train=True)
         test_images, test_labels, _ = data.load_cifar10(root, train=False)
-        steps_per_epoch = -(-len(train_images) // config["batch_size"])
+        steps_per_epoch = data.batches_per_epoch(len(train_images), config["batch_size"])
         total = run_length(config, steps_per_epoch)
         if done >= total:
             raise utils.UserError(f"{ckpt_path} has already finished {done} iterations ({ckpt['epoch']} epochs); "

@@ -8,7 +8,8 @@ CIFAR-10 cannot be downloaded where this repo is built, and synthetic gratings s
 how a visualization treats a picture; Fashion-MNIST's 70,000 real photographs of clothing can be.
 Each 28x28 grey image is padded with 2 black pixels a side to 32x32 and copied into all three
 colour channels; train.py and the plot scripts then read it with the same code that reads CIFAR-10
-(it is named by its path, never "CIFAR-10", since its md5 sums are not the archive's).
+(it is named by the NAME.txt written beside it, "Fashion-MNIST in the CIFAR-10 format", never "CIFAR-10",
+since its md5 sums are not the archive's).
 """
 import argparse
 import gzip
@@ -56,6 +57,7 @@ def main(argv=None):
     for images, labels in names.values():
         splits += [as_cifar(read_idx(images)), torch.from_numpy(read_idx(labels).astype(np.int64))]
     folder = data.write_cifar10_folder(args.out, *splits, CLASSES)
+    (Path(args.out) / data.NAME_FILE).write_text("Fashion-MNIST in the CIFAR-10 format\n")  # its name in titles
     print(f"wrote {folder}: {len(splits[0])} train and {len(splits[2])} test images of Fashion-MNIST")
 
 

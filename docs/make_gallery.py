@@ -5,7 +5,9 @@
 Runs plot_all.py (every figure, with each script's defaults) and the reconstruction scripts once more
 with --method guided and --method gradient, into a scratch folder, then copies the figures the
 README shows into docs/gallery/ and writes docs/gallery/SOURCE.txt: the checkpoint, its data and its
-last test accuracy, so each caption can say what the pictures were made from.
+last test accuracy, so each caption can say what the pictures were made from. The captions name the data
+as data.describe_dataset names it now (Fashion-MNIST by the NAME.txt beside its folder), not by the
+folder it lay in on the machine that trained the checkpoint.
 """
 import argparse
 import shutil
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plot_all  # noqa: E402
 import plot_conv5_reconstructed_pattern_trunk  # noqa: E402
 import checkpoint  # noqa: E402
+import data  # noqa: E402
 import utils  # noqa: E402
 
 GALLERY = Path(__file__).resolve().parent / "gallery"
@@ -34,21 +37,28 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True, help="checkpoint written by train.py")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: the checkpoint's)")
     args = p.parse_args(argv)
-    shared = ["--checkpoint", args.checkpoint] + (["--data-dir", args.data_dir] if args.data_dir else [])
-    with tempfile.TemporaryDirectory() as scratch:
-        plot_all.main([*shared, "--figures-dir", scratch])
-        for method in ("guided", "gradient"):
-            plot_conv5_reconstructed_pattern_trunk.main([*shared, "--figures-dir", scratch, "--method", method])
-        GALLERY.mkdir(exist_ok=True)
-        for name in SHOWN:
-            shutil.copyfile(Path(scratch) / name, GALLERY / name)
+    made_by = ["--checkpoint", args.checkpoint] + (["--data-dir", args.data_dir] if args.data_dir else [])
     ckpt = checkpoint.read_checkpoint(args.checkpoint)
     config, history = ckpt["config"], ckpt["history"]
+    # the data as named now (by its NAME.txt, which holds on any machine), not as the run recorded it
+    # when it trained (by the folder it lay in there)
+    data_name = data.describe_dataset(args.data_dir or config["data_dir"], config["synthetic"])
+    with tempfile.TemporaryDirectory() as scratch:
+        renamed = Path(scratch) / "checkpoint" / Path(args.checkpoint).name
+        checkpoint.save_atomic(dict(ckpt, config=dict(config, data_name=data_name)), renamed)
+        shared = ["--checkpoint", str(renamed)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+        figures = Path(scratch) / "figures"
+        plot_all.main([*shared, "--figures-dir", str(figures)])
+        for method in ("guided", "gradient"):
+            plot_conv5_reconstructed_pattern_trunk.main([*shared, "--figures-dir", str(figures), "--method", method])
+        GALLERY.mkdir(exist_ok=True)
+        for name in SHOWN:
+            shutil.copyfile(figures / name, GALLERY / name)
     (GALLERY / "SOURCE.txt").write_text(
-        f"made by: python docs/make_gallery.py {' '.join(shared)}\n"
+        f"made by: python docs/make_gallery.py {' '.join(made_by)}\n"
         f"checkpoint: {Path(args.checkpoint).name}, width {config['width']}, {ckpt['iteration']} iterations "
         f"({ckpt['epoch']} epochs), seed {config['seed']}\n"
-        f"trained on: {config.get('data_name', config['data_dir'])}\n"
+        f"trained on: {data_name}\n"
         f"last test accuracy: {history['test_acc'][-1]:.4f}\n")
     print(f"wrote {len(SHOWN)} figures and SOURCE.txt into {GALLERY}")
 

@@ -264,6 +264,20 @@ def test_checkpoint_stores_data_dir_absolute_so_plots_run_from_elsewhere_read_it
     assert " ".join(run.caption.split()).endswith("; test images from synthetic gratings (NOT CIFAR-10)")
 
 
+def test_other_data_is_named_by_its_name_file_where_it_has_one(small_data_dir, tmp_path):
+    """A NAME.txt beside cifar-10-batches-py/ names the data in titles instead of its folder, which is the
+    machine's own (the gallery's Fashion-MNIST is "Fashion-MNIST in the CIFAR-10 format" anywhere)."""
+    copy = tmp_path / "fashion"
+    shutil.copytree(small_data_dir, copy)
+    by_folder = data.describe_dataset(copy)
+    (copy / data.NAME_FILE).write_text("Fashion-MNIST in the CIFAR-10 format\nsecond line ignored\n")
+    named = data.describe_dataset(copy)
+    assert named == by_folder.replace(str(copy), "Fashion-MNIST in the CIFAR-10 format", 1)
+    assert str(tmp_path) not in named and "not the official CIFAR-10" in named
+    (copy / data.NAME_FILE).write_text("\n")  # an empty name: the folder again
+    assert data.describe_dataset(copy) == by_folder
+
+
 def test_random_crop_flip_is_one_offset_and_flip_of_the_padded_image():
     """Each output equals torchvision's crop of the zero-padded raw image at some offset, optionally
     flipped; over many images every one of the 9x9 offsets and both flips occur."""

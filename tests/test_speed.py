@@ -15,7 +15,7 @@ import speed
 import steps
 import train
 import utils
-from conftest import run_in_process, run_script
+from conftest import assert_one_line_error, run_in_process, run_script
 from model import ResNet
 from speed import Capabilities, Settings
 
@@ -244,6 +244,17 @@ def test_show_settings_reads_no_data(tmp_path, monkeypatch):
         else:
             assert set(shown["probe"]) == {c.label() for c in plan.candidates}
     assert list(empty.iterdir()) == [] and list(tmp_path.iterdir()) == [empty]
+
+
+def test_settings_that_cannot_run_are_refused_before_any_data_is_read(tmp_path, monkeypatch):
+    """The rules' refusals come before the data: a user without CIFAR-10 is not made to download it first."""
+    empty = tmp_path / "no_data"
+    empty.mkdir()
+    monkeypatch.setenv(data.URL_FOR_TESTS, "http://127.0.0.1:9/cifar-10-python.tar.gz")  # the discard port
+    proc = run_in_process("train.py", ["--data-dir", str(empty), "--device", "cpu", "--cuda-graph",
+                                       "--checkpoint", str(tmp_path / "c.pt"), "--figures-dir", str(tmp_path / "f")])
+    assert_one_line_error(proc, "--cuda-graph needs a CUDA device")
+    assert list(empty.iterdir()) == []
 
 
 def test_a_resumed_run_keeps_the_settings_its_run_chose_on_this_device():

@@ -9,9 +9,10 @@ from model import STAGES
 from visualize.scoring import classify, stage_outputs
 
 # The ablations' default number of test images, the first N of the split. At width 64, ablating the
-# atlas's 64 default channels costs ~19x a scoring pass over the same images (measured, ablate), so
-# all 10,000 would make plot_all.py ~8x slower; with 1000 they add ~26 s to its 34 s (2 idle Xeon
-# cores, docs/figures.md), about 1.8x, and 2000 would pass 2x.
+# atlas's 64 default channels costs ~12x a forward pass over the same images (a 2-core AMD EPYC,
+# AVX512, torch 2.14.1, one thread, 2026-12-04; ~19x a scoring pass on the AMX Xeon): with 1000, about
+# 1.2 forward passes of the 10,000 test images; all of them would cost ~12, more than the rest of
+# plot_all.py together.
 ABLATION_IMAGES = 1000
 
 
