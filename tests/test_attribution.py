@@ -239,7 +239,7 @@ SCRIPT = "plot_class_evidence.py"
 QUICK = ["--images", "3,10,11", "--samples", "2", "--steps", "2", "--window", "16", "--stride", "16"]
 
 
-def test_the_figures_json_holds_each_images_classes_probability_and_maps(trained_checkpoint, tmp_path):
+def test_the_figures_json_holds_each_images_classes_probability_and_maps(trained_checkpoint, tmp_path, one_thread):
     model, ckpt = checkpoint.load_checkpoint(trained_checkpoint)
     classes = ckpt["config"]["classes"]
     images, labels, _ = data.load_cifar10(data.dataset_root(ckpt["config"]["data_dir"], True), train=False)
