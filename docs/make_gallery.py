@@ -36,6 +36,7 @@ def main(argv=None):
     p = utils.OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint written by train.py")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: the checkpoint's)")
+    p.add_argument("--figures-dir", help="keep every figure, JSON and index.html there (default: a scratch folder)")
     args = p.parse_args(argv)
     made_by = ["--checkpoint", args.checkpoint] + (["--data-dir", args.data_dir] if args.data_dir else [])
     ckpt = checkpoint.read_checkpoint(args.checkpoint)
@@ -47,7 +48,7 @@ def main(argv=None):
         renamed = Path(scratch) / "checkpoint" / Path(args.checkpoint).name
         checkpoint.save_atomic(dict(ckpt, config=dict(config, data_name=data_name)), renamed)
         shared = ["--checkpoint", str(renamed)] + (["--data-dir", args.data_dir] if args.data_dir else [])
-        figures = Path(scratch) / "figures"
+        figures = Path(args.figures_dir) if args.figures_dir else Path(scratch) / "figures"
         plot_all.main([*shared, "--figures-dir", str(figures)])
         for method in ("guided", "gradient"):
             plot_conv5_reconstructed_pattern_trunk.main([*shared, "--figures-dir", str(figures), "--method", method])
