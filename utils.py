@@ -18,8 +18,8 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run `main()`; turn a UserError into one line on stderr and exit status 2, Ctrl-C into one line
-    and exit status 130."""
+    """Run `main()`; turn a UserError, or a path too long for the file system, into one line on stderr
+    and exit status 2, Ctrl-C into one line and exit status 130."""
     try:
         main()
     except UserError as err:

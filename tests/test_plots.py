@@ -6,6 +6,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+import bench_figures
 import checkpoint
 import data
 import utils
@@ -22,26 +23,13 @@ def test_images(synthetic_data_dir):
 
 # --------------------------------------------------------------------------- scores and gradient ascent
 
-@torch.inference_mode()
-def per_image_top(model, images, layer, channel, k):
-    """The reference, the report's approach: each image alone through the whole network, the channel's
-    map captured and summed."""
-    scores = torch.empty(len(images))
-    for i in range(len(images)):
-        with model.capture(layer) as acts:
-            model(data.normalize(images[i:i + 1]))
-        scores[i] = acts[layer][0, channel].sum()
-    top = scores.topk(k)
-    return top.indices, top.values
-
-
 @pytest.mark.parametrize("layer, channel", [("conv1", 3), ("conv3_x", 5), ("conv5_x", 60)])
 def test_top_activating_equals_the_one_image_at_a_time_loop(test_images, layer, channel):
     torch.manual_seed(0)
     model = ResNet(8).eval()
     images = test_images[:50]
     # the report's loop: each image alone through the whole network, the stage output captured
-    loop_indices, loop = per_image_top(model, images, layer, channel, k=len(images))
+    loop_indices, loop = bench_figures.per_image_top(model, images, layer, channel, k=len(images))
     assert loop.unique().numel() == len(loop) and loop.max() > 0  # a strict ranking to compare
     # batches of 16: three full ones and a partial one
     indices, scores = scoring.top_activating(model, images, layer, channel, k=10, batch_size=16)
