@@ -1,20 +1,25 @@
 """How far each picture can be trusted, on both axes, in one table (visualize/trust.py).
 
-    python plot_trust.py [--count 16] [--target predicted] [--step 5] [--noise 0.01] [--seed 0] [--images 4531-4546]
+    python plot_trust.py [--count 256] [--target predicted] [--step 5] [--noise 0.01] [--seed 0] [--images 4531-4546]
 
 A row per technique: the unit pictures of the sanity checks (deconvnet, guided backpropagation, the
-plain gradient, the feature visualization, the gradient pattern: conv5_x channel 1 on the test images
---images, plot_sanity_checks.py's) and the class-evidence maps (Grad-CAM at conv4_x and conv3_x, saliency, SmoothGrad,
-integrated gradients, occlusion; visualize/attribution.py's defaults) on the first --count test
-images for their predicted (or true) class, beside a seeded random map and the Sobel edge map.
-Columns: does the map depend on the weights (Spearman rho to the trained map with conv5_x, and with
-every stage, re-initialised), on the class (rho to the map of a random other class, Sixt et al.
-2020), and is it faithful (deletion and insertion AUC, Petsiuk et al. 2018; ROAD most- and
-least-relevant-first, Rong et al. 2022)? docs/class_evidence.md gives every definition.
+plain gradient, the feature visualization, the gradient pattern: conv5_x channel 1, plot_sanity_checks.py's)
+and the class-evidence maps (Grad-CAM at conv4_x and conv3_x, saliency, SmoothGrad, integrated
+gradients, occlusion; visualize/attribution.py's defaults) for each image's predicted (or true) class,
+beside a seeded random map and the Sobel edge map. Columns: does the map depend on the weights
+(Spearman rho to the trained map with conv5_x, and with every stage, re-initialised: the cascade of
+Adebayo et al. 2018), on the class (rho to the map of a random other class, Sixt et al. 2020), both on
+the test images --images; and is it faithful (deletion and insertion AUC, Petsiuk et al. 2018; ROAD
+most- and least-relevant-first, Rong et al. 2022), on the first --count test images. Each number is
+a mean over the images with its standard error, and a verdict (pass, fail) is given only where the
+number is 2 standard errors from its line; else it says unresolved. docs/class_evidence.md gives
+every definition, and what --count costs.
 
 Saved: trust.png and trust.json = {"count", "target", "seed", "step_percent", "road_noise",
-"road_levels", "unit", "pass_below", "rows": {row: {"kind", each column's number (absent: n/a),
-"passes": {test: bool}}}}; a non-default choice is added to both names (trust_count64_true.png).
+"road_levels", "unit", "dependence_images", "depths", "pass_below", "z", "rows": {row: {"kind", each
+column's mean and "<column> SE" its standard error (absent: n/a; null: undefined), "passes": {test:
+"pass" | "fail" | "unresolved"}, "cascade": the mean rho at each depth}}}; a non-default choice is
+added to both names (trust_count64_true.png).
 """
 import math
 
@@ -26,8 +31,8 @@ from visualize.drawing import format_indices
 def main(argv=None):
     p = cli.plot_parser(__doc__, images=format_indices(trust.UNIT_IMAGES))
     p.add_argument("--count", type=int, default=trust.COUNT,
-                   help="the first N test images the class maps are measured on, 1..the split's size "
-                        "(default: %(default)s)")
+                   help="the first N test images the faithfulness columns are measured on, 1..the split's "
+                        "size; fewer are faster and less certain (default: %(default)s)")
     p.add_argument("--target", default="predicted",
                    help=f"the class each map explains: {' or '.join(trust.TARGETS)} (default: %(default)s)")
     p.add_argument("--step", type=float, default=faithfulness.DELETION_STEP,

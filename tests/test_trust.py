@@ -39,30 +39,52 @@ def saliency_rho(model, other_model, images, targets, other_targets):
 def table():
     model = small_network()
     images, labels = data.make_synthetic_images(6, seed=1)
-    values = trust.class_map_trust(model, images, labels, seed=3, step=25, names=("saliency", "Grad-CAM conv4_x"))
-    return model, images, labels, values
+    names = ("saliency", "Grad-CAM conv4_x")
+    dependence, cascades = trust.class_map_dependence(model, images, labels, seed=3, names=names)
+    faithful = trust.class_map_faithfulness(model, images, labels, seed=3, step=25, names=names)
+    return model, images, labels, dependence, cascades, faithful
+
+
+def mean(values):
+    return trust.summary(values)[0]
 
 
 def test_the_weight_and_class_columns_equal_the_spearman_of_independently_drawn_gradients(table, one_thread):
-    model, images, labels, values = table
-    top = sanity.reinitialised(model, ["conv5_x"], 3)
-    everything = sanity.reinitialised(model, sanity.cascade_depths("conv5_x"), 3)
+    model, images, labels, dependence, cascades, _ = table
+    fresh = sanity.fresh_network(model, 3)
     others = trust.random_other_classes(labels, 10, 3)
-    assert values["saliency"]["weights: top"] == pytest.approx(saliency_rho(model, top, images, labels, labels), abs=1e-6)
-    assert values["saliency"]["weights: all"] == pytest.approx(
-        saliency_rho(model, everything, images, labels, labels), abs=1e-6)
-    assert values["saliency"]["class"] == pytest.approx(saliency_rho(model, model, images, labels, others), abs=1e-6)
+    saliency = dependence["saliency"]
+    assert mean(saliency["class"]) == pytest.approx(saliency_rho(model, model, images, labels, others), abs=1e-6)
+    # every depth of the cascade, from conv5_x alone down to every stage; top and all are its ends
+    assert len(cascades["saliency"]) == len(trust.DEPTHS) == 5
+    for depth, rho in enumerate(cascades["saliency"], start=1):
+        network = sanity.reinitialised(model, sanity.cascade_depths("conv5_x")[:depth], 3, fresh)
+        assert rho == pytest.approx(saliency_rho(model, network, images, labels, labels), abs=1e-6)
+    assert mean(saliency["weights: top"]) == pytest.approx(cascades["saliency"][0], abs=1e-12)
+    assert mean(saliency["weights: all"]) == pytest.approx(cascades["saliency"][-1], abs=1e-12)
 
 
 def test_the_baselines_depend_on_nothing_and_their_faithfulness_is_measured_like_a_maps(table):
-    model, images, labels, values = table
+    model, images, labels, dependence, _, faithful = table
     for name in trust.BASELINES:
-        assert [values[name][c] for c in ("weights: top", "weights: all", "class")] == [1.0, 1.0, 1.0]
+        assert [mean(dependence[name][c]) for c in trust.DEPENDENCE] == [1.0, 1.0, 1.0]
     edge = faithfulness.edge_map(images)
-    assert values["Sobel edge map"]["deletion AUC"] == pytest.approx(
-        faithfulness.deletion(model, images, labels, edge, 25, 3).mean_auc)
-    assert values["random map"]["ROAD LeRF"] == pytest.approx(
-        faithfulness.road(model, images, labels, faithfulness.random_map(6, 3), "LeRF", seed=3).mean)
+    deletion = faithfulness.deletion(model, images, labels, edge, 25, 3)
+    assert torch.allclose(faithful["Sobel edge map"]["deletion AUC"], deletion.auc)
+    road = faithfulness.road(model, images, labels, faithfulness.random_map(6, 3), "LeRF", seed=3)
+    assert mean(faithful["random map"]["ROAD LeRF"]) == pytest.approx(road.mean)
+    assert faithful["random map"]["ROAD LeRF"].tolist() == road.correct.double().mean(1).tolist()
+
+
+def test_the_standard_error_is_the_sample_deviation_over_root_n_of_the_defined_values():
+    values = torch.tensor([0.1, 0.4, float("nan"), 0.7, 0.2], dtype=torch.float64)
+    defined = [0.1, 0.4, 0.7, 0.2]
+    m = sum(defined) / 4
+    sd = (sum((v - m) ** 2 for v in defined) / 3) ** 0.5
+    assert trust.summary(values) == pytest.approx((m, sd / 2))
+    one = trust.summary(torch.tensor([0.3], dtype=torch.float64))
+    assert one[0] == pytest.approx(0.3) and one[1] != one[1]  # no spread from one value: NaN
+    assert all(v != v for v in trust.summary(torch.tensor([float("nan")], dtype=torch.float64)))
 
 
 def test_a_random_other_class_is_never_the_target_and_reaches_every_other_class():
@@ -72,20 +94,49 @@ def test_a_random_other_class_is_never_the_target_and_reaches_every_other_class(
     assert all(len(set(others[targets == c].tolist())) == 9 for c in range(10))
 
 
-def test_verdicts_compare_the_road_gap_with_both_baselines_and_count_a_constant_map_as_changed():
-    base = {"deletion AUC": 0.5, "insertion AUC": 0.5, "ROAD MoRF": 0.6, "ROAD LeRF": 0.7}
-    good = {"weights: top": 0.2, "weights: all": float("nan"), "class": 0.3, "deletion AUC": 0.9,
-            "insertion AUC": 0.1, "ROAD MoRF": 0.3, "ROAD LeRF": 0.9}
-    rows = {"random map": trust.TrustRow("baseline", dict(base)),
-            "Sobel edge map": trust.TrustRow("baseline", {**base, "ROAD MoRF": 0.2}),
-            "good": trust.TrustRow("class map", dict(good)),
-            "close": trust.TrustRow("class map", {**good, "class": 0.5, "ROAD MoRF": 0.45}),
-            "guided": trust.TrustRow("unit picture", {"weights: top": 0.91, "weights: all": 0.4})}
+def row(kind, **columns):
+    return trust.TrustRow(kind, {name.replace("_", " "): torch.tensor(v, dtype=torch.float64)
+                                 for name, v in columns.items()})
+
+
+def faithful_columns(morf, lerf):
+    return {"deletion_AUC": [0.5] * len(morf), "insertion_AUC": [0.5] * len(morf), "ROAD_MoRF": morf, "ROAD_LeRF": lerf}
+
+
+def test_verdicts_are_given_only_two_standard_errors_from_the_line_else_unresolved():
+    weights = lambda top, everything: {"weights:_top": top, "weights:_all": everything}
+    rows = {"random map": row("baseline", **faithful_columns([0.6, 0.6, 0.6, 0.6], [0.6, 0.6, 0.6, 0.6])),
+            "Sobel edge map": row("baseline", **faithful_columns([0.5, 0.5, 0.5, 0.5], [0.6, 0.6, 0.7, 0.6])),
+            # gaps 0.6 against 0, 0.125: far above both, tight; rho far below 0.5; a constant map (NaN) changed
+            "good": row("class map", **weights([0.1, 0.2, 0.1, 0.2], [float("nan")] * 4), **{"class": [0.2, 0.3, 0.2, 0.3]},
+                        **faithful_columns([0.2, 0.2, 0.3, 0.3], [0.8, 0.8, 0.9, 0.9])),
+            # rho 0.45 +- 0.15 straddles 0.5; the gap beats the random map's but by less than its spread
+            "close": row("class map", **weights([0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]),
+                         **{"class": [0.2, 0.8, 0.2, 0.6]}, **faithful_columns([0.6, 0.3, 0.6, 0.6], [0.6, 0.9, 0.6, 0.6])),
+            # rho 0.9 with no spread: fails however few images; the gap is the random map's exactly
+            "guided": row("unit picture", **weights([0.9, 0.9], [0.2, 0.2])),
+            "same": row("class map", **weights([0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]), **{"class": [0.9] * 4},
+                        **faithful_columns([0.6] * 4, [0.6] * 4))}
     rows = trust.verdicts(rows)
-    assert rows["good"].passes == {"weights": True, "class": True, "faithful": True}  # gap 0.6 > 0.1, 0.5
-    assert rows["close"].passes == {"weights": True, "class": False, "faithful": False}  # gap 0.45: narrower than the edge map's
-    assert rows["guided"].passes == {"weights": False}
+    assert rows["good"].passes == {"weights": "pass", "class": "pass", "faithful": "pass"}
+    assert rows["close"].passes == {"weights": "pass", "class": "unresolved", "faithful": "unresolved"}
+    assert rows["guided"].passes == {"weights": "fail"}
+    assert rows["same"].passes == {"weights": "pass", "class": "fail", "faithful": "fail"}
     assert rows["random map"].passes == {}
+
+
+def test_the_randomisation_starts_from_the_class_evidence_figures_maps(tiny_checkpoint, one_thread):
+    """plot_class_evidence.py's maps of the report's images and the trust table's trained maps are one
+    computation (context.class_maps), and equal attribute's own."""
+    from visualize import context, evidence
+    from visualize.attribution import attribute
+    run = context.load_run(str(tiny_checkpoint), torch.device("cpu"))
+    indices = [3, 5, 8]
+    targets = trust.predicted_or_true(run, indices, "predicted")
+    drawn = evidence.class_evidence(run, indices, targets, [("smoothgrad", None)], {"n": 50, "sigma": 0.15, "seed": 0})
+    again = context.class_maps(run, indices, targets, "smoothgrad")
+    assert again is drawn["smoothgrad"]
+    assert torch.equal(again, attribute(run.model, run.images[indices], targets, "smoothgrad").float())
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +177,6 @@ def test_the_script_writes_the_table_and_its_json(tiny_checkpoint, tmp_path, one
     assert record["count"] == 2 and record["step_percent"] == 50 and record["unit"]["images"] == [0, 1]
     assert set(record["rows"]) == {*sanity.TECHNIQUES, *trust.CLASS_MAP_NAMES, *trust.BASELINES}
     assert "class" not in record["rows"]["guided"] and "deletion AUC" in record["rows"]["occlusion"]
+    occlusion = record["rows"]["occlusion"]
+    assert "deletion AUC SE" in occlusion and len(occlusion["cascade"]) == len(record["depths"]) == 5
+    assert all(verdict in trust.VERDICTS for row in record["rows"].values() for verdict in row["passes"].values())

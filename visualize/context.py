@@ -10,6 +10,7 @@ import torch
 from checkpoint import load_checkpoint
 from data import CIFAR10_FOLDER, SYNTHETIC_NAME, dataset_root, describe_dataset, load_cifar10
 from model import STAGES
+from visualize.attribution import attribute, check_options
 from visualize.drawing import wrap_title
 from visualize.scoring import score_pass
 
@@ -104,3 +105,16 @@ def test_split_scores(run, layers):
 def test_split_logits(run):
     """The network's logits (N, classes) on run's test split, from test_split_pass."""
     return test_split_pass(run).logits
+
+
+def class_maps(run, indices, targets, method, layer="conv4_x", **options):
+    """attribution.attribute's maps (float32, on the CPU) of run's test images `indices` for the classes
+    `targets` (N,), computed once per process for each run and choice: the maps plot_class_evidence.py
+    draws of the report's images are the ones plot_trust.py's randomisation tests start from. The
+    options are keyed with their defaults filled in, so leaving one out and giving its default agree."""
+    options = check_options(method, options, layer)
+    targets = torch.as_tensor(targets, dtype=torch.long).cpu()
+    key = ("class maps", run.key, tuple(indices), tuple(targets.expand(len(indices)).tolist()), method,
+           layer if method == "gradcam" else None, tuple(sorted(options.items())))
+    return memo(key, lambda: attribute(run.model, run.images[list(indices)], targets, method, layer,
+                                       **options).float().cpu())

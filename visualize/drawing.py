@@ -206,13 +206,13 @@ def save_panels(path, panels, title, cols=None):
 
 # The row shading of save_text_table by a row's kind, and of a cell by its verdict
 KIND_COLOURS = {"unit picture": "#eef3fb", "class map": "#f7f2ea", "baseline": "#e6e6e6"}
-VERDICT_COLOURS = {"pass": "#cdebc5", "fail": "#f4c7c3"}
+VERDICT_COLOURS = {"pass": "#cdebc5", "fail": "#f4c7c3", "unresolved": "#f6e7b4"}
 
 
 def save_text_table(path, cells, title, column_titles, row_titles, row_kinds):
     """A table of text: cells[i][j] written in row i (titled row_titles[i] at its left, shaded by
-    KIND_COLOURS[row_kinds[i]]) and column j, under the title; a last column of "<test> pass|fail, ..."
-    verdicts is shaded green where every test passes, red where any fails."""
+    KIND_COLOURS[row_kinds[i]]) and column j, under the title; a last column of "<test> pass|fail|unresolved, ..."
+    verdicts is shaded red where any test fails, else yellow where any is unresolved, else green."""
     title_height = 0.13 * (title.count("\n") + 1) + 0.15  # inches, at 7 points a line
     table_height = 0.22 * (len(cells) + 1)
     height = title_height + table_height + 0.15
@@ -230,8 +230,9 @@ def save_text_table(path, cells, title, column_titles, row_titles, row_kinds):
         for j in range(len(header)):
             table[i, j].set_facecolor(KIND_COLOURS.get(kind, "white"))
         verdict = cells[i - 1][-1]
-        if "pass" in verdict or "fail" in verdict:
-            table[i, len(header) - 1].set_facecolor(VERDICT_COLOURS["fail" if "fail" in verdict else "pass"])
+        shade = next((word for word in ("fail", "unresolved", "pass") if word in verdict), None)
+        if shade:
+            table[i, len(header) - 1].set_facecolor(VERDICT_COLOURS[shade])
     fig.text(0.5, 1 - 0.06 / height, title, ha="center", va="top", fontsize=7)
     return save(fig, path)
 

@@ -23,7 +23,8 @@ import torch
 
 from data import normalize
 from utils import UserError
-from visualize.attribution import ATTRIBUTION_METHODS, DEFAULT_OPTIONS, GRADCAM_LAYERS, attribute, check_options
+from visualize.attribution import ATTRIBUTION_METHODS, DEFAULT_OPTIONS, GRADCAM_LAYERS, check_options
+from visualize.context import class_maps
 from visualize.drawing import colour_mapped, format_indices, save_table, short_number, to_display, wrap_title
 from visualize.scoring import classify
 
@@ -102,14 +103,14 @@ def column_key(method, layer):
     return f"{method}_{layer}" if layer else method
 
 
-def class_evidence(model, images, targets, columns, options):
-    """{column key: maps (N, 32, 32) or (N, 3, 32, 32) on the CPU, float32} for the uint8 images, the
-    logits of `targets` (N,) and each method's `options` (those it takes, of all given)."""
+def class_evidence(run, indices, targets, columns, options):
+    """{column key: maps (N, 32, 32) or (N, 3, 32, 32) on the CPU, float32} for run's test images
+    `indices`, the logits of `targets` (N,) and each method's `options` (those it takes, of all given);
+    context.class_maps's, so plot_trust.py reuses them."""
     maps = {}
     for method, layer in columns:
         taken = {k: v for k, v in options.items() if k in DEFAULT_OPTIONS[method]}
-        maps[column_key(method, layer)] = attribute(model, images, targets, method, layer or "conv4_x",
-                                                    **taken).float().cpu()
+        maps[column_key(method, layer)] = class_maps(run, indices, targets, method, layer or "conv4_x", **taken)
     return maps
 
 
@@ -156,7 +157,7 @@ def plot_class_evidence(run, indices, target, methods, layers, options, figures_
     predicted = probabilities.argmax(1)
     targets = {"predicted": predicted, "true": labels}[target] if target in TARGETS else torch.full_like(labels, target)
     columns = evidence_columns(methods, layers)
-    maps = class_evidence(run.model, images, targets, columns, options)
+    maps = class_evidence(run, indices, targets, columns, options)
 
     def name(c):
         return run.classes[c]

@@ -30,14 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from data import mean_std, normalize
-from visualize.scoring import classify
+from visualize.scoring import classify, default_batch_size
 
 DELETION_STEP = 5  # percent of the pixels removed (or inserted) a step: 21 points from 0 % to 100 %
 ROAD_LEVELS = (10, 20, 30, 40, 50, 60, 70, 80, 90)  # percent removed, Rong et al.'s
 ROAD_NOISE = 0.01  # the imputation's noise, standard deviation in [0, 1] pixels (Rong et al.'s default)
 BLUR_SIGMA = 2.0  # insertion's blurred start, in pixels: at 32x32, a garment's outline but no detail
 SOLVER_TOLERANCE = 1e-8  # road_impute's conjugate gradients: residual norm relative to the right side's
-BATCH = 500  # images a forward pass while scoring curves
+SOLVE_BLOCK = 256  # systems solved together (each 32x32 in float64: 2 MiB a vector of the block)
+CHUNK = 500  # perturbed images made at a time (memory); they go through the network scoring.default_batch_size a pass
 
 
 # --------------------------------------------------------------------------- maps and rankings
@@ -104,15 +105,17 @@ def trapezoid(fractions, curves):
 
 def target_probabilities(model, x, targets):
     """softmax(model(x))[target] for a normalised batch x and its targets, under inference mode."""
+    rows = default_batch_size(x.device)
     with torch.inference_mode():
-        return torch.cat([classify(model, x[i:i + BATCH]).float().softmax(1)
-                          .gather(1, targets[i:i + BATCH, None])[:, 0] for i in range(0, len(x), BATCH)])
+        return torch.cat([classify(model, x[i:i + rows]).float().softmax(1)
+                          .gather(1, targets[i:i + rows, None])[:, 0] for i in range(0, len(x), rows)])
 
 
 def predictions(model, x):
     """argmax of model(x) for a normalised batch x, under inference mode."""
+    rows = default_batch_size(x.device)
     with torch.inference_mode():
-        return torch.cat([classify(model, x[i:i + BATCH]).argmax(1) for i in range(0, len(x), BATCH)])
+        return torch.cat([classify(model, x[i:i + rows]).argmax(1) for i in range(0, len(x), rows)])
 
 
 def gaussian_blur(x, sigma=BLUR_SIGMA):
@@ -158,7 +161,7 @@ def perturbation_curve(model, images, targets, maps, kind, step=DELETION_STEP, s
     else:
         raise ValueError(f"unknown kind {kind!r}; choose deletion or insertion")
     targets = targets.to(device)
-    per_chunk = max(1, BATCH // len(counts))
+    per_chunk = max(1, CHUNK // len(counts))
     probabilities = []
     for i in range(0, n, per_chunk):
         steps = torch.where(changed[i:i + per_chunk], end[i:i + per_chunk, None], start[i:i + per_chunk, None])
@@ -187,11 +190,49 @@ EDGE_WEIGHT, DIAGONAL_WEIGHT = 1 / 6, 1 / 12
 
 def neighbour_sum(v):
     """sum_q w_q v(p + q) over the 8 neighbours q of every pixel p of v (B, H, W), those outside the
-    image left out (zero padding). Shifted slices: 4x faster than a 3x3 conv2d in float64 on a CPU."""
-    p = F.pad(v, (1, 1, 1, 1))
-    edges = p[:, 1:-1, :-2] + p[:, 1:-1, 2:] + p[:, :-2, 1:-1] + p[:, 2:, 1:-1]
-    diagonals = p[:, :-2, :-2] + p[:, :-2, 2:] + p[:, 2:, :-2] + p[:, 2:, 2:]
-    return EDGE_WEIGHT * edges + DIAGONAL_WEIGHT * diagonals
+    image left out (zero padding). The weights are (1 2 1)^T (1 2 1) / 12 less the centre's 4 / 12, so
+    two passes of (1 2 1) over shifted slices (fewer temporaries than eight shifts, and 4x faster than
+    a 3x3 conv2d in float64 on a CPU)."""
+    p = F.pad(v, (1, 1, 0, 0))
+    rows = p[:, :, :-2] + 2 * p[:, :, 1:-1] + p[:, :, 2:]
+    p = F.pad(rows, (0, 0, 1, 1))
+    return (p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:] - 4 * v) * DIAGONAL_WEIGHT
+
+
+def conjugate_gradients(x, mask, tol):
+    """road_impute's systems for the images x (B, H, W) and their removed pixels (mask, 1 where removed):
+    the solution, 0 on the kept pixels. Each system stops at a residual norm of tol times its right
+    side's; those that have converged leave the batch, a few at a time."""
+    h, w = x.shape[-2:]
+    right = mask * neighbour_sum(x * (1 - mask))
+    solution = torch.zeros_like(x)
+    active = torch.arange(len(x), device=x.device)  # the systems still iterating, and their state below
+    diagonal = neighbour_sum(torch.ones_like(x)) * mask + (1 - mask)  # W_p; 1 on kept pixels (unused)
+    v = torch.zeros_like(x)
+    residual = right
+    z = residual / diagonal
+    direction = z
+    rz = (residual * z).sum((1, 2))
+    limit = tol * right.flatten(1).norm(dim=1)
+    for _ in range(h * w + 1):  # CG is exact in at most as many steps as unknowns
+        done = residual.flatten(1).norm(dim=1) <= limit
+        if done.all() or done.sum() * 8 >= len(done):  # keep the converged systems' solutions
+            solution[active[done]] = v[done]
+            going = ~done
+            active, mask, diagonal, v, residual, z, direction, rz, limit = (
+                t[going] for t in (active, mask, diagonal, v, residual, z, direction, rz, limit))
+            if len(active) == 0:
+                break
+        a_direction = mask * (diagonal * direction - neighbour_sum(direction))  # the matrix (0 on kept pixels)
+        step = rz / (direction * a_direction).sum((1, 2)).clamp_min(1e-300)
+        v = v + step[:, None, None] * direction
+        residual = residual - step[:, None, None] * a_direction
+        z = residual / diagonal
+        rz_next = (residual * z).sum((1, 2))
+        direction = z + (rz_next / rz.clamp_min(1e-300))[:, None, None] * direction
+        rz = rz_next
+    solution[active] = v  # none left unless h * w + 1 steps were not enough (rounding)
+    return solution
 
 
 def road_impute(images, removed, noise=ROAD_NOISE, generator=None, tol=SOLVER_TOLERANCE):
@@ -201,10 +242,11 @@ def road_impute(images, removed, noise=ROAD_NOISE, generator=None, tol=SOLVER_TO
         W_p v_p - sum_{q removed} w_pq v_q = sum_{q kept} w_pq x_q    for each removed p,
     W_p = sum of w_pq over p's neighbours in the image; then N(0, noise^2) is added to each solved value.
     The system is symmetric (w_pq = w_qp) and positive definite (every group of removed pixels
-    touches a kept one, unless all are removed), and is solved for all images and colours together by
-    Jacobi-preconditioned conjugate gradients in float64, to a residual norm of tol times the right
-    side's. images: float (N, C, H, W) in [0, 1]; removed: bool (N, H, W), not every pixel of an
-    image; generator: the noise's. Returns float32 (N, C, H, W): kept pixels unchanged."""
+    touches a kept one, unless all are removed), and is solved by Jacobi-preconditioned conjugate
+    gradients in float64 (conjugate_gradients, SOLVE_BLOCK systems at a time), each to a residual norm
+    of tol times its right side's. images: float (N, C, H, W) in
+    [0, 1]; removed: bool (N, H, W), not every pixel of an image; generator: the noise's. Returns
+    float32 (N, C, H, W) (float64 for float64 images): kept pixels unchanged."""
     n, c, h, w = images.shape
     if removed.shape != (n, h, w):
         raise ValueError(f"removed must be (N, H, W) = {(n, h, w)}, got {tuple(removed.shape)}")
@@ -212,32 +254,12 @@ def road_impute(images, removed, noise=ROAD_NOISE, generator=None, tol=SOLVER_TO
         raise ValueError("road_impute needs at least one kept pixel in each image")
     x = images.double().flatten(0, 1)                                    # (B, H, W), one system a colour
     mask = removed.to(x.device).repeat_interleave(c, 0).double()         # 1 where removed
-    diagonal = neighbour_sum(torch.ones_like(x)) * mask + (1 - mask)     # W_p; 1 on kept pixels (unused)
-
-    def apply(v):  # the system's matrix on the removed pixels (v is 0 on the kept ones)
-        return mask * (diagonal * v - neighbour_sum(v))
-
-    right = mask * neighbour_sum(x * (1 - mask))
-    v = torch.zeros_like(x)
-    residual = right.clone()
-    z = residual / diagonal
-    direction = z.clone()
-    rz = (residual * z).sum((1, 2))
-    limit = tol * right.flatten(1).norm(dim=1)
-    for _ in range(h * w):  # CG is exact in at most as many steps as unknowns
-        if (residual.flatten(1).norm(dim=1) <= limit).all():
-            break
-        a_direction = apply(direction)
-        step = rz / (direction * a_direction).sum((1, 2)).clamp_min(1e-300)
-        v = v + step[:, None, None] * direction
-        residual = residual - step[:, None, None] * a_direction
-        z = residual / diagonal
-        rz_next = (residual * z).sum((1, 2))
-        direction = z + (rz_next / rz.clamp_min(1e-300))[:, None, None] * direction
-        rz = rz_next
+    # in blocks of SOLVE_BLOCK systems, whose vectors stay in a CPU's cache (2.3x faster than 1485 at once)
+    solution = torch.cat([conjugate_gradients(x[i:i + SOLVE_BLOCK], mask[i:i + SOLVE_BLOCK], tol)
+                          for i in range(0, len(x), SOLVE_BLOCK)])
     if noise:
-        v = v + noise * torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)
-    out = torch.where(mask.bool(), v, x)
+        solution = solution + noise * torch.randn(solution.shape, generator=generator, dtype=solution.dtype).to(x.device)
+    out = torch.where(mask.bool(), solution, x)
     return out.view(n, c, h, w).to(images.dtype if images.is_floating_point() else torch.float32)
 
 
@@ -275,7 +297,7 @@ def road(model, images, targets, maps, order="MoRF", levels=ROAD_LEVELS, noise=R
     removed = (places[:, None, :] < counts[None, :, None]).view(n * len(levels), h, w)
     pixels = (images.float() / 255).repeat_interleave(len(levels), 0)
     generator = torch.Generator().manual_seed(seed)
-    per_chunk = max(1, BATCH // len(levels)) * len(levels)
+    per_chunk = max(1, CHUNK // len(levels)) * len(levels)
     correct = []
     for i in range(0, len(pixels), per_chunk):
         imputed = road_impute(pixels[i:i + per_chunk], removed[i:i + per_chunk], noise, generator).to(device)

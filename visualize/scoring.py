@@ -65,6 +65,12 @@ class PassScores:
     logits: torch.Tensor = None  # (N, classes) on the CPU, the network's output (None if not asked for)
 
 
+def default_batch_size(device):
+    """Rows a pass where the caller does not say: 100 on a CPU (fastest on 2 cores: the activations stay
+    in cache; 500 rows take 1.3x as long an image, width 64, AMD EPYC), 1000 on a GPU."""
+    return 100 if device.type == "cpu" else 1000
+
+
 def score_pass(model, images, layers, batch_size=None, logits=False):
     """Score every channel of every stage in `layers` on every image, in one batched pass; with
     logits, also run the classifier on the last stage (the layers then must end at conv5_x's
@@ -72,11 +78,11 @@ def score_pass(model, images, layers, batch_size=None, logits=False):
 
     images: uint8 (N, 3, 32, 32) as load_cifar10 returns them, on any device; they are normalized
     here, batch by batch, on the model's device, and the stages run once, up to the deepest in
-    `layers` (all of them with logits), under inference mode. batch_size defaults to 100 on a CPU
-    (fastest on 2 cores: the activations stay in cache) and 1000 on a GPU. Returns PassScores.
+    `layers` (all of them with logits), under inference mode, default_batch_size rows a pass unless
+    batch_size says. Returns PassScores.
     """
     device = next(model.parameters()).device
-    batch_size = batch_size or (100 if device.type == "cpu" else 1000)
+    batch_size = batch_size or default_batch_size(device)
     layers = sorted(set(layers), key=STAGES.index)
     last = STAGES[-1] if logits else layers[-1]
     parts = {layer: [] for layer in layers}

@@ -2,31 +2,44 @@
 the sanity checks and the class-evidence maps of visualize.attribution, a row each, beside two maps
 that know nothing of the network (faithfulness.random_map, faithfulness.edge_map).
 
-Columns, each measured the same way for every row it applies to:
+Columns, each measured the same way for every row it applies to, each a mean over images beside its
+standard error (the sample standard deviation over the images / sqrt(their number)):
 
     weights: top, all   Adebayo et al. 2018's cascading randomisation: Spearman rho (sanity.spearman, over
                         the 32x32 pixels of faithfulness.relevance) between the map the trained network
                         draws and the one it draws with conv5_x re-initialised (top), and with every
-                        stage re-initialised (all; sanity.reinitialised, seeded, the fc kept), averaged
-                        over the images where it is defined. Unit pictures: the sanity checks' numbers
-                        for conv5_x channel 1 on test images 4531-4546 (sanity.unit_sanity_checks, memoized,
-                        so plot_all.py computes them once). Class maps: of the same target class.
+                        stage re-initialised (all). The cascade re-initialises the stages one by one from
+                        the top (sanity.reinitialised, one fresh network of the seed for every depth, the
+                        fc kept); the JSON holds every depth. On the test images --images (the report's
+                        4531-4546): the unit pictures are the sanity checks of conv5_x channel 1 on them
+                        (sanity.unit_sanity_checks, memoized), the class maps start from the maps
+                        plot_class_evidence.py draws of them (context.class_maps, memoized), so
+                        plot_all.py computes each once. The mean is over the images where rho is defined.
     class               Sixt et al. 2020's random-logit test: rho between the map for the target class
-                        and the map for a random other class (seeded), averaged over the images. Unit
+                        and the map for a random other class (seeded), on the same images. Unit
                         pictures are not about a class: n/a.
-    deletion, insertion faithfulness.deletion / insertion: the mean AUC over the images.
-    ROAD MoRF, LeRF     faithfulness.road: the fraction still classified as the target, averaged over
-                        the levels 10 %..90 %.
+    deletion, insertion faithfulness.deletion / insertion: the AUC of each of the first --count test
+                        images (COUNT, a few hundred: fewer cannot tell the maps from the baselines).
+    ROAD MoRF, LeRF     faithfulness.road on the same images: each image's fraction of the levels
+                        10 %..90 % at which it is still classified as the target.
 The baselines are computed like any other row: a seeded random map and the Sobel edge map depend on
 neither the weights nor the class (rho 1 by construction, and measured), so their faithfulness is what
 a map scores that knows nothing of the network.
 
-A row passes a test when: weights: rho < PASS_BELOW at both depths; class: rho < PASS_BELOW (an
-undefined rho, a map that became constant, counts as changed); faithful: its ROAD gap LeRF - MoRF is
-wider than both baselines'. ROAD decides, not deletion: removing scattered pixels into the mean colour
-takes an image out of the data the network knows, so a random map can "delete" best (it does on the
-gallery's network), the bias ROAD's imputation was made to remove; deletion and insertion are shown
-beside it.
+Each row's verdicts are "pass", "fail" or "unresolved": a test is decided only where its number is
+further than Z = 2 standard errors (about 95 %) from the line it is held against, and unresolved
+where it is not.
+    weights   rho below PASS_BELOW at both depths (an undefined rho, a map that became constant, has
+              kept nothing of the trained map's ranking: changed); fail where either depth is above it
+    class     the same, for the class column
+    faithful  the ROAD gap LeRF - MoRF wider than both baselines': per image, the row's gap minus the
+              baseline's (the same images, so the difference is paired), its mean more than Z standard
+              errors above 0 for both; fail where it is Z standard errors or more below 0 for either
+A picture measured on one start only (the feature visualization starts from the mean colour once) has
+no spread to measure: it is decided on its value. ROAD decides faithfulness, not deletion: removing
+scattered pixels into the mean colour takes an image out of the data the network knows, so a random
+map can "delete" best (it does on the gallery's network), the bias ROAD's imputation was made to
+remove; deletion and insertion are shown beside it.
 """
 import json
 import math
@@ -39,6 +52,7 @@ from data import normalize
 from model import STAGES
 from visualize import faithfulness, sanity
 from visualize.attribution import attribute
+from visualize.context import class_maps
 from visualize.drawing import format_indices, save_text_table, wrap_title
 
 # The class maps of the table: (row name, attribute's method, its stage); attribute's default options
@@ -50,23 +64,51 @@ BASELINES = ("random map", "Sobel edge map")
 UNIT = {"layer": "conv5_x", "channel": 1}  # plot_sanity_checks.py's defaults
 UNIT_IMAGES = list(range(4531, 4547))  # and its test images (plot_trust.py --images)
 TOP = STAGES[-1]  # the stage re-initialised first
-COUNT = 16  # the first test images the class maps are measured on (plot_trust.py --count): cost, see docs
+DEPTHS = sanity.cascade_depths(TOP)  # the cascade: conv5_x, then each stage below it, down to conv1
+COUNT = 256  # the first test images the faithfulness columns are measured on (plot_trust.py --count)
 TARGETS = ("predicted", "true")
 PASS_BELOW = 0.5  # rho under which a map is taken to have changed (weights, class)
-COLUMNS = ("weights: top", "weights: all", "class", "deletion AUC", "insertion AUC", "ROAD MoRF", "ROAD LeRF")
+Z = 2  # standard errors a number must be from its line for a verdict (about 95 %)
+DEPENDENCE = ("weights: top", "weights: all", "class")
+FAITHFULNESS = ("deletion AUC", "insertion AUC", "ROAD MoRF", "ROAD LeRF")
+COLUMNS = DEPENDENCE + FAITHFULNESS
+VERDICTS = ("pass", "fail", "unresolved")
+
+
+def summary(per_image):
+    """(mean, standard error) of the defined (not NaN) entries of a float64 tensor: the mean NaN where
+    none is, the standard error (sample standard deviation / sqrt(n)) NaN where fewer than two are."""
+    defined = per_image[~per_image.isnan()]
+    if len(defined) == 0:
+        return math.nan, math.nan
+    if len(defined) == 1:
+        return defined.item(), math.nan
+    return defined.mean().item(), (defined.std() / math.sqrt(len(defined))).item()
 
 
 @dataclass
 class TrustRow:
-    kind: str                       # "unit picture", "class map" or "baseline"
-    values: dict = field(default_factory=dict)  # {column: number}; a column left out is n/a
-    passes: dict = field(default_factory=dict)  # {"weights" | "class" | "faithful": bool}
+    kind: str                                      # "unit picture", "class map" or "baseline"
+    per_image: dict = field(default_factory=dict)  # {column: float64 (n,)}; a column left out is n/a
+    cascade: list = field(default_factory=list)    # mean rho at each depth of DEPTHS (not the baselines)
+    passes: dict = field(default_factory=dict)     # {"weights" | "class" | "faithful": one of VERDICTS}
+
+    @property
+    def values(self):
+        """{column: the mean over the images}."""
+        return {column: summary(v)[0] for column, v in self.per_image.items()}
+
+    @property
+    def errors(self):
+        """{column: the standard error of that mean}."""
+        return {column: summary(v)[1] for column, v in self.per_image.items()}
 
 
-def mean_similarity(maps, other):
-    """sanity.defined_mean of the per-image Spearman rho between the relevance of two batches of maps."""
+def per_image_similarity(maps, other):
+    """sanity.similarities of the relevance of two batches of maps: each image's Spearman rho, (N,)
+    float64, NaN where undefined."""
     pick = lambda m: faithfulness.relevance(m.cpu())[:, None]  # (N, 1, H, W) >= 0, as sanity.similarities reads
-    return sanity.defined_mean(sanity.similarities(pick(maps), pick(other)))
+    return sanity.similarities(pick(maps), pick(other))
 
 
 def draw_class_maps(model, images, targets, names=CLASS_MAP_NAMES):
@@ -82,121 +124,188 @@ def random_other_classes(targets, classes, seed):
     return (targets.cpu() + shift) % classes
 
 
-def class_map_trust(model, images, targets, seed=0, step=faithfulness.DELETION_STEP, noise=faithfulness.ROAD_NOISE,
-                    names=CLASS_MAP_NAMES):
-    """{row name: {column: value}} of the class maps `names` and the two baselines on the uint8 images
-    and their targets (N,): every column of the module's docstring."""
+def class_map_dependence(model, images, targets, seed=0, names=CLASS_MAP_NAMES, trained=None):
+    """({row name: {"weights: top", "weights: all", "class": per-image rho (N,)}}, {row name: the mean rho
+    at each depth of DEPTHS}) of the class maps `names` and the two baselines on the uint8 images and
+    their targets (N,). trained: the trained network's maps {row name: maps}, if drawn already."""
     device = next(model.parameters()).device
-    trained = draw_class_maps(model, images, targets, names)
-    maps = {**trained, BASELINES[0]: faithfulness.random_map(len(images), seed),
-            BASELINES[1]: faithfulness.edge_map(images).cpu()}
-    values = {name: {} for name in maps}
-    fresh = {}
-    for column, stages in (("weights: top", [TOP]), ("weights: all", sanity.cascade_depths(TOP))):
-        fresh[column] = draw_class_maps(sanity.reinitialised(model, stages, seed).eval(), images, targets, names)
+    trained = trained if trained is not None else draw_class_maps(model, images, targets, names)
+    fresh = sanity.fresh_network(model, seed)
+    cascade = {name: [] for name in trained}
+    for depth in range(1, len(DEPTHS) + 1):
+        network = sanity.reinitialised(model, DEPTHS[:depth], seed, fresh).eval()
+        redrawn = draw_class_maps(network, images, targets, names)
+        for name in trained:
+            cascade[name].append(per_image_similarity(trained[name], redrawn[name]))
     others = random_other_classes(targets, model.fc.out_features, seed).to(device)
-    fresh["class"] = draw_class_maps(model, images, others, names)
-    for column, redrawn in fresh.items():
-        for name in maps:
-            # a baseline is drawn again exactly as before: it reads neither the weights nor the class
-            values[name][column] = mean_similarity(maps[name], redrawn.get(name, maps[name]))
-    for name, m in maps.items():
-        values[name]["deletion AUC"] = faithfulness.deletion(model, images, targets, m, step, seed).mean_auc
-        values[name]["insertion AUC"] = faithfulness.insertion(model, images, targets, m, step, seed).mean_auc
-        for order in ("MoRF", "LeRF"):
-            values[name][f"ROAD {order}"] = faithfulness.road(model, images, targets, m, order, noise=noise,
-                                                             seed=seed).mean
-    return values
+    other = draw_class_maps(model, images, others, names)
+    per_image = {name: {"weights: top": rhos[0], "weights: all": rhos[-1],
+                        "class": per_image_similarity(trained[name], other[name])} for name, rhos in cascade.items()}
+    means = {name: [sanity.defined_mean(r) for r in rhos] for name, rhos in cascade.items()}
+    for name in BASELINES:  # drawn again exactly as before: they read neither the weights nor the class
+        base = baseline_maps(images, seed)[name]
+        rho = per_image_similarity(base, base)
+        per_image[name] = {column: rho for column in DEPENDENCE}
+        means[name] = [sanity.defined_mean(rho)] * len(DEPTHS)
+    return per_image, means
 
 
-def unit_picture_trust(run, unit_images=UNIT_IMAGES, seed=0):
-    """{technique: {"weights: top", "weights: all"}} of the unit pictures: the sanity checks of UNIT
-    on the test images `unit_images`."""
+def baseline_maps(images, seed=0):
+    """{baseline name: maps (N, H, W) on the CPU}: the seeded random map and the Sobel edge map of the images."""
+    return {BASELINES[0]: faithfulness.random_map(len(images), seed), BASELINES[1]: faithfulness.edge_map(images).cpu()}
+
+
+def faithfulness_per_image(model, images, targets, maps, seed=0, step=faithfulness.DELETION_STEP,
+                           noise=faithfulness.ROAD_NOISE):
+    """{column of FAITHFULNESS: (N,) float64} of one batch of maps: each image's deletion and insertion
+    AUC, and its fraction of ROAD's levels still classified as the target, in each order."""
+    scores = {"deletion AUC": faithfulness.deletion(model, images, targets, maps, step, seed).auc,
+              "insertion AUC": faithfulness.insertion(model, images, targets, maps, step, seed).auc}
+    for order in ("MoRF", "LeRF"):
+        correct = faithfulness.road(model, images, targets, maps, order, noise=noise, seed=seed).correct
+        scores[f"ROAD {order}"] = correct.double().mean(1)
+    return {column: v.double().cpu() for column, v in scores.items()}
+
+
+def class_map_faithfulness(model, images, targets, seed=0, step=faithfulness.DELETION_STEP,
+                           noise=faithfulness.ROAD_NOISE, names=CLASS_MAP_NAMES):
+    """{row name: faithfulness_per_image} of the class maps `names` and the two baselines on the uint8
+    images and their targets (N,)."""
+    maps = {**draw_class_maps(model, images, targets, names), **baseline_maps(images, seed)}
+    return {name: faithfulness_per_image(model, images, targets, m, seed, step, noise) for name, m in maps.items()}
+
+
+def unit_picture_rows(run, unit_images=UNIT_IMAGES, seed=0):
+    """{technique: TrustRow} of the unit pictures: the sanity checks of UNIT on the test images `unit_images`."""
     checks = sanity.unit_sanity_checks(run, UNIT["layer"], UNIT["channel"], unit_images, seed)
-    return {name: {"weights: top": values[1], "weights: all": values[-1]} for name, values in checks.similarity.items()}
+    return {name: TrustRow("unit picture", {"weights: top": rhos[1], "weights: all": rhos[-1]},
+                           cascade=checks.similarity[name][1:])
+            for name, rhos in checks.per_start.items()}
 
 
-def changed(values):
-    """Whether every defined rho of `values` is below PASS_BELOW: an undefined one (NaN) is a map that
-    became constant, which has kept nothing of the trained map's ranking."""
-    return all(math.isnan(v) or v < PASS_BELOW for v in values)
+def changed(per_image):
+    """Has the map changed, rho below PASS_BELOW? One of VERDICTS (see the module's docstring)."""
+    mean, error = summary(per_image)
+    if math.isnan(mean):  # constant on every image: nothing of the trained ranking is left
+        return "pass"
+    error = 0.0 if math.isnan(error) else error  # one start: decided on its value
+    return "pass" if mean + Z * error < PASS_BELOW else "fail" if mean - Z * error >= PASS_BELOW else "unresolved"
+
+
+def combined(verdicts):
+    """Several tests as one: fail if any fails, else unresolved if any is, else pass."""
+    return "fail" if "fail" in verdicts else "unresolved" if "unresolved" in verdicts else "pass"
+
+
+def above_zero(differences):
+    """Is the mean of paired differences above 0? One of VERDICTS: pass Z standard errors above it, fail
+    at Z standard errors below it or further (or at it with no spread), unresolved between."""
+    mean, error = summary(differences)
+    error = 0.0 if math.isnan(error) else error
+    return "pass" if mean - Z * error > 0 else "fail" if mean + Z * error <= 0 else "unresolved"
+
+
+def road_gap(row):
+    """Each image's ROAD gap LeRF - MoRF of a row: (N,)."""
+    return row.per_image["ROAD LeRF"] - row.per_image["ROAD MoRF"]
 
 
 def verdicts(rows):
-    """Each row's passes (the module's docstring), against the baselines' values."""
-    gap = lambda v: v["ROAD LeRF"] - v["ROAD MoRF"]
-    base_gaps = [gap(rows[name].values) for name in BASELINES]
+    """Each row's passes (the module's docstring), against the baselines' per-image values."""
     for row in rows.values():
-        v = row.values
         if row.kind == "baseline":
             continue
-        row.passes["weights"] = changed([v["weights: top"], v["weights: all"]])
-        if "class" in v:
-            row.passes["class"] = changed([v["class"]])
-        if "ROAD MoRF" in v:
-            row.passes["faithful"] = all(gap(v) > b for b in base_gaps)
+        row.passes["weights"] = combined([changed(row.per_image["weights: top"]), changed(row.per_image["weights: all"])])
+        if "class" in row.per_image:
+            row.passes["class"] = changed(row.per_image["class"])
+        if "ROAD MoRF" in row.per_image:
+            row.passes["faithful"] = combined([above_zero(road_gap(row) - road_gap(rows[name])) for name in BASELINES])
     return rows
+
+
+def predicted_or_true(run, indices, target):
+    """The class each of run's test images `indices` is explained for: its label, or what the network predicts."""
+    if target == "true":
+        return torch.as_tensor([run.labels[i] for i in indices])
+    return faithfulness.predictions(run.model, normalize(run.images[indices].to(run.device))).cpu()
 
 
 def trust_table(run, count=COUNT, target="predicted", seed=0, step=faithfulness.DELETION_STEP,
                 noise=faithfulness.ROAD_NOISE, unit_images=UNIT_IMAGES):
-    """{row name: TrustRow}: the unit pictures, the class maps on the first `count` test images for
-    their predicted or true class (`target`), and the baselines; the unit pictures' sanity checks on
-    the test images `unit_images`."""
-    images = run.images[:count]
-    if target == "true":
-        targets = torch.as_tensor(run.labels[:count])
-    else:
-        targets = faithfulness.predictions(run.model, normalize(images.to(run.device))).cpu()
-    rows = {name: TrustRow("unit picture", values) for name, values in unit_picture_trust(run, unit_images, seed).items()}
-    for name, values in class_map_trust(run.model, images, targets.to(run.device), seed, step, noise).items():
-        rows[name] = TrustRow("baseline" if name in BASELINES else "class map", values)
+    """{row name: TrustRow}: the unit pictures and the class maps' dependence on the test images
+    `unit_images`, the class maps' and the baselines' faithfulness on the first `count` test images,
+    each for the predicted or true class (`target`)."""
+    rows = unit_picture_rows(run, unit_images, seed)
+    unit_targets = predicted_or_true(run, unit_images, target)
+    trained = {name: class_maps(run, unit_images, unit_targets, method, layer or "conv4_x")
+               for name, method, layer in CLASS_MAPS}
+    dependence, cascades = class_map_dependence(run.model, run.images[unit_images], unit_targets.to(run.device),
+                                                seed, trained=trained)
+    first = list(range(count))
+    faithful = class_map_faithfulness(run.model, run.images[first], predicted_or_true(run, first, target).to(run.device),
+                                      seed, step, noise)
+    for name in (*CLASS_MAP_NAMES, *BASELINES):
+        rows[name] = TrustRow("baseline" if name in BASELINES else "class map", {**dependence[name], **faithful[name]},
+                              cascade=[] if name in BASELINES else cascades[name])
     return verdicts(rows)
 
 
 def table_suffix(count, target, seed, step, noise, unit_images):
     """The file name's additions for every non-default choice ('' for the defaults)."""
-    parts = [(unit_images != UNIT_IMAGES, f"images{format_indices(unit_images)}"), (count != COUNT, f"count{count}"), (target != "predicted", target), (seed != 0, f"seed{seed}"),
+    parts = [(unit_images != UNIT_IMAGES, f"images{format_indices(unit_images)}"), (count != COUNT, f"count{count}"),
+             (target != "predicted", target), (seed != 0, f"seed{seed}"),
              (step != faithfulness.DELETION_STEP, f"step{step:g}"), (noise != faithfulness.ROAD_NOISE, f"noise{noise:g}")]
     return "".join(f"_{text}" for chosen, text in parts if chosen)
 
 
-def cell_text(value):
+def cell_text(value, error):
     """A number as the table writes it: 'n/a' where the column does not apply, 'const.' where rho is
-    undefined (the map became constant)."""
-    return "n/a" if value is None else "const." if math.isnan(value) else f"{value:.2f}"
+    undefined (the map became constant), else the mean and, where measured, its standard error."""
+    if value is None:
+        return "n/a"
+    if math.isnan(value):
+        return "const."
+    return f"{value:.2f}" + ("" if math.isnan(error) else f" ±{error:.2f}")
+
+
+def json_number(value):
+    return None if math.isnan(value) else value
 
 
 def plot_trust(run, figures_dir, count=COUNT, target="predicted", seed=0, step=faithfulness.DELETION_STEP,
                noise=faithfulness.ROAD_NOISE, unit_images=UNIT_IMAGES):
     """plot_trust.py: the table as trust<suffix>.png and .json in figures_dir; prints it; returns both paths."""
     rows = trust_table(run, count, target, seed, step, noise, unit_images)
-    marks = {True: "pass", False: "fail"}
-    header = [*COLUMNS, "passes"]
-    cells = [[cell_text(row.values.get(column)) for column in COLUMNS]
-             + [", ".join(f"{test} {marks[ok]}" for test, ok in row.passes.items()) or "reference"]
+    header = [*COLUMNS, "verdicts"]
+    cells = [[cell_text(row.values.get(column), row.errors.get(column)) for column in COLUMNS]
+             + [", ".join(f"{test} {verdict}" for test, verdict in row.passes.items()) or "reference"]
              for row in rows.values()]
     print(f"{'':>22}" + "".join(f"{column:>15}" for column in header[:-1]))
     for name, line in zip(rows, cells):
         print(f"{name:>22}" + "".join(f"{text:>15}" for text in line[:-1]) + f"  {line[-1]}")
     title = "\n".join(wrap_title(part) for part in (
-        f"trust: unit pictures (sanity checks of {UNIT['layer']} channel {UNIT['channel']}, test images {format_indices(unit_images)}) "
-        f"and class maps (the first {count} test images, {target} class), beside maps that know nothing of the network",
-        f"weights: Spearman rho to the trained map with {TOP} (top) or every stage (all) re-initialised, seed {seed}; "
-        f"class: rho to the map of a random other class; pass below {PASS_BELOW}",
-        f"deletion / insertion: mean AUC of the target's probability, {step:g} % steps (lower / higher is faithful); "
-        f"ROAD: fraction still the target, mean over 10-90 % removed (MoRF lower, LeRF higher), noise {noise:g}",
-        run.caption))
+        f"trust: unit pictures (sanity checks of {UNIT['layer']} channel {UNIT['channel']}) and class maps ({target} class), "
+        f"beside maps that know nothing of the network; each a mean ± its standard error over the images",
+        f"weights and class, on test images {format_indices(unit_images)}: Spearman rho to the trained map with {TOP} (top) "
+        f"or every stage (all) re-initialised, seed {seed}; class: rho to the map of a random other class; pass below "
+        f"{PASS_BELOW}",
+        f"faithful, on the first {count} test images: deletion / insertion, mean AUC of the target's probability, {step:g} % "
+        f"steps (lower / higher is faithful); ROAD: fraction still the target over 10-90 % removed (MoRF lower, LeRF "
+        f"higher), noise {noise:g}; passes where its LeRF - MoRF gap beats both baselines'",
+        f"a verdict only where the number is {Z} standard errors from its line, else unresolved", run.caption))
     figures_dir = Path(figures_dir)
     suffix = table_suffix(count, target, seed, step, noise, unit_images)
     png = save_text_table(figures_dir / f"trust{suffix}.png", cells, title, header, list(rows),
                           [row.kind for row in rows.values()])
     record = {"count": count, "target": target, "seed": seed, "step_percent": step, "road_noise": noise,
-              "road_levels": list(faithfulness.ROAD_LEVELS), "unit": {**UNIT, "images": unit_images}, "pass_below": PASS_BELOW,
+              "road_levels": list(faithfulness.ROAD_LEVELS), "unit": {**UNIT, "images": unit_images},
+              "dependence_images": unit_images, "depths": DEPTHS, "pass_below": PASS_BELOW, "z": Z,
               "rows": {name: {"kind": row.kind,
-                              **{column: None if math.isnan(row.values[column]) else row.values[column]
-                                 for column in COLUMNS if column in row.values},
-                              "passes": row.passes} for name, row in rows.items()}}
+                              **{column: json_number(row.values[column]) for column in COLUMNS if column in row.values},
+                              **{f"{column} SE": json_number(row.errors[column]) for column in COLUMNS if column in row.values},
+                              "passes": row.passes,
+                              **({"cascade": [json_number(v) for v in row.cascade]} if row.cascade else {})}
+                       for name, row in rows.items()}}
     json_path = figures_dir / f"trust{suffix}.json"
     json_path.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
     print(f"wrote {json_path}")
