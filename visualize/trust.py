@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from data import normalize
 from model import STAGES
@@ -132,7 +133,8 @@ def class_map_dependence(model, images, targets, seed=0, names=CLASS_MAP_NAMES, 
     trained = trained if trained is not None else draw_class_maps(model, images, targets, names)
     fresh = sanity.fresh_network(model, seed)
     cascade = {name: [] for name in trained}
-    for depth in range(1, len(DEPTHS) + 1):
+    for depth in tqdm(range(1, len(DEPTHS) + 1), desc="class maps, stages re-initialised", unit="depth",
+                      leave=False, dynamic_ncols=True):
         network = sanity.reinitialised(model, DEPTHS[:depth], seed, fresh).eval()
         redrawn = draw_class_maps(network, images, targets, names)
         for name in trained:
@@ -172,7 +174,9 @@ def class_map_faithfulness(model, images, targets, seed=0, step=faithfulness.DEL
     """{row name: faithfulness_per_image} of the class maps `names` and the two baselines on the uint8
     images and their targets (N,)."""
     maps = {**draw_class_maps(model, images, targets, names), **baseline_maps(images, seed)}
-    return {name: faithfulness_per_image(model, images, targets, m, seed, step, noise) for name, m in maps.items()}
+    return {name: faithfulness_per_image(model, images, targets, m, seed, step, noise)
+            for name, m in tqdm(maps.items(), desc=f"faithfulness on {len(images)} images", unit="map", leave=False,
+                                dynamic_ncols=True)}
 
 
 def unit_picture_rows(run, unit_images=UNIT_IMAGES, seed=0):
