@@ -173,17 +173,40 @@ def test_a_json_of_a_layout_it_does_not_pin_shows_its_scalars_and_leaves_out_its
              "rows": {"guided": {"kind": "unit", "weights_top": 0.91, "passes": {"weights": False, "class": True}},
                       HOSTILE: {"kind": "class", "deletion": 0.125, "weights_top": None, "passes": {}}}}
     parsed = Page(page.json_table(trust))
-    assert [th.get("data-key") for th in parsed.all("th", "data-key")] == ["name", "kind", "weights_top", "passes",
-                                                                           "deletion"]
+    # the columns in the order of the row with the most of them
+    assert [th.get("data-key") for th in parsed.all("th", "data-key")] == ["name", "kind", "deletion", "weights_top",
+                                                                           "passes"]
     assert len(parsed.all("script")) == 0 and HOSTILE in parsed.text
-    assert [td["data-value"] for td in parsed.all("td")] == ["unit", "0.91", "weights no, class yes", "NaN",
-                                                             "class", "NaN", "", "0.125"]
+    assert [td["data-value"] for td in parsed.all("td")] == ["unit", "NaN", "0.91", "weights no, class yes",
+                                                             "class", "0.125", "NaN", ""]
     evidence = {"images": [1, 2], "options": {"smoothgrad": {"n": 50}},
                 "per_image": [{"index": i, "true_name": HOSTILE, "probability": 0.5,
                                "maps": {"saliency": [[0.25] * 32] * 32}} for i in (1, 2)]}
     parsed = Page(page.json_table(evidence))
     assert [th["data-key"] for th in parsed.all("th", "data-key")] == ["index", "true_name", "probability"]
     assert [td["data-value"] for td in parsed.all("td")] == ["1", HOSTILE, "0.5", "2", HOSTILE, "0.5"]
+
+
+def test_the_trust_table_shows_each_mean_with_its_standard_error_and_the_verdicts():
+    record = {"rows": {"guided": {"kind": "unit picture", "weights: top": 0.9006, "weights: top SE": 0.037,
+                                  "passes": {"weights": "fail"}, "cascade": [0.9, 0.8]},
+                       HOSTILE: {"kind": "class map", "weights: top": 0.25, "weights: top SE": 0.1, "class": None,
+                                 "class SE": None, "passes": {"weights": "pass", "class": "pass"}},
+                       "random map": {"kind": "baseline", "weights: top": 1.0, "weights: top SE": 0.0, "passes": {}}}}
+    parsed = Page(page.trust_table(record))
+    assert [th["data-key"] for th in parsed.all("th", "data-key")] == ["technique", "kind", "weights: top", "class",
+                                                                       "verdicts"]
+    assert len(parsed.all("script")) == 0 and HOSTILE in parsed.text
+    # each cell sorts by the mean itself and shows it with its standard error
+    assert [td["data-value"] for td in parsed.all("td")] == [
+        "unit picture", "0.9006", "NaN", "weights fail",
+        "class map", "0.25", "NaN", "weights pass, class pass",
+        "baseline", "1.0", "NaN", "reference"]
+    shown = [text for text in parsed.text if text.strip()]
+    assert shown[shown.index("guided"):] == [
+        "guided", "unit picture", "0.90 ±0.04", "n/a", "weights fail",
+        HOSTILE, "class map", "0.25 ±0.10", "const.", "weights pass, class pass",
+        "random map", "baseline", "1.00 ±0.00", "n/a", "reference"]
 
 
 def test_the_run_is_described_from_the_checkpoint(figures):

@@ -7,7 +7,8 @@ a single script, by an earlier run or by a script newer than this module goes mi
 knows by their names (FIGURES) go into sections in the README's order, each PNG with a caption saying
 what it shows and the command that draws it (the flags its file name and its JSON carry), the files
 beside it (same stem: .json, .pt) linked; every other file lands in a last section, "Other files".
-The atlas's units become one sortable table, the sanity checks and the trust table tables of numbers.
+The atlas's units become one sortable table, the sanity checks and the trust table tables of numbers
+(the trust table's each a mean with its standard error).
 
 Plain HTML, CSS and a few lines of script, all in the one file. Every link is a file of the folder or
 an anchor of the page, so the folder can be zipped and sent. Everything from the checkpoint, the data
@@ -255,6 +256,35 @@ def sanity_table(record):
     return table(columns, rows)
 
 
+def trust_table(record):
+    """A trust JSON's rows: a row per technique, its kind, each column's mean with its standard error
+    beside it (sorted by the mean; n/a where the column does not apply, const. where rho is undefined),
+    then its verdicts. The columns are the JSON's, in the order of the row that has the most."""
+    rows = record.get("rows")
+    if not isinstance(rows, dict) or not rows or not all(isinstance(r, dict) for r in rows.values()):
+        return ""
+    keys = [key for key in dict.fromkeys(k for r in sorted(rows.values(), key=len, reverse=True) for k in r)
+            if key not in ("kind", "passes", "cascade") and not key.endswith(" SE")]
+    columns = ([("technique", "technique", False), ("kind", "kind", False)] + [(key, key, True) for key in keys]
+               + [("verdicts", "verdicts", False)])
+
+    def mean_cell(row, key):
+        value, error = row.get(key), row.get(f"{key} SE")
+        if key not in row or not isinstance(value, (int, float, type(None))):
+            return '<td class="num" data-value="NaN">n/a</td>'
+        if value is None:
+            return '<td class="num" data-value="NaN">const.</td>'
+        shown = f"{value:.2f}" + (f" ±{error:.2f}" if isinstance(error, (int, float)) else "")
+        return f'<td class="num" data-value="{e(repr(value))}">{e(shown)}</td>'
+    body = []
+    for name, row in rows.items():
+        passes = row.get("passes") if isinstance(row.get("passes"), dict) else {}
+        verdicts = ", ".join(f"{test} {verdict}" for test, verdict in passes.items()) or "reference"
+        body.append([f'<th data-value="{e(name)}">{e(name)}</th>', cell(str(row.get("kind", "")))]
+                    + [mean_cell(row, key) for key in keys] + [cell(verdicts)])
+    return table(columns, body, sortable=True)
+
+
 LARGE = object()  # a JSON value too large for a cell (a map, a list): it stays in the JSON
 
 
@@ -283,7 +313,8 @@ def json_table(record):
     if not found:
         return ""
     names, rows = max(found, key=lambda f: len(f[1]))
-    keys = [key for key in dict.fromkeys(k for row in rows for k in row)
+    # the columns in the order of the row that has the most (the others' extra keys after them)
+    keys = [key for key in dict.fromkeys(k for row in sorted(rows, key=len, reverse=True) for k in row)
             if all(shown_value(row.get(key)) is not LARGE for row in rows)]
     numeric = {key: all(isinstance(shown_value(row.get(key)), (int, float, type(None))) for row in rows) for key in keys}
     columns = ([("name", "", False)] if names else []) + [(key, key, numeric[key]) for key in keys]
@@ -353,7 +384,7 @@ FIGURES = [
     ("featurevis", rf"feature_visualization_{LAYER}(?P<neuron>_neuron)?(?P<top>_top)?", feature_visualization_figure,
      None),
     ("trust", rf"sanity_{LAYER}_channel(?P<channel>\d+)(?P<rest>.*)", sanity_figure, sanity_table),
-    ("trust", r"trust(?P<rest>.*)", trust_figure, json_table),
+    ("trust", r"trust(?P<rest>.*)", trust_figure, trust_table),
     ("evidence", r"class_evidence(?P<rest>.*)", class_evidence_figure, json_table),
 ]
 # The reconstructions' subsections in this order, whatever the file names' order
@@ -512,6 +543,8 @@ th, td { padding: 3px 9px; border-bottom: 1px solid var(--line); text-align: lef
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 thead th { background: #eef1f5; position: sticky; top: 0; }
 figure table { margin-top: 8px; width: 100%; }
+figure { min-width: 0; overflow-x: auto; }  /* a wide table (the trust table's) scrolls inside its card */
+td.num { white-space: nowrap; }
 table.run { width: 100%; }
 table.run th { white-space: nowrap; color: var(--soft); font-weight: 600; }
 .run-grid { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 24px; align-items: start; }

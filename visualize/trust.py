@@ -305,8 +305,8 @@ def plot_trust(run, figures_dir, count=COUNT, target="predicted", seed=0, step=f
               "road_levels": list(faithfulness.ROAD_LEVELS), "unit": {**UNIT, "images": unit_images},
               "dependence_images": unit_images, "depths": DEPTHS, "pass_below": PASS_BELOW, "z": Z,
               "rows": {name: {"kind": row.kind,
-                              **{column: json_number(row.values[column]) for column in COLUMNS if column in row.values},
-                              **{f"{column} SE": json_number(row.errors[column]) for column in COLUMNS if column in row.values},
+                              **{key: json_number(value) for column in COLUMNS if column in row.values
+                                 for key, value in ((column, row.values[column]), (f"{column} SE", row.errors[column]))},
                               "passes": row.passes,
                               **({"cascade": [json_number(v) for v in row.cascade]} if row.cascade else {})}
                        for name, row in rows.items()}}
