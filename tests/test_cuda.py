@@ -241,3 +241,30 @@ def test_a_run_resumed_cpu_gpu_cpu_continues_where_each_part_stopped(small_data_
         assert saved["epoch"] == saved["scheduler"]["last_epoch"] == epochs
         assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5 ** epochs)
     assert back["history"]["test_iteration"] == [22, 30, 44, 60, 66, 80]
+
+
+def test_class_maps_and_road_on_the_gpu_equal_the_cpus():
+    """attribute's maps and ROAD's imputation (solved all at once on a GPU, in blocks on a CPU) agree
+    across devices, within float32 rounding."""
+    from visualize import faithfulness
+    from visualize.attribution import attribute
+    torch.manual_seed(0)
+    model = ResNet(8).eval()
+    images, labels = data.make_synthetic_images(12, seed=2)
+    on_gpu = ResNet(8).to(CUDA).eval()
+    on_gpu.load_state_dict(model.state_dict())
+    for method in ("gradcam", "saliency", "smoothgrad", "integrated_gradients", "occlusion"):
+        options = {"n": 4} if method == "smoothgrad" else {"m": 4} if method == "integrated_gradients" else {}
+        cpu = attribute(model, images, labels, method, **options)
+        gpu = attribute(on_gpu, images.to(CUDA), labels.to(CUDA), method, **options).cpu()
+        assert torch.allclose(gpu, cpu, rtol=1e-3, atol=1e-4 * cpu.abs().max().item()), method
+    maps = attribute(on_gpu, images.to(CUDA), labels.to(CUDA), "saliency")  # on the GPU, as a caller may pass them
+    curve, curve_gpu = (faithfulness.deletion(m, images, labels, maps, step=25) for m in (model, on_gpu))
+    assert torch.allclose(curve_gpu.probabilities, curve.probabilities, atol=1e-4)
+    road, road_gpu = (faithfulness.road(m, images, labels, maps, "MoRF") for m in (model, on_gpu))
+    assert (road_gpu.correct == road.correct).double().mean().item() >= 0.95  # a near-tie may flip by rounding
+    pixels = images.float() / 255
+    removed = torch.rand(12, 32, 32, generator=torch.Generator().manual_seed(3)) < 0.7
+    cpu = faithfulness.road_impute(pixels, removed, noise=0)
+    gpu = faithfulness.road_impute(pixels.to(CUDA), removed.to(CUDA), noise=0).cpu()
+    assert (gpu - cpu).abs().max().item() < 1e-4

@@ -63,7 +63,7 @@ def ranks(maps, seed=0):
     """Each pixel's place in its image's ranking, most relevant first: int64 (N, H*W), 0 = the most
     relevant. Ties are broken by one seeded random permutation of the pixels (the same for every
     image and every map of a seed), not by position, so a flat region is not read top-down."""
-    scores = relevance(maps).flatten(1)
+    scores = relevance(maps).flatten(1).cpu()  # ranked on the CPU, where the tie-break's generator is
     tie_break = torch.randperm(scores.shape[1], generator=torch.Generator().manual_seed(seed))
     order = tie_break[torch.sort(scores[:, tie_break], dim=1, descending=True, stable=True).indices]
     places = torch.empty_like(order)
@@ -262,9 +262,11 @@ def road_impute(images, removed, noise=ROAD_NOISE, generator=None, tol=None):
     tol = SOLVER_TOLERANCE[dtype] if tol is None else tol
     x = images.to(dtype).flatten(0, 1)                                   # (B, H, W), one system a colour
     mask = removed.to(x.device).repeat_interleave(c, 0).to(dtype)        # 1 where removed
-    # in blocks of SOLVE_BLOCK systems, whose vectors stay in a CPU's cache (2.3x faster than 1485 at once)
-    solution = torch.cat([conjugate_gradients(x[i:i + SOLVE_BLOCK], mask[i:i + SOLVE_BLOCK], tol)
-                          for i in range(0, len(x), SOLVE_BLOCK)])
+    # on a CPU in blocks of SOLVE_BLOCK systems, whose vectors stay in its cache (2.3x faster than 1485
+    # at once); on a GPU all at once, as each step's kernels take as long for one system as for many
+    block = SOLVE_BLOCK if x.device.type == "cpu" else max(len(x), 1)
+    solution = torch.cat([conjugate_gradients(x[i:i + block], mask[i:i + block], tol)
+                          for i in range(0, len(x), block)])
     if noise:
         solution = solution + noise * torch.randn(solution.shape, generator=generator, dtype=solution.dtype).to(x.device)
     out = torch.where(mask.bool(), solution, x)
@@ -303,7 +305,7 @@ def road(model, images, targets, maps, order="MoRF", levels=ROAD_LEVELS, noise=R
         places = h * w - 1 - places
     counts = torch.tensor([round(level / 100 * h * w) for level in levels])
     removed = (places[:, None, :] < counts[None, :, None]).view(n * len(levels), h, w)
-    pixels = (images.float() / 255).repeat_interleave(len(levels), 0)
+    pixels = (images.to(device).float() / 255).repeat_interleave(len(levels), 0)  # imputed on the model's device
     generator = torch.Generator().manual_seed(seed)
     per_chunk = max(1, CHUNK // len(levels)) * len(levels)
     correct = []
