@@ -144,9 +144,8 @@ def class_map_dependence(model, images, targets, seed=0, names=CLASS_MAP_NAMES, 
     per_image = {name: {"weights: top": rhos[0], "weights: all": rhos[-1],
                         "class": per_image_similarity(trained[name], other[name])} for name, rhos in cascade.items()}
     means = {name: [sanity.defined_mean(r) for r in rhos] for name, rhos in cascade.items()}
-    for name in BASELINES:  # drawn again exactly as before: they read neither the weights nor the class
-        base = baseline_maps(images, seed)[name]
-        rho = per_image_similarity(base, base)
+    for name, base in baseline_maps(images, seed).items():  # drawn again exactly as before: they read
+        rho = per_image_similarity(base, base)                # neither the weights nor the class
         per_image[name] = {column: rho for column in DEPENDENCE}
         means[name] = [sanity.defined_mean(rho)] * len(DEPTHS)
     return per_image, means
