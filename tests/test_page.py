@@ -205,7 +205,7 @@ def test_the_trust_table_shows_each_mean_with_its_standard_error_and_the_verdict
     shown = [text for text in parsed.text if text.strip()]
     assert shown[shown.index("guided"):] == [
         "guided", "unit picture", "0.90 ±0.04", "n/a", "weights fail",
-        HOSTILE, "class map", "0.25 ±0.10", "const.", "weights pass, class pass",
+        HOSTILE, "class map", "0.25 ±0.10", "undefined", "weights pass, class pass",
         "random map", "baseline", "1.00 ±0.00", "n/a", "reference"]
 
 

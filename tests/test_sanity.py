@@ -63,6 +63,17 @@ def trained_like(width=4, seed=0):
     return model.eval()
 
 
+def test_a_silent_trained_picture_is_left_out_and_a_redrawn_picture_gone_constant_kept_nothing():
+    g = torch.Generator().manual_seed(2)
+    trained, redrawn = torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g)
+    trained[1] = 0   # the unit silent on start 1: no ranking to keep
+    redrawn[2] = 0   # the re-initialised unit silent on start 2, where the trained one fired
+    rho = sanity.similarities(redrawn, trained)
+    assert rho[0].item() == pytest.approx(sanity.spearman(redrawn[0].abs().sum(0), trained[0].abs().sum(0)))
+    assert math.isnan(rho[1].item()) and rho[2].item() == 0.0
+    assert sanity.defined_mean(rho) == pytest.approx(rho[0].item() / 2)
+
+
 def test_reinitialised_stages_are_a_freshly_built_networks_and_nothing_else_changes():
     model = trained_like()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -107,20 +107,23 @@ def test_verdicts_are_given_only_two_standard_errors_from_the_line_else_unresolv
     weights = lambda top, everything: {"weights:_top": top, "weights:_all": everything}
     rows = {"random map": row("baseline", **faithful_columns([0.6, 0.6, 0.6, 0.6], [0.6, 0.6, 0.6, 0.6])),
             "Sobel edge map": row("baseline", **faithful_columns([0.5, 0.5, 0.5, 0.5], [0.6, 0.6, 0.7, 0.6])),
-            # gaps 0.6 against 0, 0.125: far above both, tight; rho far below 0.5; a constant map (NaN) changed
-            "good": row("class map", **weights([0.1, 0.2, 0.1, 0.2], [float("nan")] * 4), **{"class": [0.2, 0.3, 0.2, 0.3]},
+            # gaps 0.6 against 0, 0.125: far above both, tight; rho far below 0.5 (a redrawn map gone constant is 0)
+            "good": row("class map", **weights([0.1, 0.2, 0.1, 0.2], [0.0] * 4), **{"class": [0.2, 0.3, 0.2, 0.3]},
                         **faithful_columns([0.2, 0.2, 0.3, 0.3], [0.8, 0.8, 0.9, 0.9])),
             # rho 0.45 +- 0.15 straddles 0.5; the gap beats the random map's but by less than its spread
             "close": row("class map", **weights([0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]),
                          **{"class": [0.2, 0.8, 0.2, 0.6]}, **faithful_columns([0.6, 0.3, 0.6, 0.6], [0.6, 0.9, 0.6, 0.6])),
             # rho 0.9 with no spread: fails however few images; the gap is the random map's exactly
             "guided": row("unit picture", **weights([0.9, 0.9], [0.2, 0.2])),
+            # every trained map constant (a unit silent on every image): nothing to measure
+            "silent": row("unit picture", **weights([float("nan")] * 2, [float("nan")] * 2)),
             "same": row("class map", **weights([0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]), **{"class": [0.9] * 4},
                         **faithful_columns([0.6] * 4, [0.6] * 4))}
     rows = trust.verdicts(rows)
     assert rows["good"].passes == {"weights": "pass", "class": "pass", "faithful": "pass"}
     assert rows["close"].passes == {"weights": "pass", "class": "unresolved", "faithful": "unresolved"}
     assert rows["guided"].passes == {"weights": "fail"}
+    assert rows["silent"].passes == {"weights": "unresolved"}
     assert rows["same"].passes == {"weights": "pass", "class": "fail", "faithful": "fail"}
     assert rows["random map"].passes == {}
 

@@ -258,7 +258,7 @@ def sanity_table(record):
 
 def trust_table(record):
     """A trust JSON's rows: a row per technique, its kind, each column's mean with its standard error
-    beside it (sorted by the mean; n/a where the column does not apply, const. where rho is undefined),
+    beside it (sorted by the mean; n/a where the column does not apply, undefined where no image defines it),
     then its verdicts. The columns are the JSON's, in the order of the row that has the most."""
     rows = record.get("rows")
     if not isinstance(rows, dict) or not rows or not all(isinstance(r, dict) for r in rows.values()):
@@ -273,7 +273,7 @@ def trust_table(record):
         if key not in row or not isinstance(value, (int, float, type(None))):
             return '<td class="num" data-value="NaN">n/a</td>'
         if value is None:
-            return '<td class="num" data-value="NaN">const.</td>'
+            return '<td class="num" data-value="NaN">undefined</td>'
         shown = f"{value:.2f}" + (f" ±{error:.2f}" if isinstance(error, (int, float)) else "")
         return f'<td class="num" data-value="{e(repr(value))}">{e(shown)}</td>'
     body = []

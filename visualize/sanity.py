@@ -18,9 +18,10 @@ Every technique's picture is a signed image r (N, 3, 32, 32), one for each start
 Similarity (Adebayo's measure) of a picture r to the trained network's picture t of the same start:
     rho(r, t) = spearman(S(r), S(t)),  S(r)(p) = sum over the 3 colours c of |r_c(p)|
 over the 32x32 pixels p, averaged over the starts where it is defined. It is undefined (NaN, null in
-the JSON, "n/a" in the figure) where either map is constant, as where the unit is silent on an image
-and its picture is 0: a silent picture has no ranking to compare, so it is left out of the mean, not
-counted as 0.
+the JSON, "n/a" in the figure) where the trained picture is constant, as where the unit is silent on an
+image and its picture is 0: a silent picture has no ranking to keep, so the start is left out of the
+mean, not counted as 0. Where only the redrawn picture is constant (the re-initialised unit is silent
+where the trained one fired) it kept none of the ranking: rho 0 (similarities).
 """
 import copy
 import json
@@ -82,9 +83,14 @@ def saliency(r):
 
 
 def similarities(pictures, trained):
-    """rho(pictures[i], trained[i]) for each start i (NaN where undefined), as float64 (N,)."""
-    return torch.tensor([spearman(a, b) for a, b in zip(saliency(pictures), saliency(trained))],
-                        dtype=torch.float64)
+    """rho(S(pictures[i]), S(trained[i])) for each start i, as float64 (N,): NaN where the trained picture
+    is constant (a silent unit: it has no ranking to keep, and the start is left out of the means), 0
+    where only the redrawn one is (it kept none of the ranking: Grad-CAM's map, say, once its ReLU
+    leaves nothing of a random network)."""
+    redrawn, kept = saliency(pictures), saliency(trained)
+    constant = lambda s: (s.flatten(1) == s.flatten(1)[:, :1]).all(1)
+    rho = torch.tensor([spearman(a, b) for a, b in zip(redrawn, kept)], dtype=torch.float64)
+    return torch.where(constant(redrawn) & ~constant(kept), torch.zeros_like(rho), rho)
 
 
 def defined_mean(values):
@@ -192,7 +198,7 @@ class SanityChecks:
     """The cascade's pictures and their similarity to the trained network's."""
     depths: list      # "trained", then each stage in the order re-initialised (cascade_depths)
     pictures: dict    # {technique: [r at each depth]}, r (N, 3, 32, 32) (feature visualization: N = 1)
-    per_start: dict   # {technique: (depths, N) float64 rho of each start, NaN where undefined}
+    per_start: dict   # {technique: (depths, N) float64 rho of each start, NaN where the trained picture is constant}
     similarity: dict  # {technique: [defined_mean of per_start at each depth]}; the trained one is 1
 
 

@@ -29,8 +29,9 @@ a map scores that knows nothing of the network.
 Each row's verdicts are "pass", "fail" or "unresolved": a test is decided only where its number is
 further than Z = 2 standard errors (about 95 %) from the line it is held against, and unresolved
 where it is not.
-    weights   rho below PASS_BELOW at both depths (an undefined rho, a map that became constant, has
-              kept nothing of the trained map's ranking: changed); fail where either depth is above it
+    weights   rho below PASS_BELOW at both depths, fail where either depth is above it. rho is 0 where
+              the redrawn map became constant (it kept none of the trained map's ranking), and the
+              image is left out where the trained map is constant (a silent unit: nothing to keep)
     class     the same, for the class column
     faithful  the ROAD gap LeRF - MoRF wider than both baselines': per image, the row's gap minus the
               baseline's (the same images, so the difference is paired), its mean more than Z standard
@@ -105,11 +106,11 @@ class TrustRow:
         return {column: summary(v)[1] for column, v in self.per_image.items()}
 
 
-def per_image_similarity(maps, other):
-    """sanity.similarities of the relevance of two batches of maps: each image's Spearman rho, (N,)
-    float64, NaN where undefined."""
+def per_image_similarity(trained, redrawn):
+    """sanity.similarities of the relevance of each image's trained and redrawn maps: its Spearman rho,
+    (N,) float64; NaN where the trained map is constant (left out), 0 where only the redrawn one is."""
     pick = lambda m: faithfulness.relevance(m.cpu())[:, None]  # (N, 1, H, W) >= 0, as sanity.similarities reads
-    return sanity.similarities(pick(maps), pick(other))
+    return sanity.similarities(pick(redrawn), pick(trained))
 
 
 def draw_class_maps(model, images, targets, names=CLASS_MAP_NAMES):
@@ -189,8 +190,8 @@ def unit_picture_rows(run, unit_images=UNIT_IMAGES, seed=0):
 def changed(per_image):
     """Has the map changed, rho below PASS_BELOW? One of VERDICTS (see the module's docstring)."""
     mean, error = summary(per_image)
-    if math.isnan(mean):  # constant on every image: nothing of the trained ranking is left
-        return "pass"
+    if math.isnan(mean):  # every trained map constant: nothing to measure
+        return "unresolved"
     error = 0.0 if math.isnan(error) else error  # one start: decided on its value
     return "pass" if mean + Z * error < PASS_BELOW else "fail" if mean - Z * error >= PASS_BELOW else "unresolved"
 
@@ -262,12 +263,12 @@ def table_suffix(count, target, seed, step, noise, unit_images):
 
 
 def cell_text(value, error):
-    """A number as the table writes it: 'n/a' where the column does not apply, 'const.' where rho is
-    undefined (the map became constant), else the mean and, where measured, its standard error."""
+    """A number as the table writes it: 'n/a' where the column does not apply, 'undefined' where no
+    image defines it (every trained map constant), else the mean and, where measured, its standard error."""
     if value is None:
         return "n/a"
     if math.isnan(value):
-        return "const."
+        return "undefined"
     return f"{value:.2f}" + ("" if math.isnan(error) else f" ±{error:.2f}")
 
 
