@@ -194,47 +194,53 @@ EDGE_WEIGHT, DIAGONAL_WEIGHT = 1 / 6, 1 / 12
 
 def neighbour_sum(v):
     """sum_q w_q v(p + q) over the 8 neighbours q of every pixel p of v (B, H, W), those outside the
-    image left out (zero padding). The weights are (1 2 1)^T (1 2 1) / 12 less the centre's 4 / 12, so
-    two passes of (1 2 1) over shifted slices (fewer temporaries than eight shifts, and 4x faster than
-    a 3x3 conv2d in float64 on a CPU)."""
-    p = F.pad(v, (1, 1, 0, 0))
-    rows = p[:, :, :-2] + 2 * p[:, :, 1:-1] + p[:, :, 2:]
-    p = F.pad(rows, (0, 0, 1, 1))
-    return (p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:] - 4 * v) * DIAGONAL_WEIGHT
+    image left out. The weights are (1 2 1)^T (1 2 1) / 12 less the centre's 4 / 12, so two passes of
+    (1 2 1), each a shifted add into the slices that have the neighbour: no padding, few temporaries
+    (8x faster than padded shifts, and than a 3x3 conv2d, on a CPU)."""
+    rows = v * 2
+    rows[:, :, 1:] += v[:, :, :-1]
+    rows[:, :, :-1] += v[:, :, 1:]
+    out = rows * 2
+    out[:, 1:] += rows[:, :-1]
+    out[:, :-1] += rows[:, 1:]
+    return out.sub_(v, alpha=4).mul_(DIAGONAL_WEIGHT)
 
 
 def conjugate_gradients(x, mask, tol):
     """road_impute's systems for the images x (B, H, W) and their removed pixels (mask, 1 where removed):
     the solution, 0 on the kept pixels. Each system stops at a residual norm of tol times its right
-    side's; those that have converged leave the batch, a few at a time."""
+    side's; those that have converged leave the batch, a few at a time. The steps update in place:
+    the vectors are small and the arithmetic little, so a new tensor per operation would be most of
+    the time."""
     h, w = x.shape[-2:]
     tiny = torch.finfo(x.dtype).tiny  # guards the divisions of a system already solved
+    dot = lambda a, b: torch.linalg.vecdot(a.flatten(1), b.flatten(1))  # per system
     right = mask * neighbour_sum(x * (1 - mask))
     solution = torch.zeros_like(x)
     active = torch.arange(len(x), device=x.device)  # the systems still iterating, and their state below
-    diagonal = neighbour_sum(torch.ones_like(x)) * mask + (1 - mask)  # W_p; 1 on kept pixels (unused)
+    inverse_diagonal = 1 / (neighbour_sum(torch.ones_like(x)) * mask + (1 - mask))  # 1 / W_p; 1 on kept pixels
+    diagonal = 1 / inverse_diagonal
     v = torch.zeros_like(x)
-    residual = right
-    z = residual / diagonal
-    direction = z
-    rz = (residual * z).sum((1, 2))
+    residual = right.clone()
+    direction = residual * inverse_diagonal
+    rz = dot(residual, direction)
     limit = tol * right.flatten(1).norm(dim=1)
     for _ in range(h * w + 1):  # CG is exact in at most as many steps as unknowns
         done = residual.flatten(1).norm(dim=1) <= limit
         if done.all() or done.sum() * 8 >= len(done):  # keep the converged systems' solutions
             solution[active[done]] = v[done]
             going = ~done
-            active, mask, diagonal, v, residual, z, direction, rz, limit = (
-                t[going] for t in (active, mask, diagonal, v, residual, z, direction, rz, limit))
+            active, mask, diagonal, inverse_diagonal, v, residual, direction, rz, limit = (
+                t[going] for t in (active, mask, diagonal, inverse_diagonal, v, residual, direction, rz, limit))
             if len(active) == 0:
                 break
-        a_direction = mask * (diagonal * direction - neighbour_sum(direction))  # the matrix (0 on kept pixels)
-        step = rz / (direction * a_direction).sum((1, 2)).clamp_min(tiny)
-        v = v + step[:, None, None] * direction
-        residual = residual - step[:, None, None] * a_direction
-        z = residual / diagonal
-        rz_next = (residual * z).sum((1, 2))
-        direction = z + (rz_next / rz.clamp_min(tiny))[:, None, None] * direction
+        a_direction = (diagonal * direction).sub_(neighbour_sum(direction)).mul_(mask)  # the matrix, 0 on kept pixels
+        step = (rz / dot(direction, a_direction).clamp_min(tiny))[:, None, None]
+        v.addcmul_(step, direction)
+        residual.addcmul_(step, a_direction, value=-1)
+        z = residual * inverse_diagonal
+        rz_next = dot(residual, z)
+        direction = z.addcmul_((rz_next / rz.clamp_min(tiny))[:, None, None], direction)
         rz = rz_next
     solution[active] = v  # none left unless h * w + 1 steps were not enough (rounding)
     return solution
