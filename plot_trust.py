@@ -30,9 +30,10 @@ from visualize.drawing import format_indices
 
 def main(argv=None):
     p = cli.plot_parser(__doc__, images=format_indices(trust.UNIT_IMAGES))
-    p.add_argument("--count", type=int, default=trust.COUNT,
-                   help="the first N test images the faithfulness columns are measured on, 1..the split's "
-                        "size; fewer are faster and less certain (default: %(default)s)")
+    p.add_argument("--count", type=int, default=None,
+                   help=f"the first N test images the faithfulness columns are measured on, 1..the split's "
+                        f"size; fewer are faster and less certain (default: {trust.COUNT}, or the whole split "
+                        f"if smaller)")
     p.add_argument("--target", default="predicted",
                    help=f"the class each map explains: {' or '.join(trust.TARGETS)} (default: %(default)s)")
     p.add_argument("--step", type=float, default=faithfulness.DELETION_STEP,
@@ -52,10 +53,12 @@ def main(argv=None):
         raise utils.UserError(f"--noise {args.noise}: must be a finite number, 0 or above (0: no noise)")
     if not 0 <= args.seed < 2 ** 63:
         raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
-    if args.count < 1:
+    if args.count is not None and args.count < 1:
         raise utils.UserError(f"--count {args.count}: must be at least 1 (the first N test images)")
     run = p.load(args)
-    if args.count > len(run.images):
+    if args.count is None:
+        args.count = trust.default_count(len(run.images))
+    elif args.count > len(run.images):
         raise utils.UserError(f"--count {args.count} is out of range: the test split has {len(run.images)} images; "
                               f"choose 1..{len(run.images)}")
     return trust.plot_trust(run, args.figures_dir, args.count, args.target, args.seed, args.step, args.noise, args.images)

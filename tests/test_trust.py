@@ -170,6 +170,13 @@ def test_every_flag_out_of_range_gets_one_line_naming_the_valid_values(tiny_chec
     assert not list(tmp_path.iterdir())
 
 
+def test_the_default_count_is_a_few_hundred_or_a_smaller_splits_whole():
+    assert trust.default_count(10_000) == trust.COUNT == 256
+    assert trust.default_count(100) == 100
+    assert trust.table_suffix(100, "predicted", 0, 5, 0.01, trust.UNIT_IMAGES, 100) == ""
+    assert trust.table_suffix(100, "predicted", 0, 5, 0.01, trust.UNIT_IMAGES, 512) == "_count100"
+
+
 def test_the_script_writes_the_table_and_its_json(tiny_checkpoint, tmp_path, one_thread):
     proc = run_in_process("plot_trust.py", ["--checkpoint", str(tiny_checkpoint), "--figures-dir", str(tmp_path),
                                             "--count", "2", "--step", "50", "--images", "0-1"])

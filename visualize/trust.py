@@ -254,9 +254,15 @@ def trust_table(run, count=COUNT, target="predicted", seed=0, step=faithfulness.
     return verdicts(rows)
 
 
-def table_suffix(count, target, seed, step, noise, unit_images):
+def default_count(split_size):
+    """The first test images the faithfulness columns take unless told: COUNT, or all of a smaller split."""
+    return min(COUNT, split_size)
+
+
+def table_suffix(count, target, seed, step, noise, unit_images, split_size):
     """The file name's additions for every non-default choice ('' for the defaults)."""
-    parts = [(unit_images != UNIT_IMAGES, f"images{format_indices(unit_images)}"), (count != COUNT, f"count{count}"),
+    parts = [(unit_images != UNIT_IMAGES, f"images{format_indices(unit_images)}"),
+             (count != default_count(split_size), f"count{count}"),
              (target != "predicted", target), (seed != 0, f"seed{seed}"),
              (step != faithfulness.DELETION_STEP, f"step{step:g}"), (noise != faithfulness.ROAD_NOISE, f"noise{noise:g}")]
     return "".join(f"_{text}" for chosen, text in parts if chosen)
@@ -276,9 +282,11 @@ def json_number(value):
     return None if math.isnan(value) else value
 
 
-def plot_trust(run, figures_dir, count=COUNT, target="predicted", seed=0, step=faithfulness.DELETION_STEP,
+def plot_trust(run, figures_dir, count=None, target="predicted", seed=0, step=faithfulness.DELETION_STEP,
                noise=faithfulness.ROAD_NOISE, unit_images=UNIT_IMAGES):
-    """plot_trust.py: the table as trust<suffix>.png and .json in figures_dir; prints it; returns both paths."""
+    """plot_trust.py: the table as trust<suffix>.png and .json in figures_dir; prints it; returns both
+    paths. count: the faithfulness's test images, default_count unless given."""
+    count = default_count(len(run.images)) if count is None else count
     rows = trust_table(run, count, target, seed, step, noise, unit_images)
     header = [*COLUMNS, "verdicts"]
     cells = [[cell_text(row.values.get(column), row.errors.get(column)) for column in COLUMNS]
@@ -298,7 +306,7 @@ def plot_trust(run, figures_dir, count=COUNT, target="predicted", seed=0, step=f
         f"higher), noise {noise:g}; passes where its LeRF - MoRF gap beats both baselines'",
         f"a verdict only where the number is {Z} standard errors from its line, else unresolved", run.caption))
     figures_dir = Path(figures_dir)
-    suffix = table_suffix(count, target, seed, step, noise, unit_images)
+    suffix = table_suffix(count, target, seed, step, noise, unit_images, len(run.images))
     png = save_text_table(figures_dir / f"trust{suffix}.png", cells, title, header, list(rows),
                           [row.kind for row in rows.values()])
     record = {"count": count, "target": target, "seed": seed, "step_percent": step, "road_noise": noise,
