@@ -124,6 +124,10 @@ def test_verdicts_are_given_only_two_standard_errors_from_the_line_else_unresolv
     assert rows["close"].passes == {"weights": "pass", "class": "unresolved", "faithful": "unresolved"}
     assert rows["guided"].passes == {"weights": "fail"}
     assert rows["silent"].passes == {"weights": "unresolved"}
+    one = {"random map": row("baseline", **faithful_columns([0.6], [0.6])),
+           "Sobel edge map": row("baseline", **faithful_columns([0.5], [0.6])),
+           "good": row("class map", **weights([0.1], [0.1]), **faithful_columns([0.1], [0.9]))}
+    assert trust.verdicts(one)["good"].passes["faithful"] == "unresolved"  # one image: no spread
     assert rows["same"].passes == {"weights": "pass", "class": "fail", "faithful": "fail"}
     assert rows["random map"].passes == {}
 

@@ -37,7 +37,8 @@ where it is not.
               baseline's (the same images, so the difference is paired), its mean more than Z standard
               errors above 0 for both; fail where it is Z standard errors or more below 0 for either
 A picture measured on one start only (the feature visualization starts from the mean colour once) has
-no spread to measure: it is decided on its value. ROAD decides faithfulness, not deletion: removing
+no spread to measure: its weights test is decided on its value. Faithfulness on one image (--count 1)
+is unresolved. ROAD decides faithfulness, not deletion: removing
 scattered pixels into the mean colour takes an image out of the data the network knows, so a random
 map can "delete" best (it does on the gallery's network), the bias ROAD's imputation was made to
 remove; deletion and insertion are shown beside it.
@@ -205,7 +206,8 @@ def above_zero(differences):
     """Is the mean of paired differences above 0? One of VERDICTS: pass Z standard errors above it, fail
     at Z standard errors below it or further (or at it with no spread), unresolved between."""
     mean, error = summary(differences)
-    error = 0.0 if math.isnan(error) else error
+    if math.isnan(error):  # one image (--count 1): no spread to hold the difference against
+        return "unresolved"
     return "pass" if mean - Z * error > 0 else "fail" if mean + Z * error <= 0 else "unresolved"
 
 
