@@ -56,9 +56,7 @@ def main(argv=None):
     if args.count is not None and args.count < 1:
         raise utils.UserError(f"--count {args.count}: must be at least 1 (the first N test images)")
     run = p.load(args)
-    if args.count is None:
-        args.count = trust.default_count(len(run.images))
-    elif args.count > len(run.images):
+    if args.count is not None and args.count > len(run.images):
         raise utils.UserError(f"--count {args.count} is out of range: the test split has {len(run.images)} images; "
                               f"choose 1..{len(run.images)}")
     return trust.plot_trust(run, args.figures_dir, args.count, args.target, args.seed, args.step, args.noise, args.images)

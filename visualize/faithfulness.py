@@ -190,6 +190,7 @@ def insertion(model, images, targets, maps, step=DELETION_STEP, seed=0):
 # The imputation's neighbour weights (Rong et al.): 1/6 for the 4 edge neighbours, 1/12 for the 4
 # diagonal ones, 0 for the pixel itself; they sum to 1.
 EDGE_WEIGHT, DIAGONAL_WEIGHT = 1 / 6, 1 / 12
+assert EDGE_WEIGHT == 2 * DIAGONAL_WEIGHT  # neighbour_sum's separable (1 2 1) passes rest on it
 
 
 def neighbour_sum(v):
@@ -314,10 +315,10 @@ def road(model, images, targets, maps, order="MoRF", levels=ROAD_LEVELS, noise=R
     pixels = (images.to(device).float() / 255).repeat_interleave(len(levels), 0)  # imputed on the model's device
     generator = torch.Generator().manual_seed(seed)
     per_chunk = max(1, CHUNK // len(levels)) * len(levels)
+    mean, std = mean_std(device)
     correct = []
     for i in range(0, len(pixels), per_chunk):
-        imputed = road_impute(pixels[i:i + per_chunk], removed[i:i + per_chunk], noise, generator).to(device)
-        mean, std = mean_std(device)
+        imputed = road_impute(pixels[i:i + per_chunk], removed[i:i + per_chunk], noise, generator)
         correct.append(predictions(model, ((imputed - mean) / std).to(parameter.dtype)).cpu())
     correct = torch.cat(correct).view(n, len(levels)) == targets.cpu()[:, None]
     return RoadScores(levels=list(levels), order=order, correct=correct)

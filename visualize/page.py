@@ -256,6 +256,12 @@ def sanity_table(record):
     return table(columns, rows)
 
 
+def row_keys(rows):
+    """Every key of the JSON objects `rows`, once, in the order of the row that has the most (the others'
+    extra keys after them): a table's columns."""
+    return list(dict.fromkeys(key for row in sorted(rows, key=len, reverse=True) for key in row))
+
+
 def trust_table(record):
     """A trust JSON's rows: a row per technique, its kind, each column's mean with its standard error
     beside it (sorted by the mean; n/a where the column does not apply, undefined where no image defines it),
@@ -263,8 +269,7 @@ def trust_table(record):
     rows = record.get("rows")
     if not isinstance(rows, dict) or not rows or not all(isinstance(r, dict) for r in rows.values()):
         return ""
-    keys = [key for key in dict.fromkeys(k for r in sorted(rows.values(), key=len, reverse=True) for k in r)
-            if key not in ("kind", "passes", "cascade") and not key.endswith(" SE")]
+    keys = [key for key in row_keys(rows.values()) if key not in ("kind", "passes", "cascade") and not key.endswith(" SE")]
     columns = ([("technique", "technique", False), ("kind", "kind", False)] + [(key, key, True) for key in keys]
                + [("verdicts", "verdicts", False)])
 
@@ -313,9 +318,7 @@ def json_table(record):
     if not found:
         return ""
     names, rows = max(found, key=lambda f: len(f[1]))
-    # the columns in the order of the row that has the most (the others' extra keys after them)
-    keys = [key for key in dict.fromkeys(k for row in sorted(rows, key=len, reverse=True) for k in row)
-            if all(shown_value(row.get(key)) is not LARGE for row in rows)]
+    keys = [key for key in row_keys(rows) if all(shown_value(row.get(key)) is not LARGE for row in rows)]
     numeric = {key: all(isinstance(shown_value(row.get(key)), (int, float, type(None))) for row in rows) for key in keys}
     columns = ([("name", "", False)] if names else []) + [(key, key, numeric[key]) for key in keys]
     body = [([f'<th data-value="{e(name)}">{e(name)}</th>'] if names else []) +

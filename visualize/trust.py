@@ -96,15 +96,9 @@ class TrustRow:
     cascade: list = field(default_factory=list)    # mean rho at each depth of DEPTHS (not the baselines)
     passes: dict = field(default_factory=dict)     # {"weights" | "class" | "faithful": one of VERDICTS}
 
-    @property
-    def values(self):
-        """{column: the mean over the images}."""
-        return {column: summary(v)[0] for column, v in self.per_image.items()}
-
-    @property
-    def errors(self):
-        """{column: the standard error of that mean}."""
-        return {column: summary(v)[1] for column, v in self.per_image.items()}
+    def summaries(self):
+        """{column: (the mean over the images, its standard error)}."""
+        return {column: summary(v) for column, v in self.per_image.items()}
 
 
 def per_image_similarity(trained, redrawn):
@@ -287,13 +281,14 @@ def json_number(value):
 def plot_trust(run, figures_dir, count=None, target="predicted", seed=0, step=faithfulness.DELETION_STEP,
                noise=faithfulness.ROAD_NOISE, unit_images=UNIT_IMAGES):
     """plot_trust.py: the table as trust<suffix>.png and .json in figures_dir; prints it; returns both
-    paths. count: the faithfulness's test images, default_count unless given."""
+    paths. count: the faithfulness's test images (None: default_count of the split)."""
     count = default_count(len(run.images)) if count is None else count
     rows = trust_table(run, count, target, seed, step, noise, unit_images)
     header = [*COLUMNS, "verdicts"]
-    cells = [[cell_text(row.values.get(column), row.errors.get(column)) for column in COLUMNS]
+    summaries = {name: row.summaries() for name, row in rows.items()}
+    cells = [[cell_text(*summaries[name].get(column, (None, None))) for column in COLUMNS]
              + [", ".join(f"{test} {verdict}" for test, verdict in row.passes.items()) or "reference"]
-             for row in rows.values()]
+             for name, row in rows.items()]
     print(f"{'':>22}" + "".join(f"{column:>15}" for column in header[:-1]))
     for name, line in zip(rows, cells):
         print(f"{name:>22}" + "".join(f"{text:>15}" for text in line[:-1]) + f"  {line[-1]}")
@@ -315,8 +310,8 @@ def plot_trust(run, figures_dir, count=None, target="predicted", seed=0, step=fa
               "road_levels": list(faithfulness.ROAD_LEVELS), "unit": {**UNIT, "images": unit_images},
               "dependence_images": unit_images, "depths": DEPTHS, "pass_below": PASS_BELOW, "z": Z,
               "rows": {name: {"kind": row.kind,
-                              **{key: json_number(value) for column in COLUMNS if column in row.values
-                                 for key, value in ((column, row.values[column]), (f"{column} SE", row.errors[column]))},
+                              **{key: json_number(value) for column in COLUMNS if column in summaries[name]
+                                 for key, value in zip((column, f"{column} SE"), summaries[name][column])},
                               "passes": row.passes,
                               **({"cascade": [json_number(v) for v in row.cascade]} if row.cascade else {})}
                        for name, row in rows.items()}}
