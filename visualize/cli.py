@@ -9,15 +9,18 @@ modules take, and the checks that make it one they can trust. Every bad value ge
 """
 import argparse
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from model import METHODS, PATHS, STAGES
 from speed import resolve_device
 from utils import OneLineArgumentParser, UserError, check_writable
 from visualize.context import load_run
-from visualize.drawing import FEATURE_MAP_TILES, SCALES
+from visualize.drawing import FEATURE_MAP_TILES, SCALES, format_indices
 from visualize.units import ABLATION_IMAGES
 
+RUN_FLAGS = ("checkpoint", "data_dir", "synthetic", "figures_dir", "device")  # which run, not which figure
 MAX_IMAGES = 64  # test images a figure may show (--images): beyond that the panels are too small to read
 CHANNELS_AUTO_HELP = (f"; auto: every channel of a stage with at most {FEATURE_MAP_TILES}, else the "
                       f"{FEATURE_MAP_TILES} with the largest maximum on the image, most active first")
@@ -30,9 +33,10 @@ class PlotParser(OneLineArgumentParser):
     rest once the checkpoint and test split are in. A script's own flags are its own to check.
     """
 
-    def __init__(self, doc):
+    def __init__(self, doc, script=None):
         super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         self.shared = set()
+        self.script = script or self.prog  # the file name a figure's command names
         self.add_argument("--checkpoint", default="checkpoints/resnet18_cifar10.pt",
                           help="checkpoint written by train.py (default: %(default)s)")
         self.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: the checkpoint's)")
@@ -66,6 +70,28 @@ class PlotParser(OneLineArgumentParser):
         check_writable(args.figures_dir, "--figures-dir", folder=True)
         return args
 
+    def figure_record(self, args, kind):
+        """What the page needs of a figure, for the JSON beside it: {"kind", "script", "flags" (every flag
+        of the figure's own, as text, defaults included), "changed" (those not at their default),
+        "command" (the line that draws it again: the changed flags and the run's), "checkpoint"}."""
+        defaults = vars(argparse.ArgumentParser.parse_args(self, []))  # types applied, as to a given value
+        flags, changed, run_words = {}, {}, []
+        for action in self._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            flag = next(o for o in action.option_strings if o.startswith("--"))
+            value, default = flag_text(getattr(args, action.dest)), flag_text(defaults[action.dest])
+            if action.dest in RUN_FLAGS:
+                if value != default and value is not None:
+                    run_words.append(switch_text(flag, value))
+                continue
+            flags[flag] = value
+            if value != default:
+                changed[flag] = value
+        words = [f"python {self.script}", *(switch_text(f, v) for f, v in changed.items()), *run_words]
+        return {"kind": kind, "script": self.script, "flags": flags, "changed": changed,
+                "command": " ".join(w for w in words if w), "checkpoint": str(args.checkpoint)}
+
     def load(self, args, test_split=True):
         """The PlotRun the flags name, then the flags checked against it: --channel and --channels against
         --layer of this network, the test image indices and --ablation-images against the test split."""
@@ -84,6 +110,34 @@ class PlotParser(OneLineArgumentParser):
                 raise UserError(f"--ablation-images {args.ablation_images} is out of range: the test split has "
                                 f"{len(run.images)} images; choose 1..{len(run.images)}")
         return run
+
+
+def flag_text(value):
+    """A parsed flag's value as its command line writes it: a list of indices as 4531-4546, a list of
+    names comma-separated, a switch as True/False, a device by its name; None for a flag left unset."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, ChannelChoice):
+        return value.text
+    if isinstance(value, (list, tuple)):
+        if all(type(v) is int for v in value):
+            return format_indices(list(value))
+        return ",".join(flag_text(v) for v in value)
+    return str(value)
+
+
+def switch_text(flag, value):
+    """'--flag value' as a command line gives it ('--flag' / '--no-flag' for a switch, '' for unset)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {quote_word(value)}"
+
+
+def quote_word(text):
+    """`text` as one word of a command line on any shell: double-quoted if it holds a space."""
+    return f'"{text}"' if any(c.isspace() for c in text) or not text else text
 
 
 TOP_ACTIVATING = "the top-activating one"  # plot_parser(image_index=...): no index unless one is given
