@@ -400,7 +400,7 @@ def main(argv=None):
 
     print_table(result)
     path = json_path(args, device)
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2, allow_nan=False)
     print(f"train.py's choice trains {result['choice_vs_tutorial']:.2f}x as fast as the tutorial pipeline")
     print(f"figures written to {path}")

@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -139,7 +138,7 @@ def make_checkpoint(work_dir, width, iterations):
 
 def run_plot_all(checkpoint, figures_dir, data_dir, synthetic, device):
     """(plot_all.py's stdout, its wall time, its CPU time): plot_all.py on the checkpoint in a fresh
-    Python process."""
+    Python process. The CPU time is None where the system does not count a child's (Windows)."""
     command = [sys.executable, str(ROOT / "plot_all.py"), "--checkpoint", str(checkpoint), "--figures-dir",
                str(figures_dir), "--device", str(device)]
     if data_dir is not None:
@@ -147,12 +146,19 @@ def run_plot_all(checkpoint, figures_dir, data_dir, synthetic, device):
     if synthetic is not None:
         command += ["--synthetic" if synthetic else "--no-synthetic"]
     print("timing:", " ".join(command[1:]), flush=True)
-    start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wall, done = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    start, children = time.perf_counter(), children_cpu_seconds()
+    proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          encoding="utf-8")
+    wall, done = time.perf_counter() - start, children_cpu_seconds()
     if proc.returncode != 0:
         raise utils.UserError(f"plot_all.py failed: {proc.stderr.strip().splitlines()[-1]}")
-    return proc.stdout, wall, done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
+    return proc.stdout, wall, (done - children) if os.name != "nt" else None
+
+
+def children_cpu_seconds():
+    """CPU seconds of the waited-for child processes (os.times: 0 on Windows, which does not count them)."""
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def figure_times(stdout):
@@ -212,8 +218,9 @@ def measure_figures(args):
     print(f"{'plot_all.py (its total)':44} {sum(r['files'] for r in scripts.values()):5} {total:8.1f} "
           f"{result['ratio']:10.2f}")
     print(f"{'plot_all.py (process wall time)':44} {'':5} {wall:8.1f} {result['wall_ratio']:10.2f}")
-    print(f"{'plot_all.py (process CPU time)':44} {'':5} {cpu:8.1f} {result['cpu_ratio']:10.2f}  "
-          f"(forward pass: {before_cpu:.1f} s and {after_cpu:.1f} s of CPU time)")
+    if cpu is not None:
+        print(f"{'plot_all.py (process CPU time)':44} {'':5} {cpu:8.1f} {result['cpu_ratio']:10.2f}  "
+              f"(forward pass: {before_cpu:.1f} s and {after_cpu:.1f} s of CPU time)")
     return result
 
 
@@ -295,7 +302,7 @@ def main(argv=None):
     else:
         result = measure_figures(args)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         print(f"figures written to {args.json}")
     return result
 

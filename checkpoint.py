@@ -11,7 +11,6 @@ Every checkpoint loads with torch.load(weights_only=True): it holds tensors, num
 and dicts only.
 """
 import csv
-import fcntl
 import json
 import os
 import socket
@@ -22,11 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import filelock
 import torch
 
 import speed
 from model import ResNet, state_shapes
-from utils import UserError, check_writable
+from utils import UserError, check_writable, write_text_atomic
 
 # --------------------------------------------------------------------------- writing: atomic, one run a path
 
@@ -52,17 +52,18 @@ def save_atomic(obj, path):
 
 class Claim:
     """One run per checkpoint, as a `with` block: while a Claim on a path is held, making another (in
-    any process) raises UserError naming the holder's pid and start time.
+    any process, on Linux, Windows or macOS) raises UserError naming the holder's pid and start time.
 
         with checkpoint.Claim(path) as claim:   # released however the block ends
             ...
 
-    The claim is an exclusive flock on <checkpoint>.lock beside the checkpoint, so it is atomic
-    (one flock wins), and the kernel drops it when its holder dies in any way (SIGKILL included,
-    and a reboot holds no locks): a lock file that can be locked is a claim nobody holds, taken
-    over with one line saying so. The file records who holds it, for the message; release()
-    removes it: the block's end, or a signal handler before os._exit (which skips every `finally`).
-    Paths are resolved, so every working directory names the same claim.
+    The claim is filelock's lock on <checkpoint>.lock beside the checkpoint (flock on Linux and macOS,
+    msvcrt's lock on Windows), taken without waiting: atomic (one lock wins), and dropped by the
+    operating system when its holder dies in any way (a kill or a reboot included). Who holds it is
+    recorded in <checkpoint>.claim, written once the lock is held and removed on release; a record
+    found by a run that got the lock is a claim its holder never gave back, taken over with one line
+    saying so. release() removes both files: the block's end, or a signal handler before os._exit
+    (which skips every `finally`). Paths are resolved, so every working directory names the same claim.
     """
 
     def __init__(self, path, what="--checkpoint"):
@@ -70,6 +71,7 @@ class Claim:
         check_writable(path, what)  # a folder in the way or an unwritable place, said as usual
         path = path.resolve()
         self.lock_path = path.with_name(path.name + ".lock")
+        self.record_path = path.with_name(path.name + ".claim")
         self.made = []  # folders made for the lock, removed again on release if still empty
         folder = path.parent
         while not folder.exists():
@@ -78,28 +80,25 @@ class Claim:
         for made in reversed(self.made):
             made.mkdir(exist_ok=True)
         while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            self.lock = filelock.FileLock(str(self.lock_path), timeout=0, thread_local=False)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _claim_holder(fd)
-                os.close(fd)
+                self.lock.acquire()
+            except filelock.Timeout:
+                holder = _claim_holder(self.record_path)
                 self._remove_made()
                 raise UserError(f"{what} {path} is in use by another run ({_describe_holder(holder)}); wait for "
                                 f"it to end or stop it, or pass another --checkpoint") from None
-            if _names_file(self.lock_path, fd):
+            if self._names_lock_file():
                 break
-            os.close(fd)  # its holder released (and removed) the file between our open and flock: again
-        self.fd = fd
-        left = _read_claim(fd)
-        if left is not None:  # locked by nobody, yet not removed: its holder never released it
+            self.lock.release()  # its holder released (and removed) the file between our open and lock: again
+        left = _read_claim(self.record_path)
+        if left is not None:  # the lock was free, yet the record stayed: its holder never released it
             restarted = left.get("boot") not in (None, _boot_id())
             how = "the machine has restarted since" if restarted else "that run ended without releasing it (killed?)"
             print(f"note: {path} was left claimed by {_describe_holder(left)}, but {how}; this run takes it over",
                   file=sys.stderr, flush=True)
         record = dict(pid=os.getpid(), started=time.time(), host=socket.gethostname(), boot=_boot_id())
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        write_text_atomic(self.record_path, json.dumps(record))
         self.held = True
 
     def __enter__(self):
@@ -109,17 +108,31 @@ class Claim:
         self.release()
 
     def release(self):
-        """Give the claim up (lock file removed); again is a no-op. Safe in a signal handler before os._exit."""
+        """Give the claim up (its files removed); again is a no-op. Safe in a signal handler before os._exit."""
         if not self.held:
             return
         self.held = False
-        try:
-            if _names_file(self.lock_path, self.fd):  # removed while still locked: no run can lock it meanwhile
-                os.unlink(self.lock_path)
-        except OSError:  # left behind, unlocked: the next run takes it over
-            pass
-        os.close(self.fd)
+        for remove in (self.record_path, self.lock_path if self._names_lock_file() else None):
+            try:  # removed while still locked: no run can take the lock file meanwhile
+                if remove is not None:
+                    remove.unlink()
+            except OSError:  # left behind (Windows keeps a locked file; filelock removes it there on release)
+                pass
+        self.lock.release()
         self._remove_made()
+
+    def _names_lock_file(self):
+        """Whether the lock file's path still names the file this claim locked (not removed by a run that
+        released it while this one waited, nor replaced). Where filelock does not say which file it
+        opened, whether the path exists."""
+        fd = getattr(getattr(self.lock, "_context", None), "lock_file_fd", None)
+        if not isinstance(fd, int):
+            return self.lock_path.exists()
+        try:
+            st, fst = os.stat(self.lock_path), os.fstat(fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
     def _remove_made(self):
         for folder in self.made:
@@ -129,27 +142,21 @@ class Claim:
                 break
 
 
-def _names_file(path, fd):
-    """Whether `path` is still the file open as `fd` (not removed, or replaced by another)."""
-    try:
-        st, fst = os.stat(path), os.fstat(fd)
-    except OSError:
-        return False
-    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
-
-
 def _boot_id():
+    """This boot's id (Linux); None where the system does not give one, and then a claim left behind is
+    taken over without saying whether the machine restarted."""
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
             return f.read().strip()
     except OSError:
         return None
 
 
-def _read_claim(fd):
-    """The holder record in a lock file, {} if it holds something else, None if it is empty."""
-    raw = os.pread(fd, 4096, 0)
-    if not raw:
+def _read_claim(path):
+    """The holder record at `path`, {} if it holds something else, None if there is none."""
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except OSError:
         return None
     try:
         record = json.loads(raw)
@@ -158,21 +165,21 @@ def _read_claim(fd):
     return record if isinstance(record, dict) else {}
 
 
-def _claim_holder(fd, wait=2.0):
-    """The record of the process holding the lock on fd. It writes it just after locking, over the
-    record of any stale claim it took over, so a record that is not of a live process of this boot
-    is waited on for a moment."""
+def _claim_holder(path, wait=2.0):
+    """The record of the run holding the lock. It writes it just after locking, over the record of any
+    stale claim it took over, so a record that is not of a live process is waited on for a moment."""
     deadline = time.monotonic() + wait
     while True:
-        record = _read_claim(fd) or {}
+        record = _read_claim(path) or {}
         if _alive(record) or time.monotonic() > deadline:
             return record
         time.sleep(0.02)
 
 
 def _alive(record):
-    """Whether a holder record names a running process (one on another host is taken on trust)."""
-    if not record or record.get("host") != socket.gethostname():
+    """Whether a holder record names a running process (one on another host is taken on trust, and so
+    is every one on Windows, where os.kill(pid, 0) would send Ctrl-C instead of asking)."""
+    if not record or record.get("host") != socket.gethostname() or os.name == "nt":
         return bool(record)
     pid = record.get("pid")
     if record.get("boot") != _boot_id() or type(pid) is not int or pid <= 0:  # kill(0) would mean our group
@@ -432,7 +439,7 @@ def write_history_csv(history, path):
     tests = {it: (e, a, l) for it, e, a, l in zip(history["test_iteration"], history["test_epoch"],
                                                    history["test_acc"], history["test_loss"])}
     tmp = Path(path).with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["iteration", "train_acc", "train_loss", "train_loss_mean100", "epoch", "test_acc", "test_loss"])
         for i, (loss, acc) in enumerate(zip(history["train_loss"], history["train_acc"]), start=1):

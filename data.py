@@ -267,7 +267,7 @@ def describe_dataset(root, synthetic=False):
 def _own_name(root):
     """The first line of root/NAME.txt (at most 80 characters), None where there is none."""
     try:
-        lines = (Path(root) / NAME_FILE).read_text(errors="replace").splitlines()
+        lines = (Path(root) / NAME_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return None
     name = lines[0].strip()[:80] if lines else ""
@@ -454,7 +454,7 @@ def synthetic_cifar10(data_dir, num_train=SYNTHETIC_TRAIN_IMAGES, num_test=10000
         classes = [f"synthetic-grating-{18 * k}deg" for k in range(10)]
         write_cifar10_folder(root, *train, *test, classes)
         (root / "README.txt").write_text("Synthetic gratings in the CIFAR-10 file format, written by "
-                                         "data.synthetic_cifar10 for offline demos. Not CIFAR-10.\n")
+                                         "data.synthetic_cifar10 for offline demos. Not CIFAR-10.\n", encoding="utf-8")
     return root
 
 

@@ -15,6 +15,8 @@ The rules only rule out what cannot be fast on the device:
   says True, but every convolution falls to slow native kernels). GradScaler's step reads found-inf
   on the host, which a CUDA graph cannot hold, so these run eagerly;
 - CUDA below 7.0: fp32;
+- Apple GPU (mps): fp32, and fp16 autocast as a candidate where this torch autocasts on mps (no bf16:
+  not every Mac's GPU has it, and torch's mps autocast is fp16 first); no CUDA graph, no compile trial;
 - CPU: fp32, and bf16 as a candidate only where the CPU computes bf16 natively (AMX or AVX512-BF16 on
   x86, the BF16 extension on ARM), as torch.cpu.get_capabilities() reports: elsewhere oneDNN emulates
   bf16, ~25x slower than fp32 (an AVX2 AMD EPYC, issue 16).
@@ -33,6 +35,7 @@ runs there.
 import dataclasses
 import itertools
 import os
+import platform
 import sys
 import time
 import warnings
@@ -63,13 +66,14 @@ class Capabilities:
     name: str                          # the GPU's name, the CPU's model
     compute_capability: tuple = None   # CUDA: (major, minor)
     native_bf16: bool = False          # CPU: bf16 arithmetic in hardware
+    native_fp16: bool = False          # Apple GPU: torch autocasts fp16 there
     detail: str = ""                   # how native_bf16 was found, for the reason
 
     def describe(self):
         if self.kind == "cuda":
             return f"{self.name} (CUDA compute capability {self.compute_capability[0]}.{self.compute_capability[1]})"
-        if self.kind == "cpu":
-            return f"CPU {self.name} ({self.detail})"
+        if self.kind in ("cpu", "mps"):
+            return f"{'CPU ' * (self.kind == 'cpu')}{self.name} ({self.detail})"
         return self.name
 
 
@@ -101,10 +105,32 @@ class Plan:
 
 # --------------------------------------------------------------------------- the device and what it can do
 
+def mps_available():
+    """Whether torch can use an Apple GPU here (torch built with mps, on a Mac that has one)."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def auto_device():
+    """(the device --device auto picks, why): a CUDA GPU, else an Apple GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), "auto: a CUDA GPU"
+    if mps_available():
+        return torch.device("mps"), "auto: no CUDA GPU, an Apple GPU (mps)"
+    return torch.device("cpu"), "auto: no CUDA or Apple GPU"
+
+
+def device_choice(name="auto"):
+    """(the torch device --device `name` names, why it is that one); UserError as resolve_device."""
+    if name == "auto":
+        return auto_device()
+    return resolve_device(name), f"--device {name}"
+
+
 def resolve_device(name="auto"):
     """The torch device `name` names, if this machine has it; UserError otherwise."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return auto_device()[0]
     try:
         with warnings.catch_warnings():  # torch warns about some legacy names ("mkldnn")
             warnings.simplefilter("ignore")
@@ -112,13 +138,14 @@ def resolve_device(name="auto"):
     except (RuntimeError, ValueError, TypeError):
         raise UserError(f"--device {name!r} is not a device name; use auto, cpu or cuda "
                         f"(cuda:1 for a second GPU)") from None
-    fix = "use --device cpu" + (" or cuda" if torch.cuda.is_available() else "") + ", or leave out --device"
+    fix = ("use --device cpu" + (" or cuda" if torch.cuda.is_available() else "") + (" or mps" if mps_available() else "")
+           + ", or leave out --device")
     if device.type == "cpu":
         return device
     if device.type == "meta":
         raise UserError(f"--device meta holds shapes but no numbers, so nothing can be computed on it; {fix}")
     if device.type == "mps":
-        count = int(torch.backends.mps.is_available())
+        count = int(mps_available())
     else:  # cuda, xpu, mtia: torch's backend module says how many this machine has
         backend = getattr(torch, device.type, None)
         available = getattr(backend, "is_available", None)
@@ -133,13 +160,18 @@ def resolve_device(name="auto"):
 
 
 def available_memory(device):
-    """Bytes that `device` has free now (CPU: MemAvailable of /proc/meminfo); None where unknown."""
+    """Bytes that `device` has free now (CPU: MemAvailable of /proc/meminfo on Linux, the free pages
+    elsewhere; Apple GPU: what Metal recommends less what torch holds); None where unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        recommended = getattr(torch.mps, "recommended_max_memory", None)
+        held = getattr(torch.mps, "driver_allocated_memory", None)
+        return recommended() - held() if recommended and held else None
     if device.type != "cpu":
         return None
     try:
-        with open("/proc/meminfo") as f:
+        with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
@@ -178,15 +210,28 @@ def detect(device):
     if device.type == "cpu":
         native, how = cpu_bf16_support()
         return Capabilities("cpu", cpu_model(), native_bf16=native, detail=how)
+    if device.type == "mps":
+        fp16 = mps_fp16_autocast()
+        return Capabilities("mps", f"Apple GPU on {cpu_model()}", native_fp16=fp16,
+                            detail=f"torch {'autocasts' if fp16 else 'does not autocast'} fp16 on mps")
     return Capabilities(device.type, str(device))
 
 
-def cpu_model():
+def mps_fp16_autocast():
+    """Whether this torch has fp16 autocast on mps (torch.amp.is_autocast_available, from torch 2.3)."""
+    available = getattr(torch.amp, "is_autocast_available", None)
     try:
-        with open("/proc/cpuinfo") as f:
+        return bool(available and available("mps"))
+    except RuntimeError:
+        return False
+
+
+def cpu_model():
+    """The CPU's model name: /proc/cpuinfo's on Linux, the platform module's elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        import platform
         return platform.processor() or platform.machine()
 
 
@@ -202,6 +247,10 @@ def ruled_precisions(caps):
             return ["fp16"], ("fp16 autocast + GradScaler (bf16 is emulated below compute capability 8.0; "
                               "GradScaler syncs with the host, so eager)")
         return ["fp32"], "fp32 (no tensor cores below compute capability 7.0)"
+    if caps.kind == "mps":
+        if caps.native_fp16:
+            return ["fp32", "fp16"], "fp32 or fp16 autocast + GradScaler (an Apple GPU; the probe chooses)"
+        return ["fp32"], "fp32 (an Apple GPU; this torch has no fp16 autocast on it)"
     if caps.kind == "cpu" and caps.native_bf16:
         return ["fp32", "bf16"], "fp32 or bf16 (this CPU computes bf16 natively)"
     if caps.kind == "cpu":
@@ -334,14 +383,16 @@ def plan_for(asked, previous, caps):
                                         *(["given: " + ", ".join(given)] if given else [])))
 
 
-def decide(asked, previous, caps, iterations, measure):
+def decide(asked, previous, caps, iterations, measure, device_reason=None):
     """(settings, record) of a run of `iterations` more steps on the device `caps` describes: plan_for's
     candidates, the fastest by the probe (choose), and what the run's config records of them: the
     settings, why (speed_reason), the probe's images/s (speed_probe) and the device (device_name).
 
     asked: SETTING_FIELDS -> the value a flag gave, None where none did; previous: the config of the run
-    resumed, None for a new one; measure(settings, steps) -> images/s, the probe's."""
+    resumed, None for a new one; measure(settings, steps) -> images/s, the probe's; device_reason: why the
+    device is this one (device_choice), put first in the reason."""
     settings, probe, reason = choose(plan_for(asked, previous, caps), iterations, measure)
+    reason = f"{device_reason}; {reason}" if device_reason else reason
     return settings, dict(dataclasses.asdict(settings), speed_reason=reason, speed_probe=probe, device_name=caps.name)
 
 
@@ -368,8 +419,11 @@ def probe_rate(step, steps, device):
 
 
 def sync(device):
+    """Wait for the work queued on a GPU (CUDA or Apple's), so a clock read after it counts that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def time_call(fn, device):

@@ -66,7 +66,7 @@ def make_step(model, optimizer, settings, scaler=None, say=None):
 def evaluate(model, images, labels, precision="fp32", channels_last=False, batch_size=None):
     """(accuracy as a fraction, mean cross-entropy) on a whole uint8 split."""
     if batch_size is None:  # big batches fill a GPU; on a CPU they spill out of the caches
-        batch_size = 1000 if images.device.type == "cuda" else 128
+        batch_size = 1000 if images.device.type in ("cuda", "mps") else 128
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=images.device)

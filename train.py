@@ -69,7 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="start a new run over an existing --checkpoint")
     p.add_argument("--figures-dir", help="where the learning-progress PNGs go (default: figures/; with --resume, "
                                          "the resumed run's)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU, else an Apple GPU (mps), else the CPU), cpu, cuda, cuda:1, mps "
+                                                      "(default: auto)")
     # Speed settings: None = decided by speed.py from what the device can do (and its probe).
     on = argparse.BooleanOptionalAction
     p.add_argument("--precision", choices=speed.PRECISIONS,
@@ -198,8 +199,13 @@ class StepLog:
         return self.losses[:count].tolist(), self.accs[:count].tolist()
 
 
+# What asks a run to stop: Ctrl-C everywhere, a scheduler's SIGTERM (Linux, macOS), Ctrl-Break (Windows).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name))
+
+
 class StopRequest:
-    """Turns the first Ctrl-C / SIGTERM into a flag, so the loop can save a checkpoint and exit.
+    """Turns the first stop signal (STOP_SIGNALS: Ctrl-C, SIGTERM, Ctrl-Break) into a flag, so the loop
+    can save a checkpoint and exit.
 
     A second one exits at once with os._exit, after saying what is on disk (`on_disk()`) and releasing
     the checkpoint's claim (`release()`): no exception unwinds and no interpreter shutdown runs, so the
@@ -211,7 +217,7 @@ class StopRequest:
     def __init__(self, on_disk, release):
         self.signal = None
         self.on_disk, self.release = on_disk, release  # release: the checkpoint's claim, before os._exit
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
 
     def handle(self, signum, frame):
         if self.signal is None:
@@ -229,9 +235,10 @@ class StopRequest:
             signal.signal(s, handler)
 
     def exit(self, message):
-        """The last words of a stopped run, then exit status 130 at once. Signals are blocked first, so a
-        second one arriving now neither adds a line nor lands in the interpreter's shutdown."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        """The last words of a stopped run, then exit status 130 at once. Stop signals are ignored first, so
+        a second one arriving now neither adds a line nor lands in the interpreter's shutdown."""
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
         sys.stdout.flush()
         print(message, file=sys.stderr, flush=True)
         self.release()  # os._exit skips every finally
@@ -265,7 +272,7 @@ def main(argv=None):
         config = resolve_config(args, ckpt)
         if not args.show_settings:  # it writes nothing
             check_outputs(ckpt_path, config["figures_dir"])
-        device = speed.resolve_device(config["device"])
+        device, device_reason = speed.device_choice(config["device"])
         speed.use_device(device)
         caps = speed.detect(device)
         asked = asked_speed(args)
@@ -278,7 +285,7 @@ def main(argv=None):
             classes = len(ckpt["config"]["classes"]) if ckpt else len(data.CIFAR10_CLASSES)
             left = max(0, run_length(config, data.batches_per_epoch(images, config["batch_size"])) - done)
             settings, record = speed.decide(asked, ckpt and ckpt["config"], caps, left,
-                                            steps.probe_measure(config, device, classes))
+                                            steps.probe_measure(config, device, classes), device_reason)
             print(json.dumps(dict(device=str(device), **dataclasses.asdict(settings), reason=record["speed_reason"],
                                   probe=record["speed_probe"])))
             return
@@ -295,7 +302,7 @@ def main(argv=None):
 
         # the speed settings: before the run seeds torch, as the probe's models draw their weights from it
         settings, record = speed.decide(asked, ckpt and ckpt["config"], caps, total - done,
-                                        steps.probe_measure(config, device, len(classes)))
+                                        steps.probe_measure(config, device, len(classes)), device_reason)
         config = dict(config, device=str(device), classes=classes,  # "auto" as resolved
                       data_name=data.describe_dataset(root, config["synthetic"]), **record)
         train_images, train_labels, test_images, test_labels = (

@@ -17,6 +17,9 @@ class UserError(Exception):
     """Bad input a user can fix: reported as one line, without a traceback."""
 
 
+WINDOWS_PATH_TOO_LONG = 206  # ERROR_FILENAME_EXCED_RANGE: Windows' ENAMETOOLONG
+
+
 def run_cli(main):
     """Run `main()`; turn a UserError, or a path too long for the file system, into one line on stderr
     and exit status 2, Ctrl-C into one line and exit status 130."""
@@ -29,7 +32,7 @@ def run_cli(main):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except OSError as err:
-        if err.errno != errno.ENAMETOOLONG:
+        if err.errno != errno.ENAMETOOLONG and getattr(err, "winerror", None) != WINDOWS_PATH_TOO_LONG:
             raise
         # a path to read (a checkpoint, a data dir) too long to open; paths to write are checked by name
         print(f"error: {shorten(err.filename)} is longer than the file system allows ({err.strerror}); "
@@ -43,20 +46,50 @@ def shorten(path):
     return text if len(text) <= 80 else f"{text[:60]}...{text[-15:]}"
 
 
+# Where the system cannot be asked (Windows has no pathconf): the name limit of NTFS, APFS and ext4 alike;
+# a path too long there fails when opened, and run_cli says so in one line.
+NAME_MAX_FALLBACK = 255
+
+
+def path_limits(folder):
+    """(longest name, longest path) the file system of `folder` allows, in bytes; path None where unknown."""
+    pathconf = getattr(os, "pathconf", None)
+    if pathconf is None:
+        return NAME_MAX_FALLBACK, None
+    try:
+        return pathconf(folder, "PC_NAME_MAX"), pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return NAME_MAX_FALLBACK, None
+
+
 def check_name_length(path, what):
     """UserError if `path`, or a name in it, is longer than the file system allows (os.stat and open
     would raise ENAMETOOLONG); the limits are asked of the nearest folder that exists."""
     path = Path(path).absolute()
     existing = next(p for p in path.parents if os.path.isdir(p))
-    name_max, path_max = (os.pathconf(existing, limit) for limit in ("PC_NAME_MAX", "PC_PATH_MAX"))
+    name_max, path_max = path_limits(existing)
     longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
     shown = shorten(path)
     if len(os.fsencode(longest)) > name_max:
         raise UserError(f"{what} {shown} has a name of {len(os.fsencode(longest))} bytes, but this file "
                         f"system allows at most {name_max}; pass a shorter name")
-    if len(os.fsencode(str(path))) >= path_max:
+    if path_max is not None and len(os.fsencode(str(path))) >= path_max:
         raise UserError(f"{what} {shown} is {len(os.fsencode(str(path)))} bytes long, but this file system "
                         f"allows paths under {path_max}; pass a shorter path")
+
+
+def write_text_atomic(path, text):
+    """Write `text` (UTF-8) to `path` through a temporary file beside it and os.replace: a reader, or a
+    kill, sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def check_at_least(minimum, **values):

@@ -1,8 +1,8 @@
 """Write the real Fashion-MNIST in the CIFAR-10 on-disk format, for the README's gallery.
 
     apt-get install dataset-fashion-mnist          # Debian's copy, under /usr/share/datasets/fashion-mnist
-    python docs/fashion_mnist_as_cifar10.py --out /tmp/fashion
-    python train.py --data-dir /tmp/fashion --width 16 --epochs 6 --checkpoint checkpoints/fashion_w16.pt
+    python docs/fashion_mnist_as_cifar10.py --out data/fashion
+    python train.py --data-dir data/fashion --width 16 --epochs 6 --checkpoint checkpoints/fashion_w16.pt
 
 CIFAR-10 cannot be downloaded where this repo is built, and synthetic gratings show nothing about
 how a visualization treats a picture; Fashion-MNIST's 70,000 real photographs of clothing can be.
@@ -57,7 +57,7 @@ def main(argv=None):
     for images, labels in names.values():
         splits += [as_cifar(read_idx(images)), torch.from_numpy(read_idx(labels).astype(np.int64))]
     folder = data.write_cifar10_folder(args.out, *splits, CLASSES)
-    (Path(args.out) / data.NAME_FILE).write_text("Fashion-MNIST in the CIFAR-10 format\n")  # its name in titles
+    (Path(args.out) / data.NAME_FILE).write_text("Fashion-MNIST in the CIFAR-10 format\n", encoding="utf-8")  # its name in titles
     print(f"wrote {folder}: {len(splits[0])} train and {len(splits[2])} test images of Fashion-MNIST")
 
 

@@ -34,6 +34,40 @@ def run_script(script, *args, timeout=300, cwd=ROOT, env=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
+# A sitecustomize that makes this Linux look, to the repo's code, like a system without the POSIX-only
+# modules and calls (Windows has none of them; macOS has no /proc): importing fcntl or resource fails,
+# os.pread, os.pwrite, os.pathconf and signal.pthread_sigmask are gone, and opening a path under /proc
+# raises FileNotFoundError.
+WITHOUT_POSIX_ONLY = """
+import builtins, io, os, signal, sys
+for name in ("fcntl", "resource"):
+    sys.modules[name] = None
+for module, names in ((os, ("pread", "pwrite", "pathconf")), (signal, ("pthread_sigmask",))):
+    for name in names:
+        if hasattr(module, name):
+            delattr(module, name)
+_open = io.open
+
+
+def _open_without_proc(file, *args, **kwargs):
+    if isinstance(file, (str, bytes, os.PathLike)) and os.fsdecode(file).startswith("/proc"):
+        raise FileNotFoundError(2, "No such file or directory", os.fsdecode(file))
+    return _open(file, *args, **kwargs)
+
+
+builtins.open = io.open = _open_without_proc
+"""
+
+
+def without_posix_only_env(folder):
+    """The environment (for run_script's env) of a process that runs under WITHOUT_POSIX_ONLY, its
+    sitecustomize.py written into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(WITHOUT_POSIX_ONLY, encoding="utf-8")
+    return {"PYTHONPATH": os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def run_in_process(script, args):
     """`python script args`, run here: the script's main(args) under utils.run_cli, as its `__main__`
     runs it (test_bad_inputs checks that every script's does), with one torch thread as script_env

@@ -13,7 +13,7 @@ import plot_unit_atlas
 import checkpoint
 import utils
 from visualize import atlas, cli, scoring
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_script, without_posix_only_env
 from model import STAGES, ResNet
 from test_units import direct_selectivity, hooked_predictions
 
@@ -259,7 +259,9 @@ def test_atlas_bad_channels_and_layers_name_the_valid_range(trained_checkpoint, 
 # --------------------------------------------------------------------------- plot_all.py
 
 def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_path, synthetic_data_dir):
-    proc = run_script("plot_all.py", "--checkpoint", trained_checkpoint, "--figures-dir", tmp_path)
+    """Run where the POSIX-only modules and calls do not exist (as on Windows and macOS)."""
+    env = without_posix_only_env(tmp_path.parent / f"{tmp_path.name}-site")
+    proc = run_script("plot_all.py", "--checkpoint", trained_checkpoint, "--figures-dir", tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     written = re.findall(r"^wrote (.+)$", proc.stdout, flags=re.M)
     assert sorted(written) == sorted(map(str, tmp_path.iterdir()))

@@ -334,6 +334,11 @@ def lock_of(folder):
     return folder / "c.pt.lock"
 
 
+def claim_record_of(folder):
+    """Who holds the claim on folder/c.pt, written by its holder once it has the lock."""
+    return folder / "c.pt.claim"
+
+
 def test_two_runs_raced_on_one_checkpoint_one_wins_and_the_other_is_refused(small_data_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("kept")
     before = files_under(tmp_path)
@@ -367,7 +372,7 @@ def start_owner(small_data_dir, folder, log):
     deadline = time.monotonic() + 120
     while True:
         try:
-            if json.loads(lock_of(folder).read_text())["pid"] == owner.pid:
+            if json.loads(claim_record_of(folder).read_text())["pid"] == owner.pid:
                 break
         except (OSError, ValueError, KeyError):
             pass
@@ -404,7 +409,7 @@ def test_a_checkpoint_in_use_is_refused_and_a_killed_owners_claim_is_taken_over(
     finally:
         owner.kill()  # SIGKILL, frozen: no chance to release anything
         owner.wait(timeout=60)
-    assert lock_of(folder).exists()  # the claim it left
+    assert claim_record_of(folder).exists()  # the claim it left
     proc = run_in_process(TRAIN, row_args(TRAIN, ["--resume", "--iterations", "5"], {"tmp": folder,
                                                                                       "data": small_data_dir}))
     assert proc.returncode == 0, proc.stderr
@@ -414,12 +419,12 @@ def test_a_checkpoint_in_use_is_refused_and_a_killed_owners_claim_is_taken_over(
                  "takes it over"):
         assert word in lines[0], lines[0]
     assert checkpoint.read_checkpoint(folder / "c.pt")["iteration"] == 5  # trained on from the owner's checkpoint
-    assert not lock_of(folder).exists()
+    assert not lock_of(folder).exists() and not claim_record_of(folder).exists()
 
 
 def test_a_claim_left_before_a_reboot_is_taken_over_even_if_its_pid_is_running_again(small_data_dir, tmp_path):
     """After a reboot the old pid may be another live process (here: this one); no lock is held, so it is stale."""
-    lock_of(tmp_path).write_text(json.dumps(dict(pid=os.getpid(), started=time.time() - 3600,
+    claim_record_of(tmp_path).write_text(json.dumps(dict(pid=os.getpid(), started=time.time() - 3600,
                                                  host=socket.gethostname(), boot="an-earlier-boot")))
     proc = run_in_process(TRAIN, row_args(TRAIN, ["--iterations", "2"], {"tmp": tmp_path, "data": small_data_dir}))
     assert proc.returncode == 0, proc.stderr

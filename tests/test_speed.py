@@ -61,6 +61,8 @@ RTX4090 = Capabilities("cuda", "NVIDIA GeForce RTX 4090", compute_capability=(8,
 P100 = Capabilities("cuda", "Tesla P100-PCIE-16GB", compute_capability=(6, 0))
 AVX2_CPU = Capabilities("cpu", "AMD EPYC", native_bf16=False, detail="no AMX or AVX512-BF16; ATen dispatch AVX2")
 AMX_CPU = Capabilities("cpu", "Intel Xeon", native_bf16=True, detail="amx_bf16, avx512_bf16; ATen dispatch AVX512")
+APPLE_GPU = Capabilities("mps", "Apple GPU on arm", native_fp16=True, detail="torch autocasts fp16 on mps")
+APPLE_GPU_OLD_TORCH = Capabilities("mps", "Apple GPU on arm", native_fp16=False, detail="torch does not autocast")
 
 S = Settings
 # device -> the candidates the rules leave, the rules' default (kept without a probe) first
@@ -74,6 +76,8 @@ DECISIONS = {
     "P100": (P100, [S("fp32", False, True), S("fp32", False, False), S("fp32", True, True), S("fp32", True, False)]),
     "AVX2 CPU": (AVX2_CPU, [S("fp32", False), S("fp32", True)]),
     "AMX CPU": (AMX_CPU, [S("fp32", False), S("fp32", True), S("bf16", False), S("bf16", True)]),
+    "Apple GPU": (APPLE_GPU, [S("fp32", False), S("fp32", True), S("fp16", False), S("fp16", True)]),
+    "Apple GPU, no fp16 autocast": (APPLE_GPU_OLD_TORCH, [S("fp32", False), S("fp32", True)]),
 }
 UNSET = dict.fromkeys(speed.SETTING_FIELDS)
 
@@ -88,10 +92,35 @@ def test_the_rules_leave_only_what_can_be_fast_on_each_device(name):
     for c in plan.candidates:
         if c.precision == "bf16":
             assert (caps.kind == "cuda" and caps.compute_capability >= (8, 0)) or caps.native_bf16
-        assert c.precision != "fp16" or (caps.compute_capability[0] == 7 and not c.cuda_graph)
+        assert c.precision != "fp16" or caps.native_fp16 or (caps.compute_capability[0] == 7 and not c.cuda_graph)
         assert caps.kind == "cuda" or not c.cuda_graph
         assert not c.compile
     assert plan.reasons[0] == caps.describe() and name.split()[0] in caps.describe() + name
+    assert plan.compile_trial == (caps.kind == "cpu")  # compile is weighed on a CPU only
+
+
+def test_auto_is_a_cuda_gpu_else_an_apple_gpu_else_the_cpu(monkeypatch):
+    """--device auto with cuda absent and mps present (mocked) picks mps, says why, and gets mps's rules."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    device, why = speed.device_choice("auto")
+    assert device.type == "mps" and "Apple GPU" in why
+    assert speed.resolve_device("auto") == device and speed.resolve_device("mps").type == "mps"
+    monkeypatch.setattr(speed, "mps_fp16_autocast", lambda: True)
+    caps = speed.detect(device)
+    assert caps.kind == "mps" and caps.native_fp16
+    plan = speed.plan(caps, UNSET)
+    assert list(plan.candidates) == DECISIONS["Apple GPU"][1] and not plan.compile_trial
+    assert "fp16 autocast" in plan.reasons[1]
+    # the reason names the device's choice first, as the start-up line and --show-settings print it
+    settings, record = speed.decide(UNSET, None, caps, 10, lambda c, n: 1.0, why)
+    assert settings == S("fp32", False) and record["speed_reason"].startswith("auto: no CUDA GPU, an Apple GPU")
+    with pytest.raises(utils.UserError, match="--cuda-graph needs a CUDA device"):
+        speed.plan(caps, dict(UNSET, cuda_graph=True))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert speed.device_choice("auto") == (torch.device("cpu"), "auto: no CUDA or Apple GPU")
+    with pytest.raises(utils.UserError, match="no mps device"):
+        speed.resolve_device("mps")
 
 
 @pytest.mark.parametrize("name", DECISIONS)

@@ -179,6 +179,6 @@ def plot_unit_atlas(run, layer, units, checkpoint, figures_dir, method="deconvne
     png = save(fig, figures_dir / f"{name}.png")
     json_path = figures_dir / f"{name}.json"
     record = {"layer": layer, "checkpoint": str(checkpoint), "method": method, "units": units}
-    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    json_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {json_path}")
     return [png, json_path]

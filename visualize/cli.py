@@ -45,7 +45,8 @@ class PlotParser(OneLineArgumentParser):
                                "trained on)")
         self.add_argument("--figures-dir", default="figures", help="where the PNGs go (default: %(default)s/)")
         self.add_argument("--device", default="auto", type=resolve_device,
-                          help="auto (cuda if available), cpu, cuda, ... (default: auto)")
+                          help="auto (a CUDA GPU, else an Apple GPU (mps), else the CPU), cpu, cuda, mps, ... "
+                               "(default: auto)")
 
     def add_shared(self, name, *args, **kwargs):
         self.shared.add(name)

@@ -212,7 +212,7 @@ def plot_class_evidence(run, indices, target, methods, layers, options, figures_
                              "maps": {key: float32_lists(value[i]) for key, value in maps.items()}}
                             for i, index in enumerate(indices)]}
     json_path = figures_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(record, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(record, allow_nan=False) + "\n", encoding="utf-8")
     print(f"wrote {json_path}")
     return [png, json_path]
 

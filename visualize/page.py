@@ -433,7 +433,7 @@ def read_json(path):
     """A JSON object from a file; None for one that cannot be read or is no object (it is linked all
     the same; only its numbers are left out)."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None

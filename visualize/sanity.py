@@ -286,6 +286,6 @@ def plot_sanity_checks(run, layer, channel, indices, figures_dir, seed=0, fv_ste
     png = save_table(figures_dir / f"sanity_{layer}_channel{channel}.png", cells, title, columns, list(TECHNIQUES))
     json_path = figures_dir / f"sanity_{layer}_channel{channel}.json"
     record = sanity_record(layer, channel, indices, seed, checks)
-    json_path.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     print(f"wrote {json_path}")
     return [png, json_path]

@@ -316,6 +316,6 @@ def plot_trust(run, figures_dir, count=None, target="predicted", seed=0, step=fa
                               **({"cascade": [json_number(v) for v in row.cascade]} if row.cascade else {})}
                        for name, row in rows.items()}}
     json_path = figures_dir / f"trust{suffix}.json"
-    json_path.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     print(f"wrote {json_path}")
     return [png, json_path]
