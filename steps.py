@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+import cuda_graph
 import data
 import speed
 from model import ResNet, state_shapes
@@ -56,7 +57,7 @@ def make_step(model, optimizer, settings, scaler=None, say=None):
     """The run's step(x, y) -> (loss, number correct) under `settings` (a speed.Settings): train_step
     eagerly, on the torch.compile'd model, or replayed from CUDA graphs (say: where their drop is told)."""
     if settings.cuda_graph:
-        return speed.GraphedStep(lambda x, y: train_step(model, optimizer, x, y, settings.precision),
+        return cuda_graph.GraphedStep(lambda x, y: train_step(model, optimizer, x, y, settings.precision),
                                  model, optimizer, say)
     train_model = torch.compile(model) if settings.compile else model
     return lambda x, y: train_step(train_model, optimizer, x, y, settings.precision, scaler)

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import cifar10
 import data
 import speed
 import steps
@@ -85,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--show-settings", action="store_true",
                    help="print the speed settings this run would use here (after its probe) as one JSON line, "
                         "and exit without training. It reads no data: the run's length is counted in CIFAR-10's "
-                        f"{data.CIFAR10_TRAIN_IMAGES:,} training images (--synthetic: {data.SYNTHETIC_TRAIN_IMAGES:,})")
+                        f"{cifar10.CIFAR10_TRAIN_IMAGES:,} training images (--synthetic: {cifar10.SYNTHETIC_TRAIN_IMAGES:,})")
     return p.parse_args(argv)
 
 
@@ -281,8 +282,8 @@ def main(argv=None):
         steps.check_memory(config, device, cuda_graph=any(c.cuda_graph for c in candidates))
         done = ckpt["iteration"] if ckpt else 0
         if args.show_settings:  # before any data is read or downloaded: counted in the data it would train on
-            images = data.SYNTHETIC_TRAIN_IMAGES if config["synthetic"] else data.CIFAR10_TRAIN_IMAGES
-            classes = len(ckpt["config"]["classes"]) if ckpt else len(data.CIFAR10_CLASSES)
+            images = cifar10.SYNTHETIC_TRAIN_IMAGES if config["synthetic"] else cifar10.CIFAR10_TRAIN_IMAGES
+            classes = len(ckpt["config"]["classes"]) if ckpt else len(cifar10.CIFAR10_CLASSES)
             left = max(0, run_length(config, data.batches_per_epoch(images, config["batch_size"])) - done)
             settings, record = speed.decide(asked, ckpt and ckpt["config"], caps, left,
                                             steps.probe_measure(config, device, classes), device_reason)
@@ -291,9 +292,9 @@ def main(argv=None):
             return
 
         # the data
-        root = data.dataset_root(config["data_dir"], config["synthetic"])
-        train_images, train_labels, classes = data.load_cifar10(root, train=True)
-        test_images, test_labels, _ = data.load_cifar10(root, train=False)
+        root = cifar10.dataset_root(config["data_dir"], config["synthetic"])
+        train_images, train_labels, classes = cifar10.load_cifar10(root, train=True)
+        test_images, test_labels, _ = cifar10.load_cifar10(root, train=False)
         steps_per_epoch = data.batches_per_epoch(len(train_images), config["batch_size"])
         total = run_length(config, steps_per_epoch)
         if done >= total:
@@ -304,7 +305,7 @@ def main(argv=None):
         settings, record = speed.decide(asked, ckpt and ckpt["config"], caps, total - done,
                                         steps.probe_measure(config, device, len(classes)), device_reason)
         config = dict(config, device=str(device), classes=classes,  # "auto" as resolved
-                      data_name=data.describe_dataset(root, config["synthetic"]), **record)
+                      data_name=cifar10.describe_dataset(root, config["synthetic"]), **record)
         train_images, train_labels, test_images, test_labels = (
             t.to(device) for t in (train_images, train_labels, test_images, test_labels))
 

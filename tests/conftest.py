@@ -15,6 +15,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))  # the benchmarks' functions are tested too
+
+import cifar10  # noqa: E402
 
 import data  # noqa: E402
 import utils  # noqa: E402
@@ -129,9 +132,9 @@ def assert_one_line_error(proc, *words):
 def small_data_dir(tmp_path_factory):
     """A data dir whose cifar-10-batches-py/ holds 1,024 train and 512 test synthetic images."""
     root = tmp_path_factory.mktemp("small_cifar")
-    train = data.make_synthetic_images(1024, seed=10)
-    test = data.make_synthetic_images(512, seed=11)
-    data.write_cifar10_folder(root, *train, *test, [f"class-{k}" for k in range(10)])
+    train = cifar10.make_synthetic_images(1024, seed=10)
+    test = cifar10.make_synthetic_images(512, seed=11)
+    cifar10.write_cifar10_folder(root, *train, *test, [f"class-{k}" for k in range(10)])
     return root
 
 
@@ -139,7 +142,7 @@ def small_data_dir(tmp_path_factory):
 def synthetic_data_dir(tmp_path_factory):
     """A --data-dir with the --synthetic data already written (10,000 train + 10,000 test images)."""
     data_dir = tmp_path_factory.mktemp("data")
-    data.synthetic_cifar10(data_dir)
+    cifar10.synthetic_cifar10(data_dir)
     return data_dir
 
 

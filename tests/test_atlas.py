@@ -7,6 +7,8 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+import cifar10
+
 import data
 import plot_all
 import plot_unit_atlas
@@ -281,7 +283,7 @@ def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_pat
     # the gradient pattern's search, served by the atlas's shared pass, finds the image that
     # top_activating's own pass finds
     model, _ = checkpoint.load_checkpoint(trained_checkpoint)
-    images = data.load_cifar10(data.dataset_root(synthetic_data_dir, True), train=False)[0]
+    images = cifar10.load_cifar10(cifar10.dataset_root(synthetic_data_dir, True), train=False)[0]
     (index,), _ = scoring.top_activating(model, images, "conv5_x", 0)
     assert re.search(rf"test image {index.item()} \(.*\) excites conv5_x channel 0 most", proc.stdout)
     # default channels: 0-15, or every channel of a stage with fewer (conv2_x has 8 at width 8)

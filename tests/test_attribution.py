@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cifar10
 import data
 from conftest import assert_one_line_error, run_in_process
 from model import ResNet
@@ -242,7 +243,7 @@ QUICK = ["--images", "3,10,11", "--samples", "2", "--steps", "2", "--window", "1
 def test_the_figures_json_holds_each_images_classes_probability_and_maps(trained_checkpoint, tmp_path, one_thread):
     model, ckpt = checkpoint.load_checkpoint(trained_checkpoint)
     classes = ckpt["config"]["classes"]
-    images, labels, _ = data.load_cifar10(data.dataset_root(ckpt["config"]["data_dir"], True), train=False)
+    images, labels, _ = cifar10.load_cifar10(cifar10.dataset_root(ckpt["config"]["data_dir"], True), train=False)
     proc = run_in_process(SCRIPT, ["--checkpoint", str(trained_checkpoint), "--figures-dir", str(tmp_path),
                                    "--target", classes[4], "--methods", "occlusion,gradcam,saliency",
                                    "--layer", "conv5_x", *QUICK])

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import checkpoint
-import data
+import cifar10
 import utils
 from visualize import progress
 from conftest import ROOT, assert_one_line_error, message_lines, run_in_process, run_script, script_env
@@ -213,8 +213,8 @@ def dataset_at(poison=None, drop=()):
     that would create {tmp}/code-ran if it were run (the rows' check that nothing new appears in {tmp}
     proves it was not), the files in `drop` removed."""
     def make(tmp, good):
-        folder = data.write_cifar10_folder(tmp / "d", *data.make_synthetic_images(50, seed=1),
-                                           *data.make_synthetic_images(20, seed=2), [f"c{k}" for k in range(10)])
+        folder = cifar10.write_cifar10_folder(tmp / "d", *cifar10.make_synthetic_images(50, seed=1),
+                                           *cifar10.make_synthetic_images(20, seed=2), [f"c{k}" for k in range(10)])
         if poison:
             (folder / poison).write_bytes(pickle.dumps(RunsCode(tmp / "code-ran"), protocol=2))
         for name in drop:
@@ -226,7 +226,7 @@ def empty_split(name):
     """Setup: the small dataset at {tmp}/d with `name` holding no images (batches.meta: no class names)."""
     def make(tmp, good):
         dataset_at()(tmp, good)
-        folder = tmp / "d" / data.CIFAR10_FOLDER
+        folder = tmp / "d" / cifar10.CIFAR10_FOLDER
         empty = ({b"label_names": [], b"num_vis": 3072} if name == "batches.meta" else
                  {b"batch_label": name.encode(), b"labels": [], b"data": np.zeros((0, 3072), np.uint8),
                   b"filenames": []})
@@ -245,7 +245,7 @@ DATA_FILE_ROWS = [  # data files are data: a pickle that carries code is refused
      dataset_at(drop=["data_batch_3", "data_batch_5"])),
     # an empty split, in any of the seven files (it once ended in ZeroDivisionError)
     *[(f"{name} empty", TRAIN, ["--data-dir", "{tmp}/d"], [f"{name} holds no images", "at least one"],
-       empty_split(name)) for name in data.DATASET_FILES if name != "batches.meta"],
+       empty_split(name)) for name in cifar10.DATASET_FILES if name != "batches.meta"],
     ("test_batch empty, plot", "plot_conv1_feature_map.py", ["--data-dir", "{tmp}/d", "--image-index", "0"],
      ["test_batch holds no images"], empty_split("test_batch")),
     ("batches.meta without class names", TRAIN, ["--data-dir", "{tmp}/d"],

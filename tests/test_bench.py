@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import cifar10
 import data
 import speed
 import steps
@@ -55,7 +56,7 @@ def one_step(model, batch, labels, bf16, channels_last):
 
 
 def test_cuda_default_settings_keep_the_recipe_maths_on_cpu():
-    images, labels = data.make_synthetic_images(64, seed=3)
+    images, labels = cifar10.make_synthetic_images(64, seed=3)
     order, offsets, flips = data.epoch_plan(len(images), epoch=0, seed=3)
     batch = (images, order[:16], offsets[:16], flips[:16])
     torch.manual_seed(3)

@@ -84,8 +84,8 @@ def test_top_activating_against_the_loop_finds_the_same_images(tmp_path):
 
 
 def test_help_and_bad_flags():
-    proc = run_script("bench_figures.py", "--help")
+    proc = run_script("benchmarks/bench_figures.py", "--help")
     assert proc.returncode == 0 and "(default: 64)" in " ".join(proc.stdout.split())
-    assert_one_line_error(run_script("bench_figures.py", "--width", "0"), "--width must be at least 1")
-    assert_one_line_error(run_script("bench_figures.py", "--top-activating", "--channel", "999", "--width", "4"),
+    assert_one_line_error(run_script("benchmarks/bench_figures.py", "--width", "0"), "--width must be at least 1")
+    assert_one_line_error(run_script("benchmarks/bench_figures.py", "--top-activating", "--channel", "999", "--width", "4"),
                           "--channel 999", "0..31")

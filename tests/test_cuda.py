@@ -1,7 +1,7 @@
 """The CUDA path on a real GPU: CUDA-graph steps against eager ones, bf16 autocast and fp16 with a
 GradScaler against fp32, the fallback when a capture fails (forced by a host sync inside it), a second
 GPU, and a run resumed CPU -> GPU -> CPU. Skipped, and counted as skipped, where torch sees no GPU (CI);
-gpu_check.sh runs them on one. test_speed.py checks on a CPU what can be checked there.
+benchmarks/gpu_check.sh runs them on one. test_speed.py checks on a CPU what can be checked there.
 
 GPU steps are not bit-exact (cuDNN's choices, atomics in some kernels, bf16), and two runs that differ
 by rounding drift apart over steps, so a graph run is checked in lockstep: each of its steps against an
@@ -14,6 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cifar10
+
+import cuda_graph
 import data
 import speed
 import steps
@@ -23,7 +26,7 @@ from speed import GraphedStep
 
 GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
-                                                "gpu_check.sh runs these on one")
+                                                "benchmarks/gpu_check.sh runs these on one")
 CUDA = torch.device("cuda", 0)
 AMPERE = GPU and torch.cuda.get_device_capability(CUDA)[0] >= 8
 needs_bf16 = pytest.mark.skipif(not AMPERE, reason="needs a GPU of compute capability 8.0 or more (bf16 convolutions)")
@@ -35,7 +38,7 @@ STEPS_PER_EPOCH = -(-IMAGES // BATCH)
 
 def batches_on(device, channels_last):
     """The steps' (input, labels) batches of EPOCHS epochs of learnable synthetic images on `device`."""
-    x, y = (t.to(device) for t in data.make_synthetic_images(IMAGES, seed=5))
+    x, y = (t.to(device) for t in cifar10.make_synthetic_images(IMAGES, seed=5))
     return [batch for epoch in range(EPOCHS)
             for batch in data.epoch_batches(x, y, epoch, seed=5, batch_size=BATCH, channels_last=channels_last)]
 
@@ -82,7 +85,7 @@ def lockstep(device, precision, wrap=None, say=None):
     (graphed, optimizer, scheduler), (eager, eager_opt, _) = (
         (m, *steps.make_optimizer(m, dict(steps.RECIPE, lr_step_epochs=1), cuda_graph=True)) for m in models)
     inner = lambda x, y: steps.train_step(graphed, optimizer, x, y, precision)
-    step = speed.GraphedStep(wrap(inner) if wrap else inner, graphed, optimizer, say)
+    step = cuda_graph.GraphedStep(wrap(inner) if wrap else inner, graphed, optimizer, say)
     loss_rtol, update_gap = LOCKSTEP[precision]
     losses = []
     for i, (x, y) in enumerate(batches):
@@ -204,7 +207,7 @@ def test_a_run_resumed_cpu_gpu_cpu_continues_where_each_part_stopped(small_data_
         assert proc.returncode == 0, proc.stderr
         return torch.load(ckpt, map_location="cpu", weights_only=True)
 
-    images, labels, _ = data.load_cifar10(data.dataset_root(small_data_dir, False), train=True)
+    images, labels, _ = cifar10.load_cifar10(cifar10.dataset_root(small_data_dir, False), train=True)
 
     def first_loss_of(saved, iteration, precision, device):
         """The training loss of `saved`'s weights on the batch of `iteration` (1-based), as train_step logs it."""
@@ -250,7 +253,7 @@ def test_class_maps_and_road_on_the_gpu_equal_the_cpus():
     from visualize.attribution import attribute
     torch.manual_seed(0)
     model = ResNet(8).eval()
-    images, labels = data.make_synthetic_images(12, seed=2)
+    images, labels = cifar10.make_synthetic_images(12, seed=2)
     on_gpu = ResNet(8).to(CUDA).eval()
     on_gpu.load_state_dict(model.state_dict())
     for method in ("gradcam", "saliency", "smoothgrad", "integrated_gradients", "occlusion"):

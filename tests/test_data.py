@@ -12,6 +12,8 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 
+import cifar10
+
 import data
 import utils
 from conftest import assert_one_line_error, run_script
@@ -72,32 +74,32 @@ def test_reader_returns_images_in_the_archive_layout(tmp_path, style):
     write_pickle(folder / "batches.meta", {b"label_names": [f"c{k}".encode() for k in range(10)],
                                            b"num_vis": 3072, b"num_cases_per_batch": 3}, style)
 
-    images, y, classes = data.load_cifar10(tmp_path, train=True, download=False)
+    images, y, classes = cifar10.load_cifar10(tmp_path, train=True, download=False)
     assert images.dtype == torch.uint8 and images.shape == (15, 3, 32, 32)
     assert y.dtype == torch.int64 and y.tolist() == sum(labels, [])
     assert classes == [f"c{k}" for k in range(10)]
     pixel = batches[3][2]  # image 2 of data_batch_4, pixel (row 5, col 17)
     assert images[9 + 2, :, 5, 17].tolist() == [pixel[5 * 32 + 17], pixel[1024 + 5 * 32 + 17],
                                                 pixel[2048 + 5 * 32 + 17]]
-    test_images, test_y, _ = data.load_cifar10(tmp_path, train=False, download=False)
+    test_images, test_y, _ = cifar10.load_cifar10(tmp_path, train=False, download=False)
     assert test_y.tolist() == [9, 0, 1, 2, 3]
     assert torch.equal(test_images.reshape(5, 3072), torch.from_numpy(test_data))
 
 
 def test_writer_and_reader_round_trip_with_class_names(tmp_path):
-    images, labels = data.make_synthetic_images(33, seed=3)
-    data.write_cifar10_folder(tmp_path, images[:23], labels[:23], images[23:], labels[23:],
+    images, labels = cifar10.make_synthetic_images(33, seed=3)
+    cifar10.write_cifar10_folder(tmp_path, images[:23], labels[:23], images[23:], labels[23:],
                               [f"c{k}" for k in range(10)])
-    assert sorted(p.name for p in (tmp_path / "cifar-10-batches-py").iterdir()) == sorted(data.DATASET_FILES)
-    got, got_labels, classes = data.load_cifar10(tmp_path, train=True, download=False)
+    assert sorted(p.name for p in (tmp_path / "cifar-10-batches-py").iterdir()) == sorted(cifar10.DATASET_FILES)
+    got, got_labels, classes = cifar10.load_cifar10(tmp_path, train=True, download=False)
     assert torch.equal(got, images[:23]) and torch.equal(got_labels, labels[:23])
     assert classes == [f"c{k}" for k in range(10)]
     # fewer training images than batches: the first empty batch (an empty bytes object in protocol 2,
     # read as data) is refused by name; the test split, of one image, still reads
-    data.write_cifar10_folder(tmp_path / "tiny", images[:3], labels[:3], images[3:4], labels[3:4], ["a", "b"] * 5)
+    cifar10.write_cifar10_folder(tmp_path / "tiny", images[:3], labels[:3], images[3:4], labels[3:4], ["a", "b"] * 5)
     with pytest.raises(utils.UserError, match="data_batch_4 holds no images"):
-        data.load_cifar10(tmp_path / "tiny", train=True)
-    assert torch.equal(data.load_cifar10(tmp_path / "tiny", train=False)[0], images[3:4])
+        cifar10.load_cifar10(tmp_path / "tiny", train=True)
+    assert torch.equal(cifar10.load_cifar10(tmp_path / "tiny", train=False)[0], images[3:4])
 
 
 @pytest.fixture
@@ -123,7 +125,7 @@ def copy_of_small(small_data_dir, tmp_path):
 def test_malformed_dataset_files_give_one_clear_line(copy_of_small, tmp_path, damage, words, cli):
     damage(copy_of_small / "cifar-10-batches-py" / "data_batch_1")
     with pytest.raises(utils.UserError) as err:
-        data.load_cifar10(copy_of_small, train=True)
+        cifar10.load_cifar10(copy_of_small, train=True)
     for word in words:
         assert word in str(err.value)
     if not cli:  # the same UserError path as the rows above: no need to pay for another process
@@ -159,26 +161,26 @@ def test_a_batch_file_that_carries_code_is_refused_and_its_code_never_runs(copy_
 
     for train in {"data_batch_3": [True], "test_batch": [False], "batches.meta": [True, False]}[name]:
         with pytest.raises(utils.UserError) as err:
-            data.load_cifar10(copy_of_small, train=train)
+            cifar10.load_cifar10(copy_of_small, train=train)
         assert str(path) in str(err.value) and "refused unread" in str(err.value)
         # the global as the pickle names it (Python 3 writes builtins as __builtin__ in protocol 2)
         assert {"os.system": "posix.system", "exec": "__builtin__.exec"}[via] in str(err.value)
     if name == "batches.meta":  # the one file naming the data reads; it never hashes into the others
         with pytest.raises(utils.UserError, match="refused unread"):
-            data.describe_dataset(copy_of_small)
+            cifar10.describe_dataset(copy_of_small)
     assert not marker.exists()
 
 
 def test_a_folder_is_exactly_its_seven_files_and_others_are_ignored(copy_of_small, tmp_path):
     folder = copy_of_small / "cifar-10-batches-py"
-    before = data.load_cifar10(copy_of_small, train=True), data.load_cifar10(copy_of_small, train=False)
-    extra = data.make_synthetic_images(50, seed=99)
-    data.write_cifar10_folder(tmp_path / "other", *extra, *extra, [f"x{k}" for k in range(10)])
+    before = cifar10.load_cifar10(copy_of_small, train=True), cifar10.load_cifar10(copy_of_small, train=False)
+    extra = cifar10.make_synthetic_images(50, seed=99)
+    cifar10.write_cifar10_folder(tmp_path / "other", *extra, *extra, [f"x{k}" for k in range(10)])
     shutil.copy(tmp_path / "other" / "cifar-10-batches-py" / "data_batch_1", folder / "data_batch_1.orig")
     shutil.copy(tmp_path / "other" / "cifar-10-batches-py" / "data_batch_2", folder / "data_batch_6")
     shutil.copy(tmp_path / "other" / "cifar-10-batches-py" / "test_batch", folder / "test_batch~")
     write_pickle(folder / "data_batch_7", {b"labels": WritesMarker(tmp_path / "code-ran", "exec")})
-    after = data.load_cifar10(copy_of_small, train=True), data.load_cifar10(copy_of_small, train=False)
+    after = cifar10.load_cifar10(copy_of_small, train=True), cifar10.load_cifar10(copy_of_small, train=False)
     for b, a in zip(before, after):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
     assert not (tmp_path / "code-ran").exists()
@@ -190,7 +192,7 @@ def test_a_folder_missing_some_of_its_files_is_refused_naming_them(copy_of_small
         (copy_of_small / "cifar-10-batches-py" / name).unlink()
     for train in (True, False):
         with pytest.raises(utils.UserError) as err:
-            data.load_cifar10(copy_of_small, train=train)
+            cifar10.load_cifar10(copy_of_small, train=train)
         assert f"lacks {', '.join(remove)} " in str(err.value)
 
 
@@ -203,29 +205,29 @@ def test_absent_dataset_offline_says_where_to_put_the_archive(tmp_path):
 
 def test_only_files_with_the_official_md5_are_named_cifar10(copy_of_small, monkeypatch):
     folder = copy_of_small / "cifar-10-batches-py"
-    name = data.describe_dataset(copy_of_small)
+    name = cifar10.describe_dataset(copy_of_small)
     assert name == f"{copy_of_small} (not the official CIFAR-10; classes {', '.join(f'class-{k}' for k in range(10))})"
-    assert not data.is_official_cifar10(folder)
+    assert not cifar10.is_official_cifar10(folder)
     # With the published sums replaced by this folder's, the folder is recognised, by its md5 alone...
-    sums = {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in data.DATASET_FILES}
+    sums = {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in cifar10.DATASET_FILES}
     monkeypatch.setattr(data, "OFFICIAL_MD5", sums)
-    assert data.describe_dataset(copy_of_small) == "CIFAR-10"
+    assert cifar10.describe_dataset(copy_of_small) == "CIFAR-10"
     (folder / "data_batch_1.orig").write_bytes(b"ignored")  # other files change nothing
-    assert data.describe_dataset(copy_of_small) == "CIFAR-10"
+    assert cifar10.describe_dataset(copy_of_small) == "CIFAR-10"
     # ...and one changed file, still a valid batch with the same images, makes it not CIFAR-10 again
     batch = pickle.load(open(folder / "data_batch_5", "rb"), encoding="bytes")
     write_pickle(folder / "data_batch_5", {**batch, b"batch_label": b"edited"})
-    assert data.describe_dataset(copy_of_small) == name
-    assert data.describe_dataset(copy_of_small, synthetic=True) == "synthetic gratings (NOT CIFAR-10)"
+    assert cifar10.describe_dataset(copy_of_small) == name
+    assert cifar10.describe_dataset(copy_of_small, synthetic=True) == "synthetic gratings (NOT CIFAR-10)"
     write_pickle(folder / "batches.meta", {b"label_names": [b"fine-class-%d" % k for k in range(100)]})
     many = ", ".join(f"fine-class-{k}" for k in range(6))  # as many as fit in about a title's line
-    assert data.describe_dataset(copy_of_small).endswith(f"classes {many}, ... (100 in all))")
+    assert cifar10.describe_dataset(copy_of_small).endswith(f"classes {many}, ... (100 in all))")
 
 
 def test_synthetic_data_is_labelled_not_cifar10_and_read_by_the_same_reader(synthetic_data_dir):
-    root = data.dataset_root(synthetic_data_dir, synthetic=True)
+    root = cifar10.dataset_root(synthetic_data_dir, synthetic=True)
     assert "Not CIFAR-10" in (root / "README.txt").read_text()
-    images, labels, classes = data.load_cifar10(root, train=False, download=False)
+    images, labels, classes = cifar10.load_cifar10(root, train=False, download=False)
     assert images.shape == (10000, 3, 32, 32) and all(c.startswith("synthetic") for c in classes)
     assert torch.bincount(labels, minlength=10).min() > 800  # every class present, roughly balanced
 
@@ -245,8 +247,8 @@ def test_checkpoint_stores_data_dir_absolute_so_plots_run_from_elsewhere_read_it
     assert config["data_dir"] == str(small_data_dir.resolve())
     train.resolve_config(train.parse_args(argv + ["--resume"]), {"config": config})  # same data: accepted
 
-    config["data_name"] = name = data.describe_dataset(config["data_dir"])
-    config["classes"] = data.load_cifar10(small_data_dir, train=False)[2]  # as train.py records them
+    config["data_name"] = name = cifar10.describe_dataset(config["data_dir"])
+    config["classes"] = cifar10.load_cifar10(small_data_dir, train=False)[2]  # as train.py records them
     model = ResNet(4)
     checkpoint.save_atomic(checkpoint.portable(checkpoint.state_of(model, *steps.make_optimizer(model, config), None,
                                                                    0, 0, config, checkpoint.new_history())),
@@ -256,7 +258,7 @@ def test_checkpoint_stores_data_dir_absolute_so_plots_run_from_elsewhere_read_it
     monkeypatch.chdir(elsewhere)
     parser = cli.plot_parser("", image_index=3)
     run = parser.load(parser.parse_args(["--checkpoint", str(tmp_path / "c.pt"), "--device", "cpu"]))
-    assert torch.equal(run.images, data.load_cifar10(small_data_dir, train=False)[0])
+    assert torch.equal(run.images, cifar10.load_cifar10(small_data_dir, train=False)[0])
     assert " ".join(run.caption.split()) == f"c.pt: width-4 ResNet-18 trained on {name}" and "class-9" in name
     assert list(elsewhere.iterdir()) == []  # nothing written or downloaded here
     run = parser.load(parser.parse_args(["--checkpoint", str(tmp_path / "c.pt"), "--device", "cpu", "--synthetic",
@@ -269,13 +271,13 @@ def test_other_data_is_named_by_its_name_file_where_it_has_one(small_data_dir, t
     machine's own (the gallery's Fashion-MNIST is "Fashion-MNIST in the CIFAR-10 format" anywhere)."""
     copy = tmp_path / "fashion"
     shutil.copytree(small_data_dir, copy)
-    by_folder = data.describe_dataset(copy)
-    (copy / data.NAME_FILE).write_text("Fashion-MNIST in the CIFAR-10 format\nsecond line ignored\n")
-    named = data.describe_dataset(copy)
+    by_folder = cifar10.describe_dataset(copy)
+    (copy / cifar10.NAME_FILE).write_text("Fashion-MNIST in the CIFAR-10 format\nsecond line ignored\n")
+    named = cifar10.describe_dataset(copy)
     assert named == by_folder.replace(str(copy), "Fashion-MNIST in the CIFAR-10 format", 1)
     assert str(tmp_path) not in named and "not the official CIFAR-10" in named
-    (copy / data.NAME_FILE).write_text("\n")  # an empty name: the folder again
-    assert data.describe_dataset(copy) == by_folder
+    (copy / cifar10.NAME_FILE).write_text("\n")  # an empty name: the folder again
+    assert cifar10.describe_dataset(copy) == by_folder
 
 
 def test_random_crop_flip_is_one_offset_and_flip_of_the_padded_image():

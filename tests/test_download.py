@@ -10,11 +10,13 @@ import threading
 import pytest
 import torch
 
+import cifar10
+
 import data
 import utils
 from conftest import assert_one_line_error, run_script
 
-FILE = data.CIFAR10_ARCHIVE
+FILE = cifar10.CIFAR10_ARCHIVE
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +24,13 @@ def archive(tmp_path_factory):
     """cifar-10-python.tar.gz in the official layout (100 train + 50 test synthetic images, plus the
     readme.html the real one has) with one more member whose name points outside the folder."""
     root = tmp_path_factory.mktemp("archive")
-    train = data.make_synthetic_images(100, seed=20)
-    test = data.make_synthetic_images(50, seed=21)
-    folder = data.write_cifar10_folder(root / "src", *train, *test, [f"kind-{k}" for k in range(10)])
+    train = cifar10.make_synthetic_images(100, seed=20)
+    test = cifar10.make_synthetic_images(50, seed=21)
+    folder = cifar10.write_cifar10_folder(root / "src", *train, *test, [f"kind-{k}" for k in range(10)])
     (folder / "readme.html").write_text("<html>not read</html>")
     with tarfile.open(root / FILE, "w:gz") as tar:
-        tar.add(folder, arcname=data.CIFAR10_FOLDER)
-        escape = tarfile.TarInfo(f"{data.CIFAR10_FOLDER}/../escaped.txt")
+        tar.add(folder, arcname=cifar10.CIFAR10_FOLDER)
+        escape = tarfile.TarInfo(f"{cifar10.CIFAR10_FOLDER}/../escaped.txt")
         escape.size = 3
         tar.addfile(escape, io.BytesIO(b"out"))
     return root / FILE, folder
@@ -66,8 +68,8 @@ def server(archive, monkeypatch):
     srv.body = archive[0].read_bytes()
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    env = {data.URL_FOR_TESTS: f"http://127.0.0.1:{srv.server_address[1]}/{FILE}",
-           data.MD5_FOR_TESTS: hashlib.md5(srv.body).hexdigest(), "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    env = {cifar10.URL_FOR_TESTS: f"http://127.0.0.1:{srv.server_address[1]}/{FILE}",
+           cifar10.MD5_FOR_TESTS: hashlib.md5(srv.body).hexdigest(), "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)  # for data.py in this process
     srv.env = env  # for train.py in a subprocess
@@ -78,11 +80,11 @@ def server(archive, monkeypatch):
 
 
 def assert_extracted_exactly(data_dir, source):
-    folder = data_dir / data.CIFAR10_FOLDER
-    assert sorted(p.name for p in folder.iterdir()) == sorted(data.DATASET_FILES)
-    for name in data.DATASET_FILES:
+    folder = data_dir / cifar10.CIFAR10_FOLDER
+    assert sorted(p.name for p in folder.iterdir()) == sorted(cifar10.DATASET_FILES)
+    for name in cifar10.DATASET_FILES:
         assert (folder / name).read_bytes() == (source / name).read_bytes()
-    assert sorted(p.name for p in data_dir.iterdir()) == sorted([FILE, data.CIFAR10_FOLDER])  # no leftovers
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted([FILE, cifar10.CIFAR10_FOLDER])  # no leftovers
 
 
 def test_an_empty_data_dir_downloads_verifies_extracts_and_trains(server, archive, tmp_path):
@@ -101,23 +103,23 @@ def test_an_empty_data_dir_downloads_verifies_extracts_and_trains(server, archiv
 
 def test_a_second_run_reads_the_extracted_folder_without_a_request(server, archive, tmp_path):
     data_dir = tmp_path / "data"
-    first = data.load_cifar10(data_dir, train=True)
+    first = cifar10.load_cifar10(data_dir, train=True)
     assert server.requests == 1
     proc = run_script("train.py", "--data-dir", data_dir, "--width", 4, "--batch-size", 32, "--iterations", 2,
                       "--checkpoint", tmp_path / "c.pt", "--figures-dir", tmp_path / "f", env=server.env)
     assert proc.returncode == 0, proc.stderr
     assert server.requests == 1
-    assert torch.equal(data.load_cifar10(data_dir, train=True)[0], first[0]) and server.requests == 1
+    assert torch.equal(cifar10.load_cifar10(data_dir, train=True)[0], first[0]) and server.requests == 1
 
 
 def test_an_archive_with_the_wrong_md5_is_refused_and_leaves_nothing(server, archive, tmp_path):
     data_dir = tmp_path / "data"
     proc = run_script("train.py", "--data-dir", data_dir, "--checkpoint", tmp_path / "c.pt",
-                      env={**server.env, data.MD5_FOR_TESTS: "0" * 32})
-    line = assert_one_line_error(proc, "has md5 " + server.env[data.MD5_FOR_TESTS], "not " + "0" * 32, "deleted")
+                      env={**server.env, cifar10.MD5_FOR_TESTS: "0" * 32})
+    line = assert_one_line_error(proc, "has md5 " + server.env[cifar10.MD5_FOR_TESTS], "not " + "0" * 32, "deleted")
     assert server.requests == 1 and "127.0.0.1" in line
     assert list(data_dir.iterdir()) == [] and not (tmp_path / "c.pt").exists()
-    data.load_cifar10(data_dir, train=False)  # a later run (right md5) downloads it anew
+    cifar10.load_cifar10(data_dir, train=False)  # a later run (right md5) downloads it anew
     assert server.requests == 2
     assert_extracted_exactly(data_dir, archive[1])
 
@@ -126,12 +128,12 @@ def test_a_download_cut_off_mid_file_is_refused_and_leaves_nothing(server, archi
     data_dir = tmp_path / "data"
     server.cut = True
     with pytest.raises(utils.UserError) as err:
-        data.load_cifar10(data_dir, train=True)
+        cifar10.load_cifar10(data_dir, train=True)
     size = len(server.body)
     assert f"stopped after {size // 2:,} of {size:,} bytes" in str(err.value) and "\n" not in str(err.value)
     assert server.requests == 1 and list(data_dir.iterdir()) == []
     server.cut = False
-    data.load_cifar10(data_dir, train=True)
+    cifar10.load_cifar10(data_dir, train=True)
     assert server.requests == 2
     assert_extracted_exactly(data_dir, archive[1])
 
@@ -141,11 +143,11 @@ def test_an_archive_already_in_data_dir_is_verified_and_extracted_without_a_requ
     data_dir.mkdir()
     (data_dir / FILE).write_bytes(archive[0].read_bytes()[:-100] + bytes(100))  # damaged copy
     with pytest.raises(utils.UserError) as err:
-        data.load_cifar10(data_dir, train=True)
+        cifar10.load_cifar10(data_dir, train=True)
     assert f"{data_dir / FILE} has md5" in str(err.value) and "delete it" in str(err.value)
     assert sorted(p.name for p in data_dir.iterdir()) == [FILE]  # kept (the user's file), nothing extracted
     shutil.copy(archive[0], data_dir / FILE)
-    images, labels, classes = data.load_cifar10(data_dir, train=True)
+    images, labels, classes = cifar10.load_cifar10(data_dir, train=True)
     assert images.shape == (100, 3, 32, 32) and classes == [f"kind-{k}" for k in range(10)]
     assert server.requests == 0
     assert_extracted_exactly(data_dir, archive[1])

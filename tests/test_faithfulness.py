@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import cifar10
+
 import data
 from model import ResNet
 from visualize import faithfulness
@@ -154,7 +156,7 @@ def test_imputer_noise_has_the_standard_deviation_asked_for_on_removed_pixels_on
 def test_road_removing_nothing_gives_the_models_accuracy():
     torch.manual_seed(8)
     model = ResNet(4).eval()
-    images, labels = data.make_synthetic_images(64, seed=9)
+    images, labels = cifar10.make_synthetic_images(64, seed=9)
     x = data.normalize(images)
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == labels).double().mean().item()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-import data
+import cifar10
 import plot_feature_visualization
 import checkpoint
 import utils
@@ -18,16 +18,16 @@ from conftest import assert_one_line_error, run_script
 def trained(trained_checkpoint, synthetic_data_dir):
     """The trained width-8 model, its training data's colour statistics, and 2,000 test images."""
     model, _ = checkpoint.load_checkpoint(trained_checkpoint)
-    root = data.dataset_root(synthetic_data_dir, True)
-    images = data.load_cifar10(root, train=False)[0][:2000]
+    root = cifar10.dataset_root(synthetic_data_dir, True)
+    images = cifar10.load_cifar10(root, train=False)[0][:2000]
     return model, featurevis.colour_statistics(root), images
 
 
 # --------------------------------------------------------------------------- the parts
 
 def test_colour_statistics_are_the_training_pixels_and_cached(tmp_path, monkeypatch):
-    train = data.make_synthetic_images(300, seed=3)
-    data.write_cifar10_folder(tmp_path, *train, *data.make_synthetic_images(10, seed=4), ["a"] * 10)
+    train = cifar10.make_synthetic_images(300, seed=3)
+    cifar10.write_cifar10_folder(tmp_path, *train, *cifar10.make_synthetic_images(10, seed=4), ["a"] * 10)
     mean, covariance = featurevis.colour_statistics(tmp_path)
     pixels = train[0].permute(1, 0, 2, 3).reshape(3, -1).double() / 255
     torch.testing.assert_close(mean, pixels.mean(1).float())
@@ -38,7 +38,7 @@ def test_colour_statistics_are_the_training_pixels_and_cached(tmp_path, monkeypa
     cached = featurevis.colour_statistics(tmp_path)
     assert torch.equal(cached[0], mean) and torch.equal(cached[1], covariance)
     # ... until a training file changes
-    batch = tmp_path / data.CIFAR10_FOLDER / "data_batch_1"
+    batch = tmp_path / cifar10.CIFAR10_FOLDER / "data_batch_1"
     os.utime(batch, ns=(batch.stat().st_atime_ns, batch.stat().st_mtime_ns + 10 ** 9))
     monkeypatch.undo()
     torch.testing.assert_close(featurevis.colour_statistics(tmp_path)[1], covariance)

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import torch
 
-import data
+import cifar10
 from conftest import run_in_process
 from visualize import page
 
@@ -42,7 +42,7 @@ def figures(tmp_path_factory):
     """A folder of figures from a width-4 checkpoint trained for 12 iterations, and index.html in it."""
     root = tmp_path_factory.mktemp("page")
     data_dir = root / 'data <i>&"x"'
-    data.write_cifar10_folder(data_dir, *data.make_synthetic_images(256, seed=1), *data.make_synthetic_images(64, seed=2),
+    cifar10.write_cifar10_folder(data_dir, *cifar10.make_synthetic_images(256, seed=1), *cifar10.make_synthetic_images(64, seed=2),
                               CLASSES)
     checkpoint, folder = root / "ckpt.pt", root / "figures"
     proc = run_in_process("train.py", ["--data-dir", str(data_dir), "--width", "4", "--iterations", "12",
@@ -168,7 +168,7 @@ def test_the_tables_hold_the_jsons_numbers(figures):
 
 
 def test_a_json_of_a_layout_it_does_not_pin_shows_its_scalars_and_leaves_out_its_maps():
-    # the layouts plot_trust.py and plot_class_evidence.py write (issue 22): a row per technique, a row per image
+    # the layouts plot_trust.py and plot_class_evidence.py write: a row per technique, a row per image
     trust = {"count": 4, "unit": {"layer": "conv5_x", "channel": 1},
              "rows": {"guided": {"kind": "unit", "weights_top": 0.91, "passes": {"weights": False, "class": True}},
                       HOSTILE: {"kind": "class", "deletion": 0.125, "weights_top": None, "passes": {}}}}

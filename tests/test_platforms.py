@@ -11,13 +11,14 @@ import checkpoint
 import utils
 from conftest import ROOT, run_script, script_env, without_posix_only_env
 
-MODULES = sorted({p.stem for p in ROOT.glob("*.py")} | {f"visualize.{p.stem}" for p in (ROOT / "visualize").glob("*.py")
-                                                          if p.stem != "__init__"})
+MODULES = sorted({p.stem for p in [*ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]}
+                 | {f"visualize.{p.stem}" for p in (ROOT / "visualize").glob("*.py") if p.stem != "__init__"})
 
 
 def test_every_module_imports_and_the_sitecustomize_takes_the_posix_only_calls_away(tmp_path):
     env = without_posix_only_env(tmp_path / "site")
-    code = ("import importlib, os, signal\n"
+    code = ("import importlib, os, signal, sys\n"
+            "sys.path.insert(1, 'benchmarks')\n"
             "for name in ('fcntl', 'resource'):\n"
             "    try:\n        importlib.import_module(name)\n    except ImportError:\n        pass\n"
             "    else:\n        raise SystemExit(name + ' imported')\n"

@@ -8,6 +8,7 @@ from matplotlib.image import imread
 
 import bench_figures
 import checkpoint
+import cifar10
 import data
 import utils
 from visualize import ascent, cli, drawing, figures, scoring
@@ -18,7 +19,7 @@ from model import METHODS, ResNet
 
 @pytest.fixture(scope="module")
 def test_images(synthetic_data_dir):
-    return data.load_cifar10(data.dataset_root(synthetic_data_dir, True), train=False)[0]
+    return cifar10.load_cifar10(cifar10.dataset_root(synthetic_data_dir, True), train=False)[0]
 
 
 # --------------------------------------------------------------------------- scores and gradient ascent

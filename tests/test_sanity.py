@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import cifar10
+
 import data
 from conftest import assert_one_line_error, run_script
 from model import METHODS, ResNet
@@ -104,7 +106,7 @@ def trained_run(trained_checkpoint):
 
 
 def small_checks(run, seed, layer="conv5_x", channel=1, images=(4531, 4532, 4533)):
-    colour = colour_statistics(data.dataset_root(run.data_dir, run.trained_on_synthetic))
+    colour = colour_statistics(cifar10.dataset_root(run.data_dir, run.trained_on_synthetic))
     x = data.normalize(run.images[list(images)])
     return sanity.sanity_checks(run.model, x, layer, channel, colour, seed=seed, fv_steps=8, pattern_steps=8)
 
@@ -180,7 +182,7 @@ def one_depth_at_a_time(model, x, layer, channel, colour, seed, fv_steps, patter
 def test_the_depths_drawn_in_one_batch_are_each_depths_network_drawn_alone(trained_run, layer, channel, one_thread):
     """sanity_checks draws the optimisations of every depth in one batch (sanity.Cascade): the same
     pictures and similarities as building each depth's network and drawing it alone."""
-    colour = colour_statistics(data.dataset_root(trained_run.data_dir, trained_run.trained_on_synthetic))
+    colour = colour_statistics(cifar10.dataset_root(trained_run.data_dir, trained_run.trained_on_synthetic))
     x = data.normalize(trained_run.images[[4531, 4532, 4533, 4540]])
     # few feature-visualization steps: from a re-initialised stage on, its rounding differences (a
     # ReLU gate that the summation order opens or shuts) grow step by step, as they do between thread

@@ -9,6 +9,9 @@ import json
 import pytest
 import torch
 
+import cifar10
+
+import cuda_graph
 import data
 import checkpoint
 import speed
@@ -182,7 +185,7 @@ RECIPE_ITERATIONS = 20_332  # 52 epochs of 50,000 images at batch 128
 
 
 def test_a_long_cpu_run_is_compiled_where_the_probe_finds_that_it_repays_its_compile_time():
-    """The AVX2 EPYC's figures (issue 24: channels_last 70.0 images/s eager, 80.6 compiled after 58 s of
+    """The AVX2 EPYC's figures (2026-12-04: channels_last 70.0 images/s eager, 80.6 compiled after 58 s of
     compiling; NCHW 67.7): the full recipe, ~10 h eagerly, saves over an hour compiled, so the probe
     keeps fp32 channels_last compiled, and its figures and reason say so."""
     measure, clock, measured = fake_probe({False: 67.7, True: 70.0}, 80.6, 58)
@@ -252,14 +255,14 @@ def test_show_settings_prints_the_probed_choice_as_one_json_line_and_trains_noth
 
 
 def test_show_settings_reads_no_data(tmp_path, monkeypatch):
-    """--show-settings decides and prints the settings before any data is read or downloaded (issue 24):
+    """--show-settings decides and prints the settings before any data is read or downloaded:
     with a --data-dir that holds nothing, and a download that could only fail, it prints them and leaves
     the folder empty. The run's length is counted in the data it would train on: CIFAR-10's 50,000
     training images (4 epochs of 1,563 batches of 32: long enough for the probe), the --synthetic data's
     10,000 (4 epochs of 313: too short for it)."""
     empty = tmp_path / "no_data"
     empty.mkdir()
-    monkeypatch.setenv(data.URL_FOR_TESTS, "http://127.0.0.1:9/cifar-10-python.tar.gz")  # the discard port
+    monkeypatch.setenv(cifar10.URL_FOR_TESTS, "http://127.0.0.1:9/cifar-10-python.tar.gz")  # the discard port
     plan = speed.plan(speed.detect(torch.device("cpu")), UNSET)
     for synthetic in (False, True):
         proc = run_in_process("train.py", ["--data-dir", str(empty), "--width", "4", "--batch-size", "32", "--epochs", "4",
@@ -279,7 +282,7 @@ def test_settings_that_cannot_run_are_refused_before_any_data_is_read(tmp_path, 
     """The rules' refusals come before the data: a user without CIFAR-10 is not made to download it first."""
     empty = tmp_path / "no_data"
     empty.mkdir()
-    monkeypatch.setenv(data.URL_FOR_TESTS, "http://127.0.0.1:9/cifar-10-python.tar.gz")  # the discard port
+    monkeypatch.setenv(cifar10.URL_FOR_TESTS, "http://127.0.0.1:9/cifar-10-python.tar.gz")  # the discard port
     proc = run_in_process("train.py", ["--data-dir", str(empty), "--device", "cpu", "--cuda-graph",
                                        "--checkpoint", str(tmp_path / "c.pt"), "--figures-dir", str(tmp_path / "f")])
     assert_one_line_error(proc, "--cuda-graph needs a CUDA device")
@@ -356,7 +359,7 @@ def plain_step(model, optimizer, precision="fp32"):
 
 def small_model_and_batches(channels_last=False):
     """A width-4 model and 40 augmented images in batches of 16, 16 and 8: two epochs' worth."""
-    images, labels = data.make_synthetic_images(40, seed=5)
+    images, labels = cifar10.make_synthetic_images(40, seed=5)
     torch.manual_seed(5)
     model = ResNet(4)
     if channels_last:
@@ -391,7 +394,7 @@ def test_graphed_step_equals_the_plain_step_over_partial_batches_and_an_lr_decay
         optimizer, scheduler = steps.make_optimizer(model, config)
         step_fn = plain_step(model, optimizer, precision)
         if graphed:
-            step_fn = speed.GraphedStep(step_fn, model, optimizer)
+            step_fn = cuda_graph.GraphedStep(step_fn, model, optimizer)
         losses = run_steps(model, batches, step_fn, scheduler)
         results.append((losses, model.state_dict(), optimizer.state_dict()))
     (plain_losses, plain_weights, plain_adam), (graph_losses, graph_weights, graph_adam) = results
@@ -415,14 +418,14 @@ def graph_fails(how):
         if how == "raise":
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
         outputs = step()  # the outputs the empty graph would hand back
-        restore = speed.training_state(self.model, self.optimizer)
-        return lambda: (speed.restore_training_state(self.model, self.optimizer, restore), outputs)[1]
+        restore = cuda_graph.training_state(self.model, self.optimizer)
+        return lambda: (cuda_graph.restore_training_state(self.model, self.optimizer, restore), outputs)[1]
     return record
 
 
 @pytest.mark.parametrize("how", ["raise", "empty graph"])
 def test_a_failed_capture_is_dropped_and_training_goes_on_eagerly_losing_nothing(monkeypatch, how):
-    monkeypatch.setattr(speed.GraphedStep, "_record", graph_fails(how))
+    monkeypatch.setattr(cuda_graph.GraphedStep, "_record", graph_fails(how))
     config = dict(steps.RECIPE, lr_step_epochs=1)
     results, said = [], []
     for graphed in (False, True):
@@ -430,7 +433,7 @@ def test_a_failed_capture_is_dropped_and_training_goes_on_eagerly_losing_nothing
         optimizer, scheduler = steps.make_optimizer(model, config)
         step_fn = plain_step(model, optimizer)
         if graphed:
-            step_fn = speed.GraphedStep(step_fn, model, optimizer, say=said.append)
+            step_fn = cuda_graph.GraphedStep(step_fn, model, optimizer, say=said.append)
         losses = run_steps(model, batches, step_fn, scheduler)
         results.append((losses, model.state_dict(), optimizer.state_dict()))
     (plain_losses, plain_weights, plain_adam), (losses, weights, adam) = results
@@ -470,7 +473,7 @@ def test_a_failed_capture_drops_only_its_batch_sizes_graph(monkeypatch, capturab
     """The partial batch's capture fails: its steps run eagerly, the full batch keeps its graph, and Adam
     stays capturable with the lr tensor that graph reads. The run equals a plain one with the same
     capturable Adam bit for bit, and the line says which size went and which stayed."""
-    monkeypatch.setattr(speed.GraphedStep, "_record", second_capture_fails)
+    monkeypatch.setattr(cuda_graph.GraphedStep, "_record", second_capture_fails)
     config = dict(steps.RECIPE, lr_step_epochs=1)
     results, said = [], []
     for graphed in (False, True):
@@ -478,7 +481,7 @@ def test_a_failed_capture_drops_only_its_batch_sizes_graph(monkeypatch, capturab
         optimizer, scheduler = steps.make_optimizer(model, config, cuda_graph=True)
         step_fn = plain_step(model, optimizer)
         if graphed:
-            step_fn = speed.GraphedStep(step_fn, model, optimizer, say=said.append)
+            step_fn = cuda_graph.GraphedStep(step_fn, model, optimizer, say=said.append)
             held = optimizer.param_groups[0]["lr"]
         losses = run_steps(model, batches, step_fn, scheduler)
         results.append((losses, model.state_dict(), optimizer.state_dict()))
@@ -494,7 +497,7 @@ def test_with_no_graph_left_adam_is_made_plain_and_the_run_equals_an_eager_one(m
     """Every capture fails: the run goes on eagerly with Adam as an eager run builds it (capturable off,
     a float lr, the step count on the CPU), and trains bit for bit as a plain eager run whose lr is the
     float32 lr tensor's value, the schedule's decays included."""
-    monkeypatch.setattr(speed.GraphedStep, "_record", graph_fails("raise"))
+    monkeypatch.setattr(cuda_graph.GraphedStep, "_record", graph_fails("raise"))
     config = dict(steps.RECIPE, lr_step_epochs=1)
     results, said = [], []
     for graphed in (False, True):
@@ -504,7 +507,7 @@ def test_with_no_graph_left_adam_is_made_plain_and_the_run_equals_an_eager_one(m
         step_fn = plain_step(model, optimizer)
         if graphed:
             assert optimizer.param_groups[0]["capturable"]
-            step_fn = speed.GraphedStep(step_fn, model, optimizer, say=said.append)
+            step_fn = cuda_graph.GraphedStep(step_fn, model, optimizer, say=said.append)
         losses = run_steps(model, batches, step_fn, scheduler)
         results.append((losses, model.state_dict(), optimizer.state_dict()))
     assert_same_training(*results)
@@ -585,10 +588,10 @@ def test_a_failed_capture_raises_its_first_error_and_puts_the_stream_back(fake_c
     fake_capture.current = "default stream"
     graph = FakeGraph()
     with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
-        speed.capture_graph(graph, failing_step(graph), "capture stream", pool=None)
+        cuda_graph.capture_graph(graph, failing_step(graph), "capture stream", pool=None)
     assert fake_capture.current == "default stream"
     graph = FakeGraph()
-    assert speed.capture_graph(graph, lambda: "outputs", "capture stream", pool=None) == "outputs"
+    assert cuda_graph.capture_graph(graph, lambda: "outputs", "capture stream", pool=None) == "outputs"
     assert graph.state == "captured" and fake_capture.current == "default stream"
 
 
@@ -614,7 +617,7 @@ def test_the_graph_reads_the_live_lr_even_when_a_scheduler_replaces_it(capturabl
         optimizer, _ = steps.make_optimizer(model, config, cuda_graph=graphed)
         step_fn = plain_step(model, optimizer)
         if graphed:
-            step_fn = speed.GraphedStep(step_fn, model, optimizer)
+            step_fn = cuda_graph.GraphedStep(step_fn, model, optimizer)
             held = optimizer.param_groups[0]["lr"]
         step_fn(*batches[0])
         optimizer.param_groups[0]["lr"] = 2.5e-4  # replaced, not updated in place

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import checkpoint
-import data
+import cifar10
 import steps
 from conftest import PROGRESS_BAR, ROOT, run_in_process, script_env
 from model import ResNet
@@ -30,7 +30,7 @@ def test_training_on_synthetic_data_reaches_high_test_accuracy(trained_checkpoin
     assert history["test_acc"][-1] >= 0.95, history["test_acc"]
     # ...which is learned: the same network untrained is near chance on the same test set
     untrained = checkpoint.build_model({**ckpt, "model": ResNet(8).state_dict()})
-    images, labels, _ = data.load_cifar10(data.dataset_root(synthetic_data_dir, True), train=False)
+    images, labels, _ = cifar10.load_cifar10(cifar10.dataset_root(synthetic_data_dir, True), train=False)
     assert steps.evaluate(untrained, images, labels)[0] < 0.3
     model, _ = checkpoint.load_checkpoint(trained_checkpoint)
     acc, loss = steps.evaluate(model, images, labels)

@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+import cifar10
+
 import data
 from conftest import assert_one_line_error, run_in_process
 from model import ResNet
@@ -38,7 +40,7 @@ def saliency_rho(model, other_model, images, targets, other_targets):
 @pytest.fixture(scope="module")
 def table():
     model = small_network()
-    images, labels = data.make_synthetic_images(6, seed=1)
+    images, labels = cifar10.make_synthetic_images(6, seed=1)
     names = ("saliency", "Grad-CAM conv4_x")
     dependence, cascades = trust.class_map_dependence(model, images, labels, seed=3, names=names)
     faithful = trust.class_map_faithfulness(model, images, labels, seed=3, step=25, names=names)

@@ -3,6 +3,8 @@ independent route: ResNet.capture's activations and the whole network's forward 
 import pytest
 import torch
 
+import cifar10
+
 import data
 import checkpoint
 from visualize import scoring, units
@@ -75,7 +77,7 @@ def hooked_predictions(model, x, layer, channel):
 def test_ablation_equals_the_whole_network_with_the_channel_hooked_to_0(trained_checkpoint, small_data_dir,
                                                                         one_thread):
     model, ckpt = checkpoint.load_checkpoint(trained_checkpoint)
-    images, labels, _ = data.load_cifar10(data.dataset_root(small_data_dir, False), train=False)
+    images, labels, _ = cifar10.load_cifar10(cifar10.dataset_root(small_data_dir, False), train=False)
     images, labels = images[:300], labels[:300]
     classes = ckpt["config"]["classes"]
     channels = {"conv2_x": [0, 3, 5, 7], "conv4_x": [1, 20, 31]}

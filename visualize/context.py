@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint
-from data import CIFAR10_FOLDER, SYNTHETIC_NAME, dataset_root, describe_dataset, load_cifar10
+from cifar10 import CIFAR10_FOLDER, SYNTHETIC_NAME, dataset_root, describe_dataset, load_cifar10
 from model import STAGES
 from visualize.attribution import attribute, check_options
 from visualize.drawing import wrap_title
@@ -71,7 +71,7 @@ def load_run(checkpoint, device, data_dir=None, synthetic=None, test_split=True)
     config = ckpt["config"]
     trained_on = config.get("synthetic", False)
     synthetic = trained_on if synthetic is None else synthetic
-    trained_name = config.get("data_name",  # named by data.describe_dataset when it was trained
+    trained_name = config.get("data_name",  # named by cifar10.describe_dataset when it was trained
                               SYNTHETIC_NAME if trained_on else f"the data in {config.get('data_dir', 'data')}")
     caption = f"{Path(checkpoint).name}: width-{model.width} ResNet-18 trained on {trained_name}"
     run = PlotRun(model=model, checkpoint=ckpt, device=device, caption=wrap_title(caption),

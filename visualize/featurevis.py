@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import save_atomic
-from data import (CIFAR10_FOLDER, TRAIN_FILES, dataset_root, denormalize, draw_augmentation, load_cifar10, normalize,
-                  random_crop_flip)
+from cifar10 import CIFAR10_FOLDER, TRAIN_FILES, dataset_root, load_cifar10
+from data import denormalize, draw_augmentation, normalize, random_crop_flip
 from visualize.ascent import gradient_ascent, straight_through_relu
 from visualize.drawing import grid_shape, save_panels
 from visualize.context import test_split_scores

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote
 
-from data import dataset_root, describe_dataset
+from cifar10 import dataset_root, describe_dataset
 from utils import UserError
 from visualize.context import load_run
 from visualize.drawing import METHOD_TITLES, format_indices
@@ -329,7 +329,7 @@ def json_table(record):
 # ------------------------------------------------------------------- the run
 
 def data_name(data_dir, synthetic):
-    """data.describe_dataset's name of the data in data_dir (checkpoints before it was stored in the
+    """cifar10.describe_dataset's name of the data in data_dir (checkpoints before it was stored in the
     config, and test data other than the training data); where it cannot be read, its folder."""
     try:
         return describe_dataset(dataset_root(data_dir, synthetic), synthetic)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import curve_window, window_means
-from data import SYNTHETIC_NAME
+from cifar10 import SYNTHETIC_NAME
 from visualize.drawing import new_figure, save, wrap_title
 
 
@@ -93,7 +93,7 @@ def save_progress_figures(history, figures_dir, title):
 
 
 def progress_title(config):
-    """The title of the learning-progress figures: the width and the data as data.describe_dataset
+    """The title of the learning-progress figures: the width and the data as cifar10.describe_dataset
     named it when the run started (a checkpoint's config)."""
     name = config.get("data_name") or (SYNTHETIC_NAME if config["synthetic"] else f"the data in {config['data_dir']}")
     return wrap_title(f"width-{config['width']} ResNet-18, {name}")

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from data import dataset_root, denormalize, normalize
+from cifar10 import dataset_root
+from data import denormalize, normalize
 from model import METHODS, STAGES, ResNet
 from visualize.ascent import gradient_ascent
 from visualize.context import memo

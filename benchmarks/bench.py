@@ -1,9 +1,9 @@
 """How fast train.py trains, next to the report's tutorial-style pipeline, on one device.
 
-    python bench.py --quick          # a short run: about a minute on 2 CPU cores
-    python bench.py                  # the full run on the default device (cuda if available)
-    python bench.py --device cuda    # the GPU figures for docs/performance.md
-    python bench.py --all-rows       # also the rows that cannot be fast here (bf16 on an AVX2 CPU, ...)
+    python benchmarks/bench.py --quick          # a short run: about a minute on 2 CPU cores
+    python benchmarks/bench.py                  # the full run on the default device (cuda if available)
+    python benchmarks/bench.py --device cuda    # the GPU figures for docs/performance.md
+    python benchmarks/bench.py --all-rows       # also the rows that cannot be fast here (bf16 on an AVX2 CPU, ...)
 
 It first says what the device can do (speed.detect; fp32 and bf16 matmul GFLOP/s). On 50,000
 CIFAR-shaped random images (random content: speed does not depend on it) and the same ResNet-18, it
@@ -15,7 +15,7 @@ then measures side by side
   fp32, fp32_cl, bf16, bf16_cl, fp16, ... (+ _graph, _compile)
              train.py's pipeline (uint8 data on the device, batches gathered, cropped, flipped and
              normalised there: data.epoch_batches + steps.make_step) under each setting: precision,
-             channels_last, a CUDA graph (speed.GraphedStep; CUDA only, the capture time shown apart),
+             channels_last, a CUDA graph (cuda_graph.GraphedStep; CUDA only, the capture time shown apart),
              torch.compile (CUDA only, its compile time shown apart). By default only the rows that
              speed.plan leaves on this device (what can be fast here); --all-rows measures the rest;
   train_py   exactly what train.py chooses here for the full recipe at --width and --batch-size: its
@@ -44,22 +44,30 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import sys
+from pathlib import Path
+
 import torch
 import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+HERE = Path(__file__).resolve().parent  # benchmarks/: its JSON files lie here
+sys.path.insert(0, str(HERE.parent))  # the repo's modules, from wherever this is run
 from torchvision import transforms
 from tqdm import tqdm
 
-import data
-import speed
-import steps
-import utils
-from model import ResNet
+import cifar10  # noqa: E402
+
+import data  # noqa: E402
+import speed  # noqa: E402
+import steps  # noqa: E402
+import utils  # noqa: E402
+from model import ResNet  # noqa: E402
 
 # The full recipe the throughputs are projected to: train.py's defaults on CIFAR-10.
 RECIPE_EPOCHS = steps.RECIPE_EPOCHS                   # 52
-RECIPE_TRAIN_IMAGES = data.CIFAR10_TRAIN_IMAGES      # 50,000
+RECIPE_TRAIN_IMAGES = cifar10.CIFAR10_TRAIN_IMAGES      # 50,000
 RECIPE_TEST_IMAGES = 10_000
 RECIPE_BATCH = steps.RECIPE["batch_size"]             # 128
 RECIPE_ITERATIONS = RECIPE_EPOCHS * data.batches_per_epoch(RECIPE_TRAIN_IMAGES, RECIPE_BATCH)  # 20,332
@@ -347,13 +355,15 @@ def print_table(result):
 
 
 def json_path(args, device):
-    """Where the figures go: --json, else bench_cpu.json / bench_cuda.json, or bench_cpu_quick.json with --quick."""
-    return args.json or f"bench_{device.type}{'_quick' if args.quick else ''}.json"
+    """Where the figures go: --json, else benchmarks/bench_cpu.json / bench_cuda.json, or bench_cpu_quick.json
+    with --quick."""
+    return args.json or str(HERE / f"bench_{device.type}{'_quick' if args.quick else ''}.json")
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = speed.resolve_device(args.device)
+    utils.check_writable(json_path(args, device), "--json")  # before minutes of measuring, not after
     speed.use_device(device)
     windows = resolve_windows(args, device)
     caps = speed.detect(device)
@@ -400,8 +410,7 @@ def main(argv=None):
 
     print_table(result)
     path = json_path(args, device)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2, allow_nan=False)
+    utils.write_text_atomic(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
     print(f"train.py's choice trains {result['choice_vs_tutorial']:.2f}x as fast as the tutorial pipeline")
     print(f"figures written to {path}")
 

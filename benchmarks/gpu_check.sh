@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issue 24): on one GPU, within 10 minutes, it runs
+# The one prepared GPU check: on one GPU, within 10 minutes, it runs
 #   tests     python -m pytest tests/test_cuda.py        (the CUDA tests, skipped without a GPU)
 #   settings  python train.py --show-settings            (what train.py would choose here, and why)
 #   recipe    the full recipe (52 epochs, width 64) on Fashion-MNIST written in the CIFAR-10 format
 #             from its raw idx files, printing its wall time and test accuracy
-#   bench     python bench.py --device cuda              (writing bench_cuda.json)
+#   bench     python benchmarks/bench.py --device cuda              (writing bench_cuda.json)
 # in that order (the recipe before bench: its accuracy is the measurement nearest the report's 91.2 %
 # that can be had without CIFAR-10), each under a time limit that keeps the whole inside the budget.
 #
-#   bash gpu_check.sh                    # every stage; results in $OUT (default: gpu_check_out/)
-#   bash gpu_check.sh recipe bench       # only these stages (e.g. to rerun one that ran out of time)
-#   GPU_CHECK_DRY=1 bash gpu_check.sh    # the same stages tiny, on the CPU: checks this script (~2 min)
+#   bash benchmarks/gpu_check.sh                    # every stage; results in $OUT (default: gpu_check_out/)
+#   bash benchmarks/gpu_check.sh recipe bench       # only these stages (e.g. to rerun one that ran out of time)
+#   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh    # the same stages tiny, on the CPU: checks this script (~2 min)
 #
 # Under $OUT (at most 8 small files, all that comes back from a lent machine): gpu_check.log (all of
 # the output), summary.json (each stage's exit status and seconds; the recipe's wall time and
@@ -22,7 +22,7 @@
 # ../shared/datasets/fashion-mnist, shared/datasets/fashion-mnist, /usr/share/datasets/fashion-mnist),
 # GPU_CHECK_BUDGET_S (580), BENCH_ARGS (extra bench.py flags, e.g. --no-compile).
 set -u -o pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repo: every command below runs from there
 
 DRY="${GPU_CHECK_DRY:-}"
 OUT="${OUT:-gpu_check_out}"
@@ -142,10 +142,10 @@ EOF
         cp "$WORK/figures/test_accuracy.png" "$OUT/test_accuracy.png" 2>/dev/null ;;
     bench)
         if [ -n "$DRY" ]; then
-            run_stage bench "$PY" bench.py --device cpu --quick --width 4 --images 512 --test-images 256 --workers 0 \
+            run_stage bench "$PY" benchmarks/bench.py --device cpu --quick --width 4 --images 512 --test-images 256 --workers 0 \
                 ${BENCH_ARGS:-} --json "$OUT/bench_cpu_dry.json"
         else
-            run_stage bench "$PY" bench.py --device cuda ${BENCH_ARGS:-} --json "$OUT/bench_cuda.json"
+            run_stage bench "$PY" benchmarks/bench.py --device cuda ${BENCH_ARGS:-} --json "$OUT/bench_cuda.json"
         fi ;;
     esac
 done

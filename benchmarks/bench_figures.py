@@ -1,9 +1,9 @@
 """How long the figures take, as a multiple of one forward pass of the test split measured in the same run.
 
-    python bench_figures.py                    # plot_all.py at width 64 on --synthetic data (10,000 test images)
-    python bench_figures.py --checkpoint checkpoints/resnet18_cifar10.pt   # on your own checkpoint and its data
-    python bench_figures.py --top-activating   # only: scoring.top_activating against the report's per-image loop
-    python bench_figures.py --feature-vis      # only: plot_feature_visualization.py's optimisation at --width
+    python benchmarks/bench_figures.py                    # plot_all.py at width 64 on --synthetic data (10,000 test images)
+    python benchmarks/bench_figures.py --checkpoint checkpoints/resnet18_cifar10.pt   # on your own checkpoint and its data
+    python benchmarks/bench_figures.py --top-activating   # only: scoring.top_activating against the report's per-image loop
+    python benchmarks/bench_figures.py --feature-vis      # only: plot_feature_visualization.py's optimisation at --width
 
 By default it makes a checkpoint (train.py, --iterations steps of a width---width ResNet-18 on the
 synthetic gratings, in --work-dir; speed does not depend on what the weights learned), times one
@@ -35,14 +35,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-import data
-import speed
-import utils
-from model import STAGES, ResNet
-from visualize import featurevis, scoring
-from visualize.context import load_run
+ROOT = Path(__file__).resolve().parents[1]  # the repo: its scripts run from here
+sys.path.insert(0, str(ROOT))
 
-ROOT = Path(__file__).resolve().parent
+import data  # noqa: E402
+import speed  # noqa: E402
+import utils  # noqa: E402
+from model import STAGES, ResNet  # noqa: E402
+from visualize import featurevis, scoring  # noqa: E402
+from visualize.context import load_run  # noqa: E402
+
 # what plot_all.py prints: a line a script ("plot_x.py: 2 files in 1.2 s"; a step that is no script, as
 # "index.html: in 0.02 s", counts as one), then its total
 SCRIPT_LINE = re.compile(r"^([\w.]+?)(?:\.py)?: (?:(\d+) files )?in ([\d.]+) s$", flags=re.M)
@@ -90,6 +92,8 @@ def parse_args(argv=None):
                               f"{channels} channels; choose 0..{channels - 1}")
     if args.top_activating and args.feature_vis:
         raise utils.UserError("--top-activating and --feature-vis: choose one")
+    if args.json:
+        utils.check_writable(args.json, "--json")  # before minutes of measuring, not after
     args.device = speed.resolve_device(args.device)
     return args
 
@@ -302,7 +306,7 @@ def main(argv=None):
     else:
         result = measure_figures(args)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        utils.write_text_atomic(args.json, json.dumps(result, indent=2, allow_nan=False) + "\n")
         print(f"figures written to {args.json}")
     return result
 
