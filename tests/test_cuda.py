@@ -22,7 +22,7 @@ import speed
 import steps
 from conftest import ROOT, run_in_process, script_env
 from model import ResNet
-from speed import GraphedStep
+from cuda_graph import GraphedStep
 
 GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
