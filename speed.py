@@ -215,11 +215,17 @@ def detect(device):
 
 
 def mps_fp16_autocast():
-    """Whether this torch has fp16 autocast on mps (torch.amp.is_autocast_available, from torch 2.3)."""
+    """Whether this torch can train in fp16 on mps: autocast there (torch.amp.is_autocast_available, from
+    torch 2.3) and a GradScaler that stays enabled there (one that warns and disables itself would let
+    fp16 gradients underflow unseen)."""
     available = getattr(torch.amp, "is_autocast_available", None)
     try:
-        return bool(available and available("mps"))
-    except RuntimeError:
+        if not (available and available("mps")):
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a scaler that cannot run on mps says so by a warning
+            return torch.amp.GradScaler("mps").is_enabled()
+    except (RuntimeError, ValueError, UserWarning):
         return False
 
 
