@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
+import cifar10  # noqa: E402
 import utils  # noqa: E402
 
 CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -56,8 +56,8 @@ def main(argv=None):
     splits = []
     for images, labels in names.values():
         splits += [as_cifar(read_idx(images)), torch.from_numpy(read_idx(labels).astype(np.int64))]
-    folder = data.write_cifar10_folder(args.out, *splits, CLASSES)
-    (Path(args.out) / data.NAME_FILE).write_text("Fashion-MNIST in the CIFAR-10 format\n", encoding="utf-8")  # its name in titles
+    folder = cifar10.write_cifar10_folder(args.out, *splits, CLASSES)
+    (Path(args.out) / cifar10.NAME_FILE).write_text("Fashion-MNIST in the CIFAR-10 format\n", encoding="utf-8")  # its name in titles
     print(f"wrote {folder}: {len(splits[0])} train and {len(splits[2])} test images of Fashion-MNIST")
 
 

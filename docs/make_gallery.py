@@ -6,7 +6,7 @@ Runs plot_all.py (every figure, with each script's defaults) and the reconstruct
 with --method guided and --method gradient, into a scratch folder, then copies the figures the
 README shows into docs/gallery/ and writes docs/gallery/SOURCE.txt: the checkpoint, its data and its
 last test accuracy, so each caption can say what the pictures were made from. The captions name the data
-as data.describe_dataset names it now (Fashion-MNIST by the NAME.txt beside its folder), not by the
+as cifar10.describe_dataset names it now (Fashion-MNIST by the NAME.txt beside its folder), not by the
 folder it lay in on the machine that trained the checkpoint.
 """
 import argparse
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plot_all  # noqa: E402
 import plot_conv5_reconstructed_pattern_trunk  # noqa: E402
 import checkpoint  # noqa: E402
-import data  # noqa: E402
+import cifar10  # noqa: E402
 import utils  # noqa: E402
 
 GALLERY = Path(__file__).resolve().parent / "gallery"
@@ -43,7 +43,7 @@ def main(argv=None):
     config, history = ckpt["config"], ckpt["history"]
     # the data as named now (by its NAME.txt, which holds on any machine), not as the run recorded it
     # when it trained (by the folder it lay in there)
-    data_name = data.describe_dataset(args.data_dir or config["data_dir"], config["synthetic"])
+    data_name = cifar10.describe_dataset(args.data_dir or config["data_dir"], config["synthetic"])
     with tempfile.TemporaryDirectory() as scratch:
         renamed = Path(scratch) / "checkpoint" / Path(args.checkpoint).name
         checkpoint.save_atomic(dict(ckpt, config=dict(config, data_name=data_name)), renamed)
