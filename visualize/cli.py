@@ -9,6 +9,7 @@ modules take, and the checks that make it one they can trust. Every bad value ge
 """
 import argparse
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,15 @@ class PlotParser(OneLineArgumentParser):
                 raise UserError(f"--ablation-images {args.ablation_images} is out of range: the test split has "
                                 f"{len(run.images)} images; choose 1..{len(run.images)}")
         return run
+
+
+def file_stem(base, record):
+    """`base` and '_<flag><value>' for every flag of the figure not at its default (record: figure_record's
+    "changed"; a switch as its name, or no-<name>), as a file name every system takes: the characters Windows refuses (: and the like) as ~."""
+    parts = [base]
+    for flag, value in record["changed"].items():
+        parts.append(("no-" if value is False else "") + flag[2:] + (value if isinstance(value, str) else ""))
+    return re.sub(r'[<>:"/\\|?*\s]', "~", "_".join(parts))
 
 
 def flag_text(value):
