@@ -142,6 +142,8 @@ def switch_text(flag, value):
         return ""
     if isinstance(value, bool):
         return flag if value else "--no-" + flag[2:]
+    if value.startswith("-"):  # argparse would read "-8:8:1" as a flag of its own
+        return f"{flag}={quote_word(value)}"
     return f"{flag} {quote_word(value)}"
 
 

@@ -42,7 +42,7 @@ OTHER_IMAGES = 3  # panel (c): the projection also on this many other test image
 
 @dataclass
 class OcclusionMaps:
-    """The occlusion experiment on N images, on the CPU; P = len(starts) positions a side."""
+    """The occlusion experiment on N images, on the CPU in the model's dtype; P = len(starts) positions a side."""
     starts: list                 # the square's top-left rows (and columns), in order
     channel: torch.Tensor        # (N,) the strongest conv5_x channel of each unoccluded image
     total: torch.Tensor          # (N,) its total activation on the unoccluded image
@@ -77,12 +77,13 @@ def occlusion_maps(model, images, labels, k=8, s=1, batch_size=None):
         activation.append(out[torch.arange(len(out), device=device), channel[image]].sum((1, 2)))
         logits.append(model.head(out))
     p = len(starts)
-    activation = torch.cat(activation).view(p, p, n).permute(2, 0, 1).float().cpu()  # window-major rows
-    occluded = torch.cat(logits).view(p, p, n, -1).permute(2, 0, 1, 3).float().cpu()
+    activation = torch.cat(activation).view(p, p, n).permute(2, 0, 1).cpu()  # window-major rows
+    occluded = torch.cat(logits).view(p, p, n, -1).permute(2, 0, 1, 3).cpu()
     probability = occluded.double().softmax(-1).gather(-1, labels.view(n, 1, 1, 1).expand(n, p, p, 1))[..., 0]
-    return OcclusionMaps(starts=starts, channel=channel.cpu(), total=totals.gather(1, channel[:, None])[:, 0].float().cpu(),
-                         logits=model.head(unoccluded).float().cpu(), activation=activation,
-                         occluded_logits=occluded, probability=probability.float(), predicted=occluded.argmax(-1))
+    return OcclusionMaps(starts=starts, channel=channel.cpu(), total=totals.gather(1, channel[:, None])[:, 0].cpu(),
+                         logits=model.head(unoccluded).cpu(), activation=activation,
+                         occluded_logits=occluded, probability=probability.to(occluded.dtype),
+                         predicted=occluded.argmax(-1))
 
 
 def projections(run, index, channel, method):
