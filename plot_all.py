@@ -32,6 +32,8 @@ SCRIPTS = (
     "plot_sanity_checks",
     "plot_class_evidence",
     "plot_trust",  # after the sanity checks: its unit rows are their numbers (sanity.unit_sanity_checks)
+    "plot_invariance",
+    "plot_occlusion",
 )
 
 

@@ -79,17 +79,8 @@ def check_name_length(path, what):
 
 
 def write_text_atomic(path, text):
-    """Write `text` (UTF-8) to `path` through a temporary file beside it and os.replace: a reader, or a
-    kill, sees the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """write_atomic of `text` as UTF-8 (newlines as written, on every platform)."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def check_at_least(minimum, **values):
@@ -135,3 +126,25 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {message}; see --help", file=sys.stderr)
         sys.exit(2)
+
+
+# --------------------------------------------------------------------------- files
+
+def write_atomic(path, write):
+    """write(binary file) into a temporary file beside `path`, flushed to disk, then os.replace: a kill
+    leaves the old or the new file, never half of one. The file gets the mode open() would give it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

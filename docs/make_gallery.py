@@ -29,7 +29,7 @@ SHOWN = ["train_accuracy.png", "test_accuracy.png", "conv1_filters_rgb.png", "co
          "conv5_x_channel1_reconstructions_trunk_guided.png", "conv5_x_channel1_reconstructions_trunk_gradient.png",
          "gradient_pattern_conv5_x_channel0.png", "atlas_conv2_x.png", "atlas_conv5_x.png",
          "feature_visualization_conv5_x.png", "sanity_conv5_x_channel1.png", "class_evidence.png",
-         "trust.png"]
+         "trust.png", "invariance.png", "occlusion.png"]
 
 
 def main(argv=None):

@@ -4,6 +4,9 @@
     figures     feature maps and reconstructions of the report       -> cli, scoring, drawing
                 (and the three reconstruction scripts' main)
     cli         the scripts' shared flags, each parsed once, checked -> context, units, drawing
+    invariance  Zeiler & Fergus's invariance: images moved, turned  -> trust, evidence, scoring, drawing
+    occlusion   Zeiler & Fergus's occlusion: a grey square slid over -> attribution, context, evidence, scoring,
+                                                                        drawing
     trust       both axes of trust in one table: unit and class maps -> faithfulness, attribution, sanity, drawing
     evidence    the class-evidence figure and its JSON               -> attribution, scoring, drawing
     faithfulness deletion, insertion, ROAD and the baseline maps    -> scoring

@@ -246,23 +246,28 @@ def occlusion_windows(k, s, size=IMAGE_SIZE):
     return masks
 
 
+def occluded_copies(x, masks, base, batch_size):
+    """Every image of x with every window of `masks` (W, H, W) set to `base` (a batch like x), in the
+    order window by window (row w * N + i is image i under window w), yielded batch_size rows at a
+    time as (rows, the index i of each row's image)."""
+    n = len(x)
+    masks = masks.to(x.device)
+    for start in range(0, len(masks) * n, batch_size):
+        row = torch.arange(start, min(start + batch_size, len(masks) * n), device=x.device)
+        window, image = row // n, row % n
+        yield torch.where(masks[window][:, None], base[image], x[image]), image
+
+
 @torch.no_grad()
 def occlusion(model, x, targets, batch_size, k, s, baseline):
     base = resolve_baseline(x, baseline)
-    masks = occlusion_windows(k, s).to(x.device)
-    n, count = len(x), len(masks)
+    masks = occlusion_windows(k, s)
+    n = len(x)
     reference = torch.cat([target_logits(model, x[i:i + batch_size], targets[i:i + batch_size])
                            for i in range(0, n, batch_size)])
-    per_pass = max(1, batch_size // max(n, 1))
-    drops = []  # (W, N): y_c(x) - y_c(x occluded by window w)
-    for first in range(0, count, per_pass):
-        window = masks[first:first + per_pass, None, None]  # (w, 1, 1, H, W)
-        occluded = torch.where(window, base, x).flatten(0, 1)  # (w * N, 3, H, W), window-major
-        logits = torch.cat([target_logits(model, occluded[i:i + batch_size],
-                                          targets.repeat(len(window))[i:i + batch_size])
-                            for i in range(0, len(occluded), batch_size)])
-        drops.append(reference - logits.view(len(window), n))
-    drops = torch.cat(drops)
-    weights = masks.to(x.dtype).flatten(1)  # (W, H*W)
+    # (W, N): y_c(x) - y_c(x occluded by window w)
+    drops = torch.cat([reference[image] - target_logits(model, rows, targets[image])
+                       for rows, image in occluded_copies(x, masks, base, batch_size)]).view(len(masks), n)
+    weights = masks.to(x.device, x.dtype).flatten(1)  # (W, H*W)
     covered = weights.sum(0)  # windows covering each pixel, at least 1
     return ((drops.T @ weights) / covered).view(n, IMAGE_SIZE, IMAGE_SIZE)

@@ -9,6 +9,7 @@ modules take, and the checks that make it one they can trust. Every bad value ge
 """
 import argparse
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,15 @@ class PlotParser(OneLineArgumentParser):
         return run
 
 
+def file_stem(base, record):
+    """`base` and '_<flag><value>' for every flag of the figure not at its default (record: figure_record's
+    "changed"; a switch as its name, or no-<name>), as a file name every system takes: the characters Windows refuses (: and the like) as ~."""
+    parts = [base]
+    for flag, value in record["changed"].items():
+        parts.append(("no-" if value is False else "") + flag[2:] + (value if isinstance(value, str) else ""))
+    return re.sub(r'[<>:"/\\|?*\s]', "~", "_".join(parts))
+
+
 def flag_text(value):
     """A parsed flag's value as its command line writes it: a list of indices as 4531-4546, a list of
     names comma-separated, a switch as True/False, a device by its name; None for a flag left unset."""
@@ -133,6 +143,8 @@ def switch_text(flag, value):
         return ""
     if isinstance(value, bool):
         return flag if value else "--no-" + flag[2:]
+    if value.startswith("-"):  # argparse would read "-8:8:1" as a flag of its own
+        return f"{flag}={quote_word(value)}"
     return f"{flag} {quote_word(value)}"
 
 

@@ -4,6 +4,7 @@ panels, titles and saving; every figure module builds on these.
 Display conventions, the same in every figure: nearest interpolation, no ticks, one colour scale per
 grid, and signed images (reconstructions, weights, differences) as 0.5 + r / (2 max|r|), so grey is 0.
 """
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from data import denormalize
+from utils import write_atomic
 
 TITLE_WIDTH = 90  # characters a title line holds at the figures' sizes; a long data name takes two
 # How titles name each of model.METHODS, ResNet.reconstruct's ways back to the pixels
@@ -19,9 +21,9 @@ SCALES = ("image", "shared")  # the display scale of reconstructions: max|r| per
 METHOD_TITLES = {"deconvnet": "deconvnet reconstruction", "guided": "guided backpropagation", "gradient": "gradient"}
 
 
-def wrap_title(text):
-    """A title wrapped to TITLE_WIDTH characters a line, never inside a word or at a hyphen."""
-    return textwrap.fill(text, TITLE_WIDTH, break_long_words=False, break_on_hyphens=False)
+def wrap_title(text, width=TITLE_WIDTH):
+    """A title wrapped to `width` characters a line (a wide figure's: more), never inside a word or at a hyphen."""
+    return textwrap.fill(text, width, break_long_words=False, break_on_hyphens=False)
 
 
 def format_indices(indices):
@@ -101,10 +103,18 @@ def bare(ax):
 def save(fig, path, quiet=False):
     """Save a figure (the Agg renderer, no pyplot state), say so (unless quiet), and return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    write_atomic(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png"))
     if not quiet:
         print(f"wrote {path}")
+    return path
+
+
+def save_json(path, record):
+    """`record` as JSON (no NaN allowed), UTF-8, written atomically; says so and returns the path."""
+    path = Path(path)
+    text = json.dumps(record, allow_nan=False) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    print(f"wrote {path}")
     return path
 
 

@@ -40,9 +40,10 @@ SECTIONS = {  # id: heading, in the README's order
     "featurevis": "Feature visualization and the gradient pattern",
     "trust": "Sanity checks and trust",
     "evidence": "Class evidence",
+    "zeiler_fergus": "Invariance and occlusion (Zeiler & Fergus)",
     "other": "Other files",
 }
-WIDE_SECTIONS = {"reconstructions", "atlas", "trust", "evidence"}  # dense figures: two a row on a laptop
+WIDE_SECTIONS = {"reconstructions", "atlas", "trust", "evidence", "zeiler_fergus"}  # dense figures: two a row on a laptop
 METHOD_SUBSECTIONS = {"deconvnet": "Deconvnet (Zeiler & Fergus, the report's)", "guided": "Guided backpropagation",
                       "gradient": "The plain gradient"}
 
@@ -154,6 +155,20 @@ def class_evidence_figure(m, record):
     caption = ("Class evidence: test images with their true and predicted class and its probability, and for each "
                "method the map of the pixels that made the prediction.")
     return None, caption, command("plot_class_evidence.py") + (f"  (file-name suffix: {m['rest']})" if m["rest"] else "")
+
+
+def invariance_figure(m, record):
+    caption = ("Invariance: test images shifted vertically, scaled and rotated; against each, how far the representation "
+               "moves from the original's at conv1, conv5_x and the pooled features (divided by its norm), and the "
+               "probability of the true class; a line an image, black their mean ± its standard error.")
+    return None, caption, (record or {}).get("figure", {}).get("command", command("plot_invariance.py"))
+
+
+def occlusion_figure(m, record):
+    caption = ("Occlusion: a grey square slid over each test image; where it is, the activation of the image's "
+               "strongest conv5_x channel, the probability of the true class and the most probable class, with that "
+               "channel's projection to the pixels: does the network look at the object or at its context?")
+    return None, caption, (record or {}).get("figure", {}).get("command", command("plot_occlusion.py"))
 
 
 # ------------------------------------------------------------------- HTML pieces
@@ -389,6 +404,8 @@ FIGURES = [
     ("trust", rf"sanity_{LAYER}_channel(?P<channel>\d+)(?P<rest>.*)", sanity_figure, sanity_table),
     ("trust", r"trust(?P<rest>.*)", trust_figure, trust_table),
     ("evidence", r"class_evidence(?P<rest>.*)", class_evidence_figure, json_table),
+    ("zeiler_fergus", r"invariance(?P<rest>.*)", invariance_figure, None),
+    ("zeiler_fergus", r"occlusion(?P<rest>.*)", occlusion_figure, None),
 ]
 # The reconstructions' subsections in this order, whatever the file names' order
 SUBSECTION_ORDER = list(METHOD_SUBSECTIONS.values())
