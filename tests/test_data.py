@@ -210,7 +210,7 @@ def test_only_files_with_the_official_md5_are_named_cifar10(copy_of_small, monke
     assert not cifar10.is_official_cifar10(folder)
     # With the published sums replaced by this folder's, the folder is recognised, by its md5 alone...
     sums = {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in cifar10.DATASET_FILES}
-    monkeypatch.setattr(data, "OFFICIAL_MD5", sums)
+    monkeypatch.setattr(cifar10, "OFFICIAL_MD5", sums)
     assert cifar10.describe_dataset(copy_of_small) == "CIFAR-10"
     (folder / "data_batch_1.orig").write_bytes(b"ignored")  # other files change nothing
     assert cifar10.describe_dataset(copy_of_small) == "CIFAR-10"
