@@ -426,4 +426,4 @@ def test_a_claim_left_before_a_reboot_is_taken_over_even_if_its_pid_is_running_a
     lines = message_lines(proc.stderr)
     assert len(lines) == 1 and f"pid {os.getpid()}," in lines[0] and "the machine has restarted since" in lines[0], lines
     assert checkpoint.read_checkpoint(tmp_path / "c.pt")["iteration"] == 2
-    assert sorted(os.listdir(tmp_path)) == ["c.csv", "c.pt", "figures"]  # the lock file went with the run
+    assert sorted(os.listdir(tmp_path)) == ["c.csv", "c.pt", "c.snapshots", "figures"]  # the lock went with the run
