@@ -40,9 +40,10 @@ SECTIONS = {  # id: heading, in the README's order
     "featurevis": "Feature visualization and the gradient pattern",
     "trust": "Sanity checks and trust",
     "evidence": "Class evidence",
+    "training": "What it learned, and when",
     "other": "Other files",
 }
-WIDE_SECTIONS = {"reconstructions", "atlas", "trust", "evidence"}  # dense figures: two a row on a laptop
+WIDE_SECTIONS = {"reconstructions", "atlas", "trust", "evidence", "training"}  # dense figures: two a row on a laptop
 METHOD_SUBSECTIONS = {"deconvnet": "Deconvnet (Zeiler & Fergus, the report's)", "guided": "Guided backpropagation",
                       "gradient": "The plain gradient"}
 
@@ -154,6 +155,20 @@ def class_evidence_figure(m, record):
     caption = ("Class evidence: test images with their true and predicted class and its probability, and for each "
                "method the map of the pixels that made the prediction.")
     return None, caption, command("plot_class_evidence.py") + (f"  (file-name suffix: {m['rest']})" if m["rest"] else "")
+
+
+def dynamics_figure(m, record):
+    caption = ("Learning dynamics from the run's snapshots: each stage's linear CKA to its last snapshot (when it "
+               "converges), a linear probe's test accuracy and its mean class selectivity, and Grad-CAM's and the "
+               "gradient's class test and ROAD gap, against the epoch.")
+    return None, caption, (record or {}).get("figure", {}).get("command", command("plot_learning_dynamics.py"))
+
+
+def evolution_figure(m, record):
+    caption = (f"How units of {m['layer']} change through training (Zeiler & Fergus's Figure 4): per channel and "
+               f"snapshot, the strongest activation over the test split projected back to the pixels, beside its "
+               f"image patch, cropped to the receptive field.")
+    return None, caption, (record or {}).get("figure", {}).get("command", command("plot_feature_evolution.py"))
 
 
 # ------------------------------------------------------------------- HTML pieces
@@ -389,6 +404,8 @@ FIGURES = [
     ("trust", rf"sanity_{LAYER}_channel(?P<channel>\d+)(?P<rest>.*)", sanity_figure, sanity_table),
     ("trust", r"trust(?P<rest>.*)", trust_figure, trust_table),
     ("evidence", r"class_evidence(?P<rest>.*)", class_evidence_figure, json_table),
+    ("training", r"dynamics(?P<rest>.*)", dynamics_figure, None),
+    ("training", rf"evolution_{LAYER}(?P<rest>.*)", evolution_figure, None),
 ]
 # The reconstructions' subsections in this order, whatever the file names' order
 SUBSECTION_ORDER = list(METHOD_SUBSECTIONS.values())
