@@ -130,6 +130,12 @@ OUTPUT_ROWS = [  # train.py checks where it will write before any work; so do th
 FLAG_ROWS = [  # every flag is range-checked, and argparse's errors are one line too
     ("lr nan", TRAIN, ["--lr", "nan"], ["--lr must be a finite number above 0", "nan"], None),
     ("lr 0", TRAIN, ["--lr", "0"], ["--lr must be a finite number above 0"], None),
+    ("snapshot twice", TRAIN, ["--snapshots", "0,3,0"], ["--snapshots", "names epoch 0 twice"], None),
+    ("snapshot past the run", TRAIN, ["--epochs", "2", "--snapshots", "0,3"], ["epoch 3 is past the run", "0..2"],
+     None),
+    ("snapshots no list", TRAIN, ["--snapshots", "often"], ["--snapshots 'often' is not a list of epochs"], None),
+    ("no snapshots", "plot_feature_evolution.py", [], ["has no snapshots", "--snapshots"], None),
+    ("dynamics threshold", "plot_learning_dynamics.py", ["--threshold", "1.5"], ["--threshold 1.5", "(0, 1]"], None),
     ("weight decay negative", TRAIN, ["--weight-decay", "-0.001"], ["--weight-decay must be a finite number"], None),
     ("lr gamma 0", TRAIN, ["--lr-gamma", "0"], ["--lr-gamma must lie in (0, 1]"], None),
     ("lr gamma above 1", TRAIN, ["--lr-gamma", "1.5"], ["--lr-gamma must lie in (0, 1]"], None),
