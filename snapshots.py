@@ -20,9 +20,9 @@ A snapshot is a dict, loadable with torch.load(weights_only=True) and checkpoint
 (checkpoint.SNAPSHOT_KEYS): kind "snapshot", model (the state_dict), iteration, epoch, test_acc and
 test_loss (the whole test split at that point, evaluated as train.py evaluates every epoch), config (the
 run's), history (the run's, up to that point) and checkpoint (the file name of the run's checkpoint).
-It holds no optimizer, so it cannot be resumed. Written atomically (checkpoint.save_atomic). A new run
-removes the snapshots a run before it left at the same path; a resumed run keeps those it has and adds
-the rest.
+It holds no optimizer, so it cannot be resumed. Written atomically (checkpoint.save_atomic), none before
+the run's first save (Keeper). A new run removes the snapshots a run before it left at the same path
+then; a resumed run keeps those it has and adds the rest.
 """
 import math
 import re
@@ -123,42 +123,62 @@ def weights(model):
 
 
 class Keeper:
-    """train.py's snapshots: call it after each epoch (and at the start of a new run, for epoch 0); it
-    writes the epoch's snapshot when that epoch is one of `epochs` and the iteration ends it (or ends
-    the run, for its last epoch).
+    """train.py's snapshots. start() at the beginning of a new run holds the initial weights (epoch 0) in
+    memory; call it after each epoch, where it writes the epoch's snapshot when that epoch is one of
+    `epochs` and the iteration ends it (or ends the run, for its last epoch); flush() where the run saves
+    its checkpoint otherwise (a stop).
 
-    fresh (a new run): the snapshots a run before it left beside the checkpoint are removed first, so the
-    folder never mixes two runs' weights.
+    Nothing is written, and nothing removed, before the run's first save: a run that fails before it
+    (a NaN loss) leaves the folder as it was. At that first write of a new run (fresh) the snapshots an
+    earlier run left beside the checkpoint are removed, so the folder never mixes two runs' weights, and
+    the held epoch 0 is written.
     """
 
     def __init__(self, checkpoint_path, epochs, steps_per_epoch, total, fresh):
         self.checkpoint_path, self.epochs = Path(checkpoint_path), set(epochs)
         self.steps_per_epoch, self.total = steps_per_epoch, total
-        if fresh:
+        self.fresh, self.held = fresh, None
+
+    def start(self, model, config, history, evaluate):
+        """Hold epoch 0's snapshot (the initial weights, their test accuracy from evaluate()) if it is kept."""
+        if 0 in self.epochs:
+            self.held = self.state(model, 0, config, history, evaluate)
+
+    def __call__(self, model, iteration, config, history, evaluate):
+        """Write the snapshot of `iteration` if it is kept (after any held one); evaluate() -> (test accuracy,
+        test loss) is called only where the history holds no evaluation at that iteration."""
+        epoch = math.ceil(iteration / self.steps_per_epoch)
+        at_end = iteration == epoch * self.steps_per_epoch or iteration == self.total
+        self.flush()
+        if epoch in self.epochs and at_end:
+            self.write(self.state(model, iteration, config, history, evaluate))
+
+    def flush(self):
+        """Remove an earlier run's snapshots (a new run's first write) and write the held epoch 0."""
+        if self.fresh:
+            self.fresh = False
             stale = find(self.checkpoint_path)
             for old in stale.values():
                 old.unlink()
             if stale:
                 print(f"note: removed {len(stale)} snapshots of an earlier run from {folder(self.checkpoint_path)}",
                       file=sys.stderr, flush=True)
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.write(held)
 
-    def __call__(self, model, iteration, config, history, evaluate):
-        """Write the snapshot of `iteration` if it is kept; evaluate() -> (test accuracy, test loss) is
-        called only where the history holds no evaluation at that iteration. Returns its path or None."""
+    def state(self, model, iteration, config, history, evaluate):
         epoch = math.ceil(iteration / self.steps_per_epoch)
-        at_end = iteration == epoch * self.steps_per_epoch or iteration == self.total
-        if epoch not in self.epochs or not at_end:
-            return None
         if history["test_iteration"] and history["test_iteration"][-1] == iteration:
             acc, loss = history["test_acc"][-1], history["test_loss"][-1]
         else:
             acc, loss = evaluate()
-        state = dict(kind="snapshot", model=weights(model), iteration=iteration, epoch=epoch, test_acc=acc,
-                     test_loss=loss, config=dict(config), checkpoint=self.checkpoint_path.name,
-                     history={key: list(values) for key, values in history.items()})
-        target = path(self.checkpoint_path, epoch)
-        save_atomic(state, target)
-        return target
+        return dict(kind="snapshot", model=weights(model), iteration=iteration, epoch=epoch, test_acc=acc,
+                    test_loss=loss, config=dict(config), checkpoint=self.checkpoint_path.name,
+                    history={key: list(values) for key, values in history.items()})
+
+    def write(self, state):
+        save_atomic(state, path(self.checkpoint_path, state["epoch"]))
 
 
 def load_all(checkpoint_path, device="cpu"):

@@ -365,7 +365,7 @@ def main(argv=None):
         steps_logged, stopping = StepLog(device), False
         try:
             if iteration == 0:
-                keep(model, iteration, config, history, evaluate)  # epoch 0: the initial weights
+                keep.start(model, config, history, evaluate)  # epoch 0: the initial weights, written with the first save
             # the loop: the rest of the current epoch, then whole epochs, the last one cut at `total`
             while iteration < total and not stopping:
                 first = iteration - epoch * steps_per_epoch
@@ -396,6 +396,7 @@ def main(argv=None):
                         keep(model, iteration, config, history, evaluate)
             if stopping:
                 save(figures=False)
+                keep.flush()
         finally:
             bar.close()
             try:

@@ -360,7 +360,8 @@ def test_two_runs_raced_on_one_checkpoint_one_wins_and_the_other_is_refused(smal
     after = files_under(tmp_path)
     assert {k: after[k] for k in before} == before  # what was there is untouched
     new = set(after) - set(before)  # and the only new files are the winner's outputs: no lock file
-    assert new == {"c.pt", "c.csv", "figures", *(f"figures/{n}.png" for n in progress.PROGRESS_FIGURES)}
+    assert new == {"c.pt", "c.csv", "figures", *(f"figures/{n}.png" for n in progress.PROGRESS_FIGURES),
+                   "c.snapshots", *(f"c.snapshots/epoch_00{e}.pt" for e in range(3))}  # 20 iterations: epochs 0-2
 
 
 def start_owner(small_data_dir, folder, log):

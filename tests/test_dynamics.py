@@ -150,6 +150,7 @@ def test_both_scripts_draw_from_the_snapshots_and_plot_all_draws_them(snapshot_r
 
     record = json.loads((figures / "dynamics.json").read_text())
     assert record["figure"]["kind"] == "learning dynamics"
+    assert record["figure"]["command"].startswith("python plot_learning_dynamics.py")  # run by plot_all.py
     # the defaults, cut to the small data's 512 test and 1,024 training images
     assert record["epochs"] == [0, 1, 2] and record["images"] == 512 and record["count"] == 64
     assert record["probe_images"] == 1024

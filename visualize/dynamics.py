@@ -19,7 +19,7 @@ independent implementation can be held against this one):
                     averaged channels (C numbers an image: each channel's mean over its map), fitted on the
                     first `probe_images` training images (PROBE_IMAGES: 5,000) of the run's data, without
                     augmentation; each feature standardised by the fitting images' mean and standard
-                    deviation (a constant feature: divided by 1); loss = mean cross-entropy +
+                    deviation (with n - 1; a constant feature: divided by 1); loss = mean cross-entropy +
                     PROBE_L2 / 2 * ||W||_F^2 (the bias not penalised), minimised from zero by L-BFGS (strong
                     Wolfe line search) in float64 until the gradient's largest entry is below 1e-6 or
                     after PROBE_STEPS iterations (convex: one minimum). Scored on the whole test split:
@@ -43,7 +43,7 @@ from tqdm import tqdm
 from data import CIFAR10_FOLDER, dataset_root, load_cifar10, normalize
 from model import STAGES
 from visualize import trust
-from visualize.context import memo, file_key, test_split_logits, test_split_scores
+from visualize.context import file_key, memo, test_split_scores
 from visualize.drawing import new_figure, save, save_json, wrap_title
 from visualize.scoring import default_batch_size, score_units, stage_outputs
 from visualize.units import class_selectivity
@@ -156,7 +156,7 @@ def evidence_numbers(run, count=COUNT, seed=0):
     `count` test images, for the classes its network predicts (the module's docstring)."""
     model, images = run.model, run.images[:count]
     device = run.device
-    targets = test_split_logits(run)[:count].argmax(1)
+    targets = trust.predicted_or_true(run, list(range(count)), "predicted")
     names = [name for name, _ in EVIDENCE]
     maps = trust.draw_class_maps(model, images, targets.to(device), names)
     others = trust.random_other_classes(targets, model.fc.out_features, seed)
