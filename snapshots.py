@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import build_model, map_tensors, read_checkpoint, save_atomic
+from checkpoint import map_tensors, read_checkpoint, save_atomic
 from utils import UserError
 
 ZEILER_FERGUS_EPOCHS = (0, 1, 2, 5, 10, 20, 30, 40)  # their Figure 4's columns up to 40 (and their last, 64)
@@ -179,17 +179,3 @@ class Keeper:
 
     def write(self, state):
         save_atomic(state, path(self.checkpoint_path, state["epoch"]))
-
-
-def load_all(checkpoint_path, device="cpu"):
-    """[(epoch, model in eval mode on device, snapshot dict)] of every snapshot beside a checkpoint, by
-    epoch; UserError, one line, where there are none."""
-    found = find(checkpoint_path)
-    if not found:
-        raise UserError(f"{checkpoint_path} has no snapshots (no {folder(checkpoint_path)}/epoch_*.pt); train with "
-                        f"`python train.py --snapshots default` to keep them")
-    loaded = []
-    for epoch, snapshot_path in found.items():
-        snap = read(snapshot_path)
-        loaded.append((epoch, build_model(snap, snapshot_path).to(device).eval(), snap))
-    return loaded
