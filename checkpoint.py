@@ -192,13 +192,16 @@ def _describe_holder(record):
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "iteration", "epoch", "rng", "config", "history")
 HISTORY_KEYS = ("train_loss", "train_acc", "test_iteration", "test_epoch", "test_acc", "test_loss")
 CONFIG_KEYS = ("width", "classes", "data_dir", "synthetic")  # what every script reads from a config
+# A snapshot (snapshots.py, kind "snapshot"): the weights at one epoch, no optimizer; the plot scripts read it
+SNAPSHOT_KEYS = ("model", "iteration", "epoch", "config", "history", "test_acc")
 
 
-def read_checkpoint(path, config_keys=()):
+def read_checkpoint(path, config_keys=(), snapshot=True):
     """The checkpoint dict at `path`, loaded with weights_only=True; UserError if it is not one.
 
-    Checked: every key train.py writes (CHECKPOINT_KEYS), a config dict holding CONFIG_KEYS and `config_keys`, a
-    positive integer width and a list of class names, and a history with every list.
+    Checked: every key train.py writes (CHECKPOINT_KEYS; a snapshot's SNAPSHOT_KEYS, refused unless
+    `snapshot`), a config dict holding CONFIG_KEYS and `config_keys`, a positive integer width and a
+    list of class names, and a history with every list.
     """
     path = Path(path)
     if not path.is_file():
@@ -210,7 +213,11 @@ def read_checkpoint(path, config_keys=()):
         reason = " ".join(str(err).split()) or type(err).__name__  # the whole reason, on one line
         raise UserError(f"{path} is not a readable checkpoint ({reason}); "
                         f"delete it and train again, or pass another --checkpoint") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if isinstance(ckpt, dict) and ckpt.get("kind") == "snapshot" and not snapshot:
+        raise UserError(f"{path} is a snapshot (the weights at epoch {ckpt.get('epoch')}, no optimizer), which "
+                        f"cannot be trained on; pass the run's checkpoint, {ckpt.get('checkpoint')}")
+    keys = SNAPSHOT_KEYS if isinstance(ckpt, dict) and ckpt.get("kind") == "snapshot" else CHECKPOINT_KEYS
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)}); "
                         f"pass a checkpoint written by train.py")

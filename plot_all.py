@@ -14,7 +14,7 @@ import importlib
 import time
 
 import utils
-from visualize import cli, page
+from visualize import cli, context, page
 
 # Run in this order (any order computes the same: what they share is computed once, by whichever
 # needs it first); a new figure script is one more line.
@@ -35,6 +35,9 @@ SCRIPTS = (
     "plot_invariance",
     "plot_occlusion",
 )
+# The figures of training, drawn where train.py kept snapshots beside the checkpoint (they share one
+# pass over the test split per snapshot)
+SNAPSHOT_SCRIPTS = ("plot_feature_evolution", "plot_learning_dynamics")
 
 
 def main(argv=None):
@@ -46,7 +49,13 @@ def main(argv=None):
         shared += ["--synthetic" if args.synthetic else "--no-synthetic"]
     start = time.perf_counter()
     paths = []
-    for name in SCRIPTS:
+    scripts = SCRIPTS
+    if context.has_snapshots(args.checkpoint):
+        scripts += SNAPSHOT_SCRIPTS
+    else:
+        print(f"{', '.join(f'{name}.py' for name in SNAPSHOT_SCRIPTS)}: skipped, {args.checkpoint} has no snapshots "
+              f"(train.py --snapshots keeps them)")
+    for name in scripts:
         began = time.perf_counter()
         written = importlib.import_module(name).main(shared)
         print(f"{name}.py: {len(written)} files in {time.perf_counter() - began:.1f} s")

@@ -33,6 +33,7 @@ from tqdm import tqdm
 import checkpoint
 import cifar10
 import data
+import snapshots
 import speed
 import steps
 import utils
@@ -67,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default="checkpoints/resnet18_cifar10.pt",
                    help="checkpoint to write, or to continue with --resume (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint")
+    p.add_argument("--snapshots", help=snapshots.HELP)
     p.add_argument("--overwrite", action="store_true", help="start a new run over an existing --checkpoint")
     p.add_argument("--figures-dir", help="where the learning-progress PNGs go (default: figures/; with --resume, "
                                          "the resumed run's)")
@@ -109,7 +111,7 @@ def open_checkpoint(args, ckpt_path):
         if not ckpt_path.is_file():
             raise utils.UserError(f"--resume given, but there is no checkpoint at {ckpt_path}; "
                                   f"drop --resume to start a new run, or pass --checkpoint PATH")
-        return checkpoint.read_checkpoint(ckpt_path, config_keys=(*steps.RECIPE, "epochs"))
+        return checkpoint.read_checkpoint(ckpt_path, config_keys=(*steps.RECIPE, "epochs"), snapshot=False)
     if ckpt_path.exists() and not args.overwrite and not args.show_settings:
         raise utils.UserError(f"{ckpt_path} already exists; pass --resume to continue it, --overwrite "
                               f"to start over, or --checkpoint NEW_PATH")
@@ -271,6 +273,7 @@ def main(argv=None):
     with nullcontext() if args.show_settings else checkpoint.Claim(ckpt_path) as claim:  # one run a checkpoint
         ckpt = open_checkpoint(args, ckpt_path)
         config = resolve_config(args, ckpt)
+        config["snapshots"] = snapshots.parse(args.snapshots or (ckpt or {}).get("config", {}).get("snapshots", "default"))
         if not args.show_settings:  # it writes nothing
             check_outputs(ckpt_path, config["figures_dir"])
         device, device_reason = speed.device_choice(config["device"])
@@ -297,6 +300,7 @@ def main(argv=None):
         test_images, test_labels, _ = cifar10.load_cifar10(root, train=False)
         steps_per_epoch = data.batches_per_epoch(len(train_images), config["batch_size"])
         total = run_length(config, steps_per_epoch)
+        snapshot_epochs = snapshots.chosen_epochs(config["snapshots"], snapshots.run_epochs(total, steps_per_epoch))
         if done >= total:
             raise utils.UserError(f"{ckpt_path} has already finished {done} iterations ({ckpt['epoch']} epochs); "
                                   f"pass a larger --epochs or --iterations to train further")
@@ -323,6 +327,8 @@ def main(argv=None):
             history, iteration, epoch = ckpt["history"], ckpt["iteration"], ckpt["epoch"]
             last_save.saved(iteration)
         step = steps.make_step(model, optimizer, settings, scaler, say=tqdm.write)
+        keep = snapshots.Keeper(ckpt_path, snapshot_epochs, steps_per_epoch, total, fresh=not ckpt)
+        evaluate = lambda: steps.evaluate(model, test_images, test_labels, settings.precision, settings.channels_last)
         writer, title, drawn = checkpoint.BackgroundWriter(), progress_title(config), None
 
         def save(figures=True):
@@ -366,6 +372,8 @@ def main(argv=None):
         started = time.time()
         steps_logged, stopping = StepLog(device), False
         try:
+            if iteration == 0:
+                keep.start(model, config, history, evaluate)  # epoch 0: the initial weights, written with the first save
             # the loop: the rest of the current epoch, then whole epochs, the last one cut at `total`
             while iteration < total and not stopping:
                 first = iteration - epoch * steps_per_epoch
@@ -393,8 +401,10 @@ def main(argv=None):
                             history[key].append(value)
                         bar.write(f"epoch {epoch} iteration {iteration}: test accuracy {acc:.4f}, test loss {loss:.4f}")
                         save()
+                        keep(model, iteration, config, history, evaluate)
             if stopping:
                 save(figures=False)
+                keep.flush()
         finally:
             bar.close()
             try:

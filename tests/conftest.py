@@ -148,10 +148,11 @@ def synthetic_data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory, synthetic_data_dir):
-    """A width-8 checkpoint that train.py trained for 160 iterations on the --synthetic data."""
+    """A width-8 checkpoint that train.py trained for 160 iterations on the --synthetic data (no snapshots)."""
     out = tmp_path_factory.mktemp("trained")
     proc = run_script("train.py", "--synthetic", "--data-dir", synthetic_data_dir, "--width", 8,
-                      "--iterations", 160, "--checkpoint", out / "ckpt.pt", "--figures-dir", out / "figures")
+                      "--iterations", 160, "--checkpoint", out / "ckpt.pt", "--figures-dir", out / "figures",
+                      "--snapshots", "none")
     assert proc.returncode == 0, proc.stderr
     return out / "ckpt.pt"
 

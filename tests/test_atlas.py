@@ -280,6 +280,7 @@ def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_pat
     assert names == expected
     for name in plot_all.SCRIPTS:
         assert re.search(rf"^{name}\.py: \d+ files in [\d.]+ s$", proc.stdout, flags=re.M), name
+    assert "plot_feature_evolution.py, plot_learning_dynamics.py: skipped" in proc.stdout  # a run without snapshots
     # the gradient pattern's search, served by the atlas's shared pass, finds the image that
     # top_activating's own pass finds
     model, _ = checkpoint.load_checkpoint(trained_checkpoint)

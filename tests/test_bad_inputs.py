@@ -130,6 +130,12 @@ OUTPUT_ROWS = [  # train.py checks where it will write before any work; so do th
 FLAG_ROWS = [  # every flag is range-checked, and argparse's errors are one line too
     ("lr nan", TRAIN, ["--lr", "nan"], ["--lr must be a finite number above 0", "nan"], None),
     ("lr 0", TRAIN, ["--lr", "0"], ["--lr must be a finite number above 0"], None),
+    ("snapshot twice", TRAIN, ["--snapshots", "0,3,0"], ["--snapshots", "names epoch 0 twice"], None),
+    ("snapshot past the run", TRAIN, ["--epochs", "2", "--snapshots", "0,3"], ["epoch 3 is past the run", "0..2"],
+     None),
+    ("snapshots no list", TRAIN, ["--snapshots", "often"], ["--snapshots 'often' is not a list of epochs"], None),
+    ("no snapshots", "plot_feature_evolution.py", [], ["has no snapshots", "--snapshots"], None),
+    ("dynamics threshold", "plot_learning_dynamics.py", ["--threshold", "1.5"], ["--threshold 1.5", "(0, 1]"], None),
     ("weight decay negative", TRAIN, ["--weight-decay", "-0.001"], ["--weight-decay must be a finite number"], None),
     ("lr gamma 0", TRAIN, ["--lr-gamma", "0"], ["--lr-gamma must lie in (0, 1]"], None),
     ("lr gamma above 1", TRAIN, ["--lr-gamma", "1.5"], ["--lr-gamma must lie in (0, 1]"], None),
@@ -359,7 +365,8 @@ def test_two_runs_raced_on_one_checkpoint_one_wins_and_the_other_is_refused(smal
     after = files_under(tmp_path)
     assert {k: after[k] for k in before} == before  # what was there is untouched
     new = set(after) - set(before)  # and the only new files are the winner's outputs: no lock file
-    assert new == {"c.pt", "c.csv", "figures", *(f"figures/{n}.png" for n in progress.PROGRESS_FIGURES)}
+    assert new == {"c.pt", "c.csv", "figures", *(f"figures/{n}.png" for n in progress.PROGRESS_FIGURES),
+                   "c.snapshots", *(f"c.snapshots/epoch_00{e}.pt" for e in range(3))}  # 20 iterations: epochs 0-2
 
 
 def start_owner(small_data_dir, folder, log):
@@ -431,4 +438,4 @@ def test_a_claim_left_before_a_reboot_is_taken_over_even_if_its_pid_is_running_a
     lines = message_lines(proc.stderr)
     assert len(lines) == 1 and f"pid {os.getpid()}," in lines[0] and "the machine has restarted since" in lines[0], lines
     assert checkpoint.read_checkpoint(tmp_path / "c.pt")["iteration"] == 2
-    assert sorted(os.listdir(tmp_path)) == ["c.csv", "c.pt", "figures"]  # the lock file went with the run
+    assert sorted(os.listdir(tmp_path)) == ["c.csv", "c.pt", "c.snapshots", "figures"]  # the lock went with the run

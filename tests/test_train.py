@@ -158,7 +158,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_to_the_same_weights(small_data_
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "continue with --resume" in err and "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.glob("run.*")) == ["run.csv", "run.pt"]  # its claim released
+    assert sorted(p.name for p in tmp_path.glob("run.*")) == ["run.csv", "run.pt", "run.snapshots"]  # claim released
     stopped = load(ckpt)
     assert 0 < stopped["iteration"] < 1600
     target = stopped["iteration"] + 20

@@ -1,6 +1,8 @@
 """What the plot scripts share, one concern a module. Imports point one way, down this list:
 
     page        figures/index.html, rebuilt from the folder's files  -> context, drawing
+    dynamics    each stage through training: CKA, probe, evidence  -> trust, units, context, scoring, drawing
+    evolution   Zeiler & Fergus's Figure 4 from the snapshots        -> atlas, context, drawing
     figures     feature maps and reconstructions of the report       -> cli, scoring, drawing
                 (and the three reconstruction scripts' main)
     cli         the scripts' shared flags, each parsed once, checked -> context, units, drawing
@@ -21,7 +23,7 @@
     scoring     running stages, scoring units on images              -> model, data
     drawing     every matplotlib figure is made and saved here       -> data
 
-Below the package: checkpoint (context reads one, featurevis saves its cache atomically, progress takes
+Below the package: snapshots (context finds a run's), checkpoint (context reads one, featurevis saves its cache atomically, progress takes
 the history's windows from it), data, model, speed (cli's --device) and utils.
 
 Import the modules themselves (`from visualize import cli, figures`); this file imports nothing, so

@@ -55,11 +55,7 @@ def unit_atlas(run, channels, k=9, ablation_images=None):
         selectivity, leading = unit_numbers.class_selectivity(s.mean, labels)
         atlas[layer] = []
         for column, channel in enumerate(layer_channels):
-            top = []
-            for image, activation in zip(*(t.tolist() for t in top_k(s.max[:, channel], k))):
-                row, col = divmod(int(s.argmax[image, channel]), s.size[1])
-                top.append(dict(image=image, activation=activation, row=row, col=col,
-                                box=run.model.receptive_field(layer, row, col, size)))
+            top = top_entries(run.model, layer, s, channel, k, size)
             lead = int(leading[channel])
             atlas[layer].append(dict(
                 channel=channel, top=top, classes=[run.classes[labels[entry["image"]]] for entry in top],
@@ -67,6 +63,17 @@ def unit_atlas(run, channels, k=9, ablation_images=None):
                 ablation=unit_numbers.ablation_effect(ablated[layer][:, column], unablated,
                                                       labels[:ablation_images], run.classes)))
     return atlas
+
+
+def top_entries(model, layer, scores, channel, k, size):
+    """The atlas's `top` of one channel: k entries {"image", "activation", "row", "col", "box"}, from the
+    stage's scoring.UnitScores (see unit_atlas); size: the images' side, for the receptive fields."""
+    top = []
+    for image, activation in zip(*(t.tolist() for t in top_k(scores.max[:, channel], k))):
+        row, col = divmod(int(scores.argmax[image, channel]), scores.size[1])
+        top.append(dict(image=image, activation=activation, row=row, col=col,
+                        box=model.receptive_field(layer, row, col, size)))
+    return top
 
 
 def crop(image, box):

@@ -17,7 +17,7 @@ from pathlib import Path
 from model import METHODS, PATHS, STAGES
 from speed import resolve_device
 from utils import OneLineArgumentParser, UserError, check_writable
-from visualize.context import load_run
+from visualize.context import load_run, load_snapshots
 from visualize.drawing import FEATURE_MAP_TILES, SCALES, format_indices
 from visualize.units import ABLATION_IMAGES
 
@@ -98,6 +98,18 @@ class PlotParser(OneLineArgumentParser):
         """The PlotRun the flags name, then the flags checked against it: --channel and --channels against
         --layer of this network, the test image indices and --ablation-images against the test split."""
         run = load_run(args.checkpoint, args.device, args.data_dir, args.synthetic, test_split)
+        self.check_run(args, run, test_split)
+        return run
+
+    def load_snapshots(self, args):
+        """[(epoch, PlotRun)] of the snapshots beside --checkpoint (context.load_snapshots), the flags
+        checked against the last as load() checks them against the checkpoint."""
+        runs = load_snapshots(args.checkpoint, args.device, args.data_dir, args.synthetic)
+        self.check_run(args, runs[-1][1])
+        return runs
+
+    def check_run(self, args, run, test_split=True):
+        """load()'s checks of the flags against a loaded run."""
         if "channel" in self.shared:
             check_channel(run.model, args.layer, args.channel)
         if "channels" in self.shared and args.channels is not None:
@@ -111,7 +123,6 @@ class PlotParser(OneLineArgumentParser):
                     and not 1 <= args.ablation_images <= len(run.images):
                 raise UserError(f"--ablation-images {args.ablation_images} is out of range: the test split has "
                                 f"{len(run.images)} images; choose 1..{len(run.images)}")
-        return run
 
 
 def file_stem(base, record):

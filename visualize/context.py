@@ -7,11 +7,13 @@ from pathlib import Path
 
 import torch
 
+import snapshots
 from checkpoint import load_checkpoint
 from cifar10 import CIFAR10_FOLDER, SYNTHETIC_NAME, dataset_root, describe_dataset, load_cifar10
 from model import STAGES
 from visualize.attribution import attribute, check_options
 from visualize.drawing import wrap_title
+from utils import UserError
 from visualize.scoring import score_pass
 
 # What plot_all.py's scripts would otherwise each load or compute again, once per process: keyed on
@@ -86,6 +88,23 @@ def load_run(checkpoint, device, data_dir=None, synthetic=None, test_split=True)
         if test_name != trained_name:
             run.caption = wrap_title(f"{caption}; test images from {test_name}")
     return run
+
+
+def load_snapshots(checkpoint, device, data_dir=None, synthetic=None):
+    """[(epoch, PlotRun)] of every snapshot train.py kept beside `checkpoint` (snapshots.py; or in the
+    .snapshots folder `checkpoint` names), by epoch, each loaded as load_run loads a checkpoint, all on one
+    test split. UserError, one line, where there are none."""
+    found = snapshots.find(checkpoint)
+    if not found:
+        raise UserError(f"{checkpoint} has no snapshots (no {snapshots.folder(checkpoint)}/epoch_*.pt), so there "
+                        f"is nothing to compare across training; train with `python train.py --snapshots default` "
+                        f"(its default) to keep them")
+    return [(epoch, load_run(path, device, data_dir, synthetic)) for epoch, path in found.items()]
+
+
+def has_snapshots(checkpoint):
+    """Whether train.py kept snapshots beside `checkpoint` (plot_all.py draws the figures of training then)."""
+    return bool(snapshots.find(checkpoint))
 
 
 def test_split_pass(run):

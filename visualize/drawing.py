@@ -273,3 +273,14 @@ def save_table(path, cells, title, column_titles, row_titles):
     fig.suptitle(title, fontsize=8, y=1 - 0.1 / fig.get_figheight(), va="top")
     fig.tight_layout()
     return save(fig, path)
+
+
+def save_json(path, record):
+    """A figure's JSON beside it, written atomically (a temporary file, then os.replace), in UTF-8; says so."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return path

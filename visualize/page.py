@@ -40,10 +40,11 @@ SECTIONS = {  # id: heading, in the README's order
     "featurevis": "Feature visualization and the gradient pattern",
     "trust": "Sanity checks and trust",
     "evidence": "Class evidence",
+    "training": "What it learned, and when",
     "zeiler_fergus": "Invariance and occlusion (Zeiler & Fergus)",
     "other": "Other files",
 }
-WIDE_SECTIONS = {"reconstructions", "atlas", "trust", "evidence", "zeiler_fergus"}  # dense figures: two a row on a laptop
+WIDE_SECTIONS = {"reconstructions", "atlas", "trust", "evidence", "training", "zeiler_fergus"}  # two a row on a laptop
 METHOD_SUBSECTIONS = {"deconvnet": "Deconvnet (Zeiler & Fergus, the report's)", "guided": "Guided backpropagation",
                       "gradient": "The plain gradient"}
 
@@ -169,6 +170,20 @@ def occlusion_figure(m, record):
                "strongest conv5_x channel, the probability of the true class and the most probable class, with that "
                "channel's projection to the pixels: does the network look at the object or at its context?")
     return None, caption, (record or {}).get("figure", {}).get("command", command("plot_occlusion.py"))
+
+
+def dynamics_figure(m, record):
+    caption = ("Learning dynamics from the run's snapshots: each stage's linear CKA to its last snapshot (when it "
+               "converges), a linear probe's test accuracy and its mean class selectivity, and Grad-CAM's and the "
+               "gradient's class test and ROAD gap, against the epoch.")
+    return None, caption, (record or {}).get("figure", {}).get("command", command("plot_learning_dynamics.py"))
+
+
+def evolution_figure(m, record):
+    caption = (f"How units of {m['layer']} change through training (Zeiler & Fergus's Figure 4): per channel and "
+               f"snapshot, the strongest activation over the test split projected back to the pixels, beside its "
+               f"image patch, cropped to the receptive field.")
+    return None, caption, (record or {}).get("figure", {}).get("command", command("plot_feature_evolution.py"))
 
 
 # ------------------------------------------------------------------- HTML pieces
@@ -406,6 +421,8 @@ FIGURES = [
     ("evidence", r"class_evidence(?P<rest>.*)", class_evidence_figure, json_table),
     ("zeiler_fergus", r"invariance(?P<rest>.*)", invariance_figure, None),
     ("zeiler_fergus", r"occlusion(?P<rest>.*)", occlusion_figure, None),
+    ("training", r"dynamics(?P<rest>.*)", dynamics_figure, None),
+    ("training", rf"evolution_{LAYER}(?P<rest>.*)", evolution_figure, None),
 ]
 # The reconstructions' subsections in this order, whatever the file names' order
 SUBSECTION_ORDER = list(METHOD_SUBSECTIONS.values())

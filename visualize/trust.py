@@ -158,10 +158,15 @@ def faithfulness_per_image(model, images, targets, maps, seed=0, step=faithfulne
     AUC, and its fraction of ROAD's levels still classified as the target, in each order."""
     scores = {"deletion AUC": faithfulness.deletion(model, images, targets, maps, step, seed).auc,
               "insertion AUC": faithfulness.insertion(model, images, targets, maps, step, seed).auc}
-    for order in ("MoRF", "LeRF"):
-        correct = faithfulness.road(model, images, targets, maps, order, noise=noise, seed=seed).correct
-        scores[f"ROAD {order}"] = correct.double().mean(1)
-    return {column: v.double().cpu() for column, v in scores.items()}
+    return {**{column: v.double().cpu() for column, v in scores.items()},
+            **road_per_image(model, images, targets, maps, seed, noise)}
+
+
+def road_per_image(model, images, targets, maps, seed=0, noise=faithfulness.ROAD_NOISE):
+    """{"ROAD MoRF", "ROAD LeRF": (N,) float64}: each image's fraction of ROAD's levels still classified
+    as the target, in each order."""
+    return {f"ROAD {order}": faithfulness.road(model, images, targets, maps, order, noise=noise, seed=seed)
+            .correct.double().mean(1).cpu() for order in ("MoRF", "LeRF")}
 
 
 def class_map_faithfulness(model, images, targets, seed=0, step=faithfulness.DELETION_STEP,
