@@ -18,8 +18,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "benchmarks"))  # the benchmarks' functions are tested too
 
 import cifar10  # noqa: E402
-
-import data  # noqa: E402
 import utils  # noqa: E402
 
 

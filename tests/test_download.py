@@ -12,7 +12,6 @@ import torch
 
 import cifar10
 
-import data
 import utils
 from conftest import assert_one_line_error, run_script
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from data import denormalize
-from utils import write_atomic
+from utils import write_atomic, write_text_atomic
 
 TITLE_WIDTH = 90  # characters a title line holds at the figures' sizes; a long data name takes two
 # How titles name each of model.METHODS, ResNet.reconstruct's ways back to the pixels
@@ -109,11 +109,12 @@ def save(fig, path, quiet=False):
     return path
 
 
-def save_json(path, record):
-    """`record` as JSON (no NaN allowed), UTF-8, written atomically; says so and returns the path."""
+def save_json(path, record, indent=1):
+    """A figure's JSON beside it: `record` (no NaN allowed) as UTF-8, written atomically (write_text_atomic);
+    says so and returns the path."""
     path = Path(path)
-    text = json.dumps(record, allow_nan=False) + "\n"
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(record, indent=indent, allow_nan=False) + "\n")
     print(f"wrote {path}")
     return path
 
@@ -274,13 +275,3 @@ def save_table(path, cells, title, column_titles, row_titles):
     fig.tight_layout()
     return save(fig, path)
 
-
-def save_json(path, record):
-    """A figure's JSON beside it, written atomically (a temporary file, then os.replace), in UTF-8; says so."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    print(f"wrote {path}")
-    return path

@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import CIFAR10_FOLDER, dataset_root, load_cifar10, normalize
+from cifar10 import CIFAR10_FOLDER, dataset_root, load_cifar10
+from data import normalize
 from model import STAGES
 from visualize import trust
 from visualize.context import file_key, memo, test_split_scores
