@@ -45,6 +45,8 @@ remove; deletion and insertion are shown beside it.
 """
 import json
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +91,22 @@ def summary(per_image):
     return defined.mean().item(), (defined.std() / math.sqrt(len(defined))).item()
 
 
+# What the table's time is spent on (trust_table's times; bench_figures.py reports them)
+PARTS = ("unit rows", "trained class maps", "class-map cascade and class test", "faithfulness maps",
+         "deletion/insertion", "ROAD")
+
+
+@contextmanager
+def timed(times, part):
+    """Add the wall seconds of the block to times[part] (nothing where times is None)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if times is not None:
+            times[part] = times.get(part, 0.0) + time.perf_counter() - started
+
+
 @dataclass
 class TrustRow:
     kind: str                                      # "unit picture", "class map" or "baseline"
@@ -108,11 +126,12 @@ def per_image_similarity(trained, redrawn):
     return sanity.similarities(pick(redrawn), pick(trained))
 
 
-def draw_class_maps(model, images, targets, names=CLASS_MAP_NAMES):
-    """{row name: maps on the CPU} of the class maps `names` for the images and targets."""
+def draw_class_maps(model, images, targets, names=CLASS_MAP_NAMES, copies=1):
+    """{row name: maps on the CPU} of the class maps `names` for the images and targets (attribute's
+    copies: of each part of a sanity.Cascade)."""
     chosen = [entry for entry in CLASS_MAPS if entry[0] in names]
-    return {name: attribute(model, images, targets, method, **({"layer": layer} if layer else {})).cpu()
-            for name, method, layer in chosen}
+    return {name: attribute(model, images, targets, method, copies=copies, **({"layer": layer} if layer else {})).cpu()
+            for name, method, layer in tqdm(chosen, desc="class maps", unit="map", leave=False, dynamic_ncols=True)}
 
 
 def random_other_classes(targets, classes, seed):
@@ -127,19 +146,19 @@ def class_map_dependence(model, images, targets, seed=0, names=CLASS_MAP_NAMES, 
     their targets (N,). trained: the trained network's maps {row name: maps}, if drawn already."""
     device = next(model.parameters()).device
     trained = trained if trained is not None else draw_class_maps(model, images, targets, names)
-    fresh = sanity.fresh_network(model, seed)
-    cascade = {name: [] for name in trained}
-    for depth in tqdm(range(1, len(DEPTHS) + 1), desc="class maps, stages re-initialised", unit="depth",
-                      leave=False, dynamic_ncols=True):
-        network = sanity.reinitialised(model, DEPTHS[:depth], seed, fresh).eval()
-        redrawn = draw_class_maps(network, images, targets, names)
-        for name in trained:
-            cascade[name].append(per_image_similarity(trained[name], redrawn[name]))
     others = random_other_classes(targets, model.fc.out_features, seed).to(device)
-    other = draw_class_maps(model, images, others, names)
-    per_image = {name: {"weights: top": rhos[0], "weights: all": rhos[-1],
-                        "class": per_image_similarity(trained[name], other[name])} for name, rhos in cascade.items()}
-    means = {name: [sanity.defined_mean(r) for r in rhos] for name, rhos in cascade.items()}
+    # one batch of parts, as sanity.Cascade runs them: part 0 the trained network and the other class (the
+    # class test), part k the network with DEPTHS[:k] re-initialised and the target class (the cascade)
+    cascade = sanity.Cascade(model, sanity.fresh_network(model, seed), TOP).eval()
+    part_targets = torch.cat([others, targets.to(device).repeat(len(DEPTHS))])
+    drawn = draw_class_maps(cascade, images, part_targets, names, copies=len(cascade.depths))
+    per_image, means = {}, {}
+    for name in drawn:
+        other, *redrawn = drawn[name].chunk(len(cascade.depths))
+        rhos = [per_image_similarity(trained[name], r) for r in redrawn]
+        per_image[name] = {"weights: top": rhos[0], "weights: all": rhos[-1],
+                           "class": per_image_similarity(trained[name], other)}
+        means[name] = [sanity.defined_mean(r) for r in rhos]
     for name, base in baseline_maps(images, seed).items():  # drawn again exactly as before: they read
         rho = per_image_similarity(base, base)                # neither the weights nor the class
         per_image[name] = {column: rho for column in DEPENDENCE}
@@ -153,25 +172,30 @@ def baseline_maps(images, seed=0):
 
 
 def faithfulness_per_image(model, images, targets, maps, seed=0, step=faithfulness.DELETION_STEP,
-                           noise=faithfulness.ROAD_NOISE):
-    """{column of FAITHFULNESS: (N,) float64} of one batch of maps: each image's deletion and insertion
-    AUC, and its fraction of ROAD's levels still classified as the target, in each order."""
-    scores = {"deletion AUC": faithfulness.deletion(model, images, targets, maps, step, seed).auc,
-              "insertion AUC": faithfulness.insertion(model, images, targets, maps, step, seed).auc}
-    for order in ("MoRF", "LeRF"):
-        correct = faithfulness.road(model, images, targets, maps, order, noise=noise, seed=seed).correct
-        scores[f"ROAD {order}"] = correct.double().mean(1)
-    return {column: v.double().cpu() for column, v in scores.items()}
+                           noise=faithfulness.ROAD_NOISE, times=None):
+    """{name: {column of FAITHFULNESS: (N,) float64}} of the maps {name: maps} of the same images: each
+    image's deletion and insertion AUC (faithfulness.perturbation_curves, their end points once for all
+    maps), and its fraction of ROAD's levels still classified as the target, in each order. times: a
+    dict the seconds of each part are added to (PARTS)."""
+    with timed(times, "deletion/insertion"):
+        curves = faithfulness.perturbation_curves(model, images, targets, maps, step=step, seed=seed)
+    scores = {name: {"deletion AUC": c["deletion"].auc, "insertion AUC": c["insertion"].auc} for name, c in curves.items()}
+    with timed(times, "ROAD"):
+        for name, m in tqdm(maps.items(), desc=f"ROAD on {len(images)} images", unit="map", leave=False,
+                            dynamic_ncols=True):
+            for order in ("MoRF", "LeRF"):
+                correct = faithfulness.road(model, images, targets, m, order, noise=noise, seed=seed).correct
+                scores[name][f"ROAD {order}"] = correct.double().mean(1)
+    return {name: {column: v.double().cpu() for column, v in row.items()} for name, row in scores.items()}
 
 
 def class_map_faithfulness(model, images, targets, seed=0, step=faithfulness.DELETION_STEP,
-                           noise=faithfulness.ROAD_NOISE, names=CLASS_MAP_NAMES):
-    """{row name: faithfulness_per_image} of the class maps `names` and the two baselines on the uint8
-    images and their targets (N,)."""
-    maps = {**draw_class_maps(model, images, targets, names), **baseline_maps(images, seed)}
-    return {name: faithfulness_per_image(model, images, targets, m, seed, step, noise)
-            for name, m in tqdm(maps.items(), desc=f"faithfulness on {len(images)} images", unit="map", leave=False,
-                                dynamic_ncols=True)}
+                           noise=faithfulness.ROAD_NOISE, names=CLASS_MAP_NAMES, times=None):
+    """{row name: {column of FAITHFULNESS: (N,)}} of the class maps `names` and the two baselines on the
+    uint8 images and their targets (N,). times: as faithfulness_per_image's."""
+    with timed(times, "faithfulness maps"):
+        maps = {**draw_class_maps(model, images, targets, names), **baseline_maps(images, seed)}
+    return faithfulness_per_image(model, images, targets, maps, seed, step, noise, times)
 
 
 def unit_picture_rows(run, unit_images=UNIT_IMAGES, seed=0):
@@ -231,19 +255,23 @@ def predicted_or_true(run, indices, target):
 
 
 def trust_table(run, count=COUNT, target="predicted", seed=0, step=faithfulness.DELETION_STEP,
-                noise=faithfulness.ROAD_NOISE, unit_images=UNIT_IMAGES):
+                noise=faithfulness.ROAD_NOISE, unit_images=UNIT_IMAGES, times=None):
     """{row name: TrustRow}: the unit pictures and the class maps' dependence on the test images
     `unit_images`, the class maps' and the baselines' faithfulness on the first `count` test images,
-    each for the predicted or true class (`target`)."""
-    rows = unit_picture_rows(run, unit_images, seed)
-    unit_targets = predicted_or_true(run, unit_images, target)
-    trained = {name: class_maps(run, unit_images, unit_targets, method, layer or "conv4_x")
-               for name, method, layer in CLASS_MAPS}
-    dependence, cascades = class_map_dependence(run.model, run.images[unit_images], unit_targets.to(run.device),
-                                                seed, trained=trained)
+    each for the predicted or true class (`target`). times: a dict the wall seconds of each of PARTS
+    are added to (what plot_all.py's other scripts computed already, memoized, costs nothing here)."""
+    with timed(times, "unit rows"):
+        rows = unit_picture_rows(run, unit_images, seed)
+    with timed(times, "trained class maps"):
+        unit_targets = predicted_or_true(run, unit_images, target)
+        trained = {name: class_maps(run, unit_images, unit_targets, method, layer or "conv4_x")
+                   for name, method, layer in CLASS_MAPS}
+    with timed(times, "class-map cascade and class test"):
+        dependence, cascades = class_map_dependence(run.model, run.images[unit_images], unit_targets.to(run.device),
+                                                    seed, trained=trained)
     first = list(range(count))
     faithful = class_map_faithfulness(run.model, run.images[first], predicted_or_true(run, first, target).to(run.device),
-                                      seed, step, noise)
+                                      seed, step, noise, times=times)
     for name in (*CLASS_MAP_NAMES, *BASELINES):
         rows[name] = TrustRow("baseline" if name in BASELINES else "class map", {**dependence[name], **faithful[name]},
                               cascade=[] if name in BASELINES else cascades[name])
