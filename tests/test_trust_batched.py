@@ -107,3 +107,10 @@ def test_the_faithfulness_parts_are_timed(images, one_thread):
     trust.class_map_faithfulness(model, pictures, labels, step=50, names=("saliency",), times=times)
     assert set(times) == {"faithfulness maps", "deletion/insertion", "ROAD"} <= set(trust.PARTS)
     assert all(seconds > 0 for seconds in times.values())
+
+
+def test_the_parts_plot_trust_prints_are_what_bench_figures_reads():
+    import bench_figures
+    times = {part: 1.25 * i for i, part in enumerate(trust.PARTS)}
+    printed = f"wrote trust.png\n{trust.part_lines(times)}\nplot_trust.py: 2 files in 3.0 s\n"
+    assert bench_figures.trust_parts(printed) == {part: round(seconds, 1) for part, seconds in times.items()}

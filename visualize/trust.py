@@ -91,7 +91,9 @@ def summary(per_image):
     return defined.mean().item(), (defined.std() / math.sqrt(len(defined))).item()
 
 
-# What the table's time is spent on (trust_table's times; bench_figures.py reports them)
+# What the table's time is spent on (trust_table's times; plot_trust.py prints them as PART_LINE reads
+# them, and bench_figures.py reports them)
+PART_LINE = r"^trust table part (.+): ([\d.]+) s$"
 PARTS = ("unit rows", "trained class maps", "class-map cascade and class test", "faithfulness maps",
          "deletion/insertion", "ROAD")
 
@@ -105,6 +107,11 @@ def timed(times, part):
     finally:
         if times is not None:
             times[part] = times.get(part, 0.0) + time.perf_counter() - started
+
+
+def part_lines(times):
+    """The seconds of each of PARTS as plot_trust.py prints them, a line a part (PART_LINE)."""
+    return "\n".join(f"trust table part {part}: {times.get(part, 0.0):.1f} s" for part in PARTS)
 
 
 @dataclass
@@ -311,7 +318,9 @@ def plot_trust(run, figures_dir, count=None, target="predicted", seed=0, step=fa
     """plot_trust.py: the table as trust<suffix>.png and .json in figures_dir; prints it; returns both
     paths. count: the faithfulness's test images (None: default_count of the split)."""
     count = default_count(len(run.images)) if count is None else count
-    rows = trust_table(run, count, target, seed, step, noise, unit_images)
+    times = {}
+    rows = trust_table(run, count, target, seed, step, noise, unit_images, times)
+    print(part_lines(times))
     header = [*COLUMNS, "verdicts"]
     summaries = {name: row.summaries() for name, row in rows.items()}
     cells = [[cell_text(*summaries[name].get(column, (None, None))) for column in COLUMNS]
