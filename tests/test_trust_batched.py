@@ -1,7 +1,6 @@
-"""The trust table's batched computation against a straightforward one: every class map at every depth of
-the cascade, and for the random other class, drawn in one batch of sanity.Cascade's parts, equals the map
-drawn alone on each re-initialised network; the deletion and insertion curves with their end points
-shared by all maps equal each curve computed point by point; plot_trust.py's parts are timed."""
+"""The trust table against a straightforward computation: its dependence columns are the Spearman rho of
+the maps drawn network by network; the deletion and insertion curves with their end points shared by all
+maps equal each curve computed point by point; plot_trust.py's parts are timed."""
 import pytest
 import torch
 
@@ -24,27 +23,6 @@ def small_network(seed=0):
 @pytest.fixture(scope="module")
 def images():
     return data.make_synthetic_images(3, seed=1)
-
-
-def test_every_depths_class_maps_and_the_other_classs_drawn_in_one_batch_equal_each_network_alone(images, one_thread):
-    model = small_network()
-    pictures, labels = images
-    seed = 3
-    cascade = sanity.Cascade(model, sanity.fresh_network(model, seed), trust.TOP).eval()
-    others = trust.random_other_classes(labels, 10, seed)
-    part_targets = torch.cat([others, labels.repeat(len(trust.DEPTHS))])
-    fresh = sanity.fresh_network(model, seed)
-    networks = [model] + [sanity.reinitialised(model, trust.DEPTHS[:k], seed, fresh).eval()
-                          for k in range(1, len(trust.DEPTHS) + 1)]
-    for name, method, layer in trust.CLASS_MAPS:
-        options = {"layer": layer} if layer else {}
-        if method in ("smoothgrad", "integrated_gradients"):
-            options.update({"n": 3} if method == "smoothgrad" else {"m": 3})
-        batched = attribute(cascade, pictures, part_targets, method, copies=len(networks), **options)
-        for k, network in enumerate(networks):
-            alone = attribute(network, pictures, others if k == 0 else labels, method, **options)
-            torch.testing.assert_close(batched[k * len(pictures):(k + 1) * len(pictures)], alone,
-                                       rtol=1e-9, atol=1e-12, msg=f"{name} at depth {k}")
 
 
 def test_the_tables_dependence_columns_are_the_spearman_of_the_maps_drawn_network_by_network(images, one_thread):

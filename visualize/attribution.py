@@ -48,12 +48,6 @@ Signs: no map is rectified but Grad-CAM (its ReLU is the paper's); positive alwa
 class c (raising y_c). Batched: every step sends all images of the call through the network together,
 in batches of `batch_size` rows (option; default 100 on a CPU, 1000 on a GPU, as scoring.score_units),
 smoothgrad's and integrated_gradients' points and occlusion's windows stacked into those batches.
-
-copies (option of attribute, default 1): for a model that evaluates equal parts of its batch on
-different weights (sanity.Cascade, part k through the k-th network), every point is made once from
-the N images, as for one network, and sent `copies` times side by side, part k for the k-th weights;
-targets may then be (copies * N,), part k's classes, and the maps (copies * N, ...) are part k's the
-k-th network's own (up to summation order: tested against the networks one at a time).
 """
 import math
 from contextlib import contextmanager
@@ -121,10 +115,10 @@ def check_options(method, options, layer=None, names=None):
     return chosen
 
 
-def attribute(model, images, targets, method, layer="conv4_x", copies=1, **options):
+def attribute(model, images, targets, method, layer="conv4_x", **options):
     """The maps of `method` for the logits y_c, c = targets, of the uint8 images (N, 3, 32, 32): see the
-    module's docstring for each method, its options, shapes and conventions, and copies. `layer` is
-    Grad-CAM's stage (the pixel methods ignore it)."""
+    module's docstring for each method, its options, shapes and conventions. `layer` is Grad-CAM's
+    stage (the pixel methods ignore it)."""
     options = check_options(method, options, layer)
     if model.training:
         raise ValueError("attribute needs the model in eval mode (BatchNorm's running statistics); "
@@ -134,26 +128,21 @@ def attribute(model, images, targets, method, layer="conv4_x", copies=1, **optio
     batch_size = options.pop("batch_size") or default_batch_size(device)
     # gradients are taken here even when the caller is under no_grad or inference mode
     with torch.inference_mode(False), torch.enable_grad(), input_gradients_only(model):
-        targets = torch.as_tensor(targets, dtype=torch.long).to(device).clone().flatten()
-        if copies == 1 or len(targets) != copies * len(images):  # one class, or one an image: every part's
-            targets = targets.expand(len(images)).repeat(copies)
-        targets = targets.view(copies, len(images))  # part k's classes
+        targets = torch.as_tensor(targets, dtype=torch.long).to(device).clone().expand(len(images))
         classes = model.fc.out_features
         if len(targets) and not (0 <= targets.min() and targets.max() < classes):
             raise ValueError(f"target class {targets[(targets < 0) | (targets >= classes)][0].item()} is out of "
                              f"range: the network has {classes} classes; choose 0..{classes - 1}")
         x = normalize(images.to(device)).to(dtype)
         if method == "gradcam":
-            maps = gradcam(model, x, targets, layer, batch_size, **options)
-        elif method == "occlusion":
-            maps = occlusion(model, x, targets, batch_size, **options)
-        elif method == "saliency":
-            maps = mean_gradient(model, lambda i: x, 1, targets, batch_size)
-        elif method == "smoothgrad":
-            maps = smoothgrad(model, x, targets, batch_size, **options)
-        else:
-            maps = integrated_gradients(model, x, targets, batch_size, **options)
-        return maps.flatten(0, 1)  # (copies, N, ...) part by part
+            return gradcam(model, x, targets, layer, batch_size, **options)
+        if method == "occlusion":
+            return occlusion(model, x, targets, batch_size, **options)
+        if method == "saliency":
+            return mean_gradient(model, lambda i: x, 1, targets, batch_size)
+        if method == "smoothgrad":
+            return smoothgrad(model, x, targets, batch_size, **options)
+        return integrated_gradients(model, x, targets, batch_size, **options)
 
 
 @contextmanager
@@ -176,40 +165,28 @@ def target_logits(model, x, targets, after=None):
     return classify(model, x, after).gather(1, targets[:, None])[:, 0]
 
 
-def copied(x, copies):
-    """The rows of x sent `copies` times, part after part: (copies * rows, ...)."""
-    return x if copies == 1 else x.repeat(copies, *[1] * (x.dim() - 1))
-
-
-def part_logits(model, x, targets, after=None):
-    """y_c of every row of x in each of the model's parts: targets (copies, rows) -> (copies, rows)."""
-    return target_logits(model, copied(x, len(targets)), targets.flatten(), after).view(targets.shape)
-
-
 def input_gradient(model, x, targets, batch_size):
-    """dy_c/dx for each row of x and each part (targets (copies, rows)): (copies, rows, ...), with
-    copies * batch_size rows a pass at most; in eval mode each row's logit depends on that row alone,
-    so the gradient of their sum is every row's own."""
+    """dy_c/dx for each row of x, batch_size rows a pass; in eval mode each row's logit depends on that
+    row alone, so the gradient of their sum is every row's own."""
     parts = []
     for start in range(0, len(x), batch_size):
-        rows = copied(x[start:start + batch_size].detach(), len(targets)).requires_grad_(True)
-        y = target_logits(model, rows, targets[:, start:start + batch_size].flatten())
-        parts.append(torch.autograd.grad(y.sum(), rows)[0].view(len(targets), -1, *x.shape[1:]))
-    return torch.cat(parts, 1)
+        rows = x[start:start + batch_size].detach().requires_grad_(True)
+        y = target_logits(model, rows, targets[start:start + batch_size])
+        parts.append(torch.autograd.grad(y.sum(), rows)[0])
+    return torch.cat(parts)
 
 
 def mean_gradient(model, point, count, targets, batch_size):
-    """(1/count) sum_{i=0..count-1} dy_c/dx at point(i), a normalised batch like the images (N, 3, 32, 32),
-    for each part (targets (copies, N)): (copies, N, 3, 32, 32). The points of several i are stacked
-    into one pass of at most batch_size rows in all parts (at least one i a pass)."""
-    copies, n = targets.shape
-    per_pass = max(1, batch_size // max(n * copies, 1))
+    """(1/count) sum_{i=0..count-1} dy_c/dx at point(i), a normalised batch like the images (N, 3, 32, 32):
+    the points of several i stacked into one pass of at most batch_size rows (at least one i a pass)."""
+    n = len(targets)
+    per_pass = max(1, batch_size // max(n, 1))
     total = 0
     for first in range(0, count, per_pass):
         steps = range(first, min(first + per_pass, count))
         points = torch.cat([point(i) for i in steps])
-        grads = input_gradient(model, points, targets.repeat(1, len(steps)), len(points))
-        total = total + grads.view(copies, len(steps), n, *points.shape[1:]).sum(1)
+        grads = input_gradient(model, points, targets.repeat(len(steps)), batch_size)
+        total = total + grads.view(len(steps), n, *points.shape[1:]).sum(0)
     return total / count
 
 
@@ -233,25 +210,22 @@ def resolve_baseline(x, baseline):
 def integrated_gradients(model, x, targets, batch_size, m, baseline):
     base = resolve_baseline(x, baseline)
     path = lambda i: base + ((i + 1) / m) * (x - base)  # k = i + 1 = 1..m: the right Riemann sum
-    return (x - base) * mean_gradient(model, path, m, targets, batch_size)  # (copies, N, ...) times (N, ...)
+    return (x - base) * mean_gradient(model, path, m, targets, batch_size)
 
 
 def gradcam(model, x, targets, layer, batch_size, upsample):
-    copies = len(targets)
     maps = []
-    for start in range(0, len(x), max(1, batch_size // copies)):
-        rows = x[start:start + max(1, batch_size // copies)]
+    for start in range(0, len(x), batch_size):
         with torch.no_grad():
-            activations = stage_output(model, copied(rows, copies), layer)
+            activations = stage_output(model, x[start:start + batch_size], layer)
         activations.requires_grad_(True)
-        y = target_logits(model, activations, targets[:, start:start + len(rows)].flatten(), after=layer)
+        y = target_logits(model, activations, targets[start:start + batch_size], after=layer)
         grads = torch.autograd.grad(y.sum(), activations)[0]
         alpha = grads.mean((2, 3), keepdim=True)
-        maps.append(F.relu((alpha * activations.detach()).sum(1)).view(copies, len(rows), *activations.shape[2:]))
-    cam = torch.cat(maps, 1)
+        maps.append(F.relu((alpha * activations.detach()).sum(1)))
+    cam = torch.cat(maps)
     if upsample:
-        cam = F.interpolate(cam.flatten(0, 1)[:, None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
-                            align_corners=False).view(copies, len(x), IMAGE_SIZE, IMAGE_SIZE)
+        cam = F.interpolate(cam[:, None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)[:, 0]
     return cam
 
 
@@ -276,19 +250,19 @@ def occlusion_windows(k, s, size=IMAGE_SIZE):
 def occlusion(model, x, targets, batch_size, k, s, baseline):
     base = resolve_baseline(x, baseline)
     masks = occlusion_windows(k, s).to(x.device)
-    (copies, n), count = targets.shape, len(masks)
-    rows = max(1, batch_size // copies)  # of each part, a pass
-    reference = torch.cat([part_logits(model, x[i:i + rows], targets[:, i:i + rows]) for i in range(0, n, rows)], 1)
-    per_pass = max(1, batch_size // max(n * copies, 1))
-    drops = []  # (copies, W, N): y_c(x) - y_c(x occluded by window w)
+    n, count = len(x), len(masks)
+    reference = torch.cat([target_logits(model, x[i:i + batch_size], targets[i:i + batch_size])
+                           for i in range(0, n, batch_size)])
+    per_pass = max(1, batch_size // max(n, 1))
+    drops = []  # (W, N): y_c(x) - y_c(x occluded by window w)
     for first in range(0, count, per_pass):
         window = masks[first:first + per_pass, None, None]  # (w, 1, 1, H, W)
         occluded = torch.where(window, base, x).flatten(0, 1)  # (w * N, 3, H, W), window-major
-        repeated = targets.repeat(1, len(window))
-        logits = torch.cat([part_logits(model, occluded[i:i + rows], repeated[:, i:i + rows])
-                            for i in range(0, len(occluded), rows)], 1)
-        drops.append(reference[:, None] - logits.view(copies, len(window), n))
-    drops = torch.cat(drops, 1)
+        logits = torch.cat([target_logits(model, occluded[i:i + batch_size],
+                                          targets.repeat(len(window))[i:i + batch_size])
+                            for i in range(0, len(occluded), batch_size)])
+        drops.append(reference - logits.view(len(window), n))
+    drops = torch.cat(drops)
     weights = masks.to(x.dtype).flatten(1)  # (W, H*W)
     covered = weights.sum(0)  # windows covering each pixel, at least 1
-    return ((drops.transpose(1, 2) @ weights) / covered).view(copies, n, IMAGE_SIZE, IMAGE_SIZE)
+    return ((drops.T @ weights) / covered).view(n, IMAGE_SIZE, IMAGE_SIZE)

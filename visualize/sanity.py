@@ -109,13 +109,12 @@ def cascade_depths(layer):
 def fresh_network(model, seed):
     """The ResNet of `model`'s width and classes freshly built after torch.manual_seed(seed), in eval
     mode on its device: model.init_weights's convs, BatchNorm weight 1, bias 0, running mean 0 and
-    variance 1, in the model's dtype. The caller's random state is left as it was. One fresh network
-    serves every depth of a seed, so a stage gets the same random weights at every depth of the cascade."""
+    variance 1. The caller's random state is left as it was. One fresh network serves every depth of
+    a seed, so a stage gets the same random weights at every depth of the cascade."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fresh = ResNet(model.width, model.fc.out_features)
-    parameter = next(model.parameters())
-    return fresh.to(parameter.device, parameter.dtype).eval()
+    return fresh.to(next(model.parameters()).device).eval()
 
 
 def reinitialised(model, stages, seed, fresh=None):
@@ -152,9 +151,7 @@ class Cascade(torch.nn.Module):
     equal parts, part k through depth k's network (CascadeStage), so scoring.stage_output and every
     optimisation over it (gradient_ascent, feature_visualization with copies=len(depths)) draw all
     depths in one pass a step, each part exactly as its own network would alone (up to summation
-    order: tested against the networks one at a time). With layer the top stage, head (the model's
-    own pool and fc, kept at every depth) gives each part's logits, and attribution.attribute draws
-    every depth's class maps at once (its copies)."""
+    order: tested against the networks one at a time)."""
 
     def __init__(self, model, fresh, layer):
         super().__init__()
@@ -164,12 +161,9 @@ class Cascade(torch.nn.Module):
         self.stages = torch.nn.ModuleDict({
             name: CascadeStage(model.stage(name), fresh.stage(name), len(self.depths), randomised_from[name])
             for name in STAGES[:STAGES.index(layer) + 1]})
-        self.avgpool, self.fc = model.avgpool, model.fc
 
     def stage(self, name):
         return self.stages[name]
-
-    head = ResNet.head
 
 
 def depth_parts(batch, depths):

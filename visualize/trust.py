@@ -133,12 +133,11 @@ def per_image_similarity(trained, redrawn):
     return sanity.similarities(pick(redrawn), pick(trained))
 
 
-def draw_class_maps(model, images, targets, names=CLASS_MAP_NAMES, copies=1):
-    """{row name: maps on the CPU} of the class maps `names` for the images and targets (attribute's
-    copies: of each part of a sanity.Cascade)."""
+def draw_class_maps(model, images, targets, names=CLASS_MAP_NAMES):
+    """{row name: maps on the CPU} of the class maps `names` for the images and targets."""
     chosen = [entry for entry in CLASS_MAPS if entry[0] in names]
-    return {name: attribute(model, images, targets, method, copies=copies, **({"layer": layer} if layer else {})).cpu()
-            for name, method, layer in tqdm(chosen, desc="class maps", unit="map", leave=False, dynamic_ncols=True)}
+    return {name: attribute(model, images, targets, method, **({"layer": layer} if layer else {})).cpu()
+            for name, method, layer in chosen}
 
 
 def random_other_classes(targets, classes, seed):
@@ -153,19 +152,19 @@ def class_map_dependence(model, images, targets, seed=0, names=CLASS_MAP_NAMES, 
     their targets (N,). trained: the trained network's maps {row name: maps}, if drawn already."""
     device = next(model.parameters()).device
     trained = trained if trained is not None else draw_class_maps(model, images, targets, names)
+    fresh = sanity.fresh_network(model, seed)
+    cascade = {name: [] for name in trained}
+    for depth in tqdm(range(1, len(DEPTHS) + 1), desc="class maps, stages re-initialised", unit="depth",
+                      leave=False, dynamic_ncols=True):
+        network = sanity.reinitialised(model, DEPTHS[:depth], seed, fresh).eval()
+        redrawn = draw_class_maps(network, images, targets, names)
+        for name in trained:
+            cascade[name].append(per_image_similarity(trained[name], redrawn[name]))
     others = random_other_classes(targets, model.fc.out_features, seed).to(device)
-    # one batch of parts, as sanity.Cascade runs them: part 0 the trained network and the other class (the
-    # class test), part k the network with DEPTHS[:k] re-initialised and the target class (the cascade)
-    cascade = sanity.Cascade(model, sanity.fresh_network(model, seed), TOP).eval()
-    part_targets = torch.cat([others, targets.to(device).repeat(len(DEPTHS))])
-    drawn = draw_class_maps(cascade, images, part_targets, names, copies=len(cascade.depths))
-    per_image, means = {}, {}
-    for name in drawn:
-        other, *redrawn = drawn[name].chunk(len(cascade.depths))
-        rhos = [per_image_similarity(trained[name], r) for r in redrawn]
-        per_image[name] = {"weights: top": rhos[0], "weights: all": rhos[-1],
-                           "class": per_image_similarity(trained[name], other)}
-        means[name] = [sanity.defined_mean(r) for r in rhos]
+    other = draw_class_maps(model, images, others, names)
+    per_image = {name: {"weights: top": rhos[0], "weights: all": rhos[-1],
+                        "class": per_image_similarity(trained[name], other[name])} for name, rhos in cascade.items()}
+    means = {name: [sanity.defined_mean(r) for r in rhos] for name, rhos in cascade.items()}
     for name, base in baseline_maps(images, seed).items():  # drawn again exactly as before: they read
         rho = per_image_similarity(base, base)                # neither the weights nor the class
         per_image[name] = {column: rho for column in DEPENDENCE}
