@@ -98,7 +98,9 @@ WINDOWS = {  # (device type, --quick) -> the defaults
 def parse_args(argv=None):
     p = utils.OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--quick", action="store_true", help="fewer and shorter windows, fewer evaluation images")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer and shorter windows, fewer evaluation images, and no compile trial in train.py's "
+                        "choice (its row then says so)")
     p.add_argument("--width", type=int, default=steps.RECIPE["width"], help="ResNet width (default: %(default)s)")
     p.add_argument("--images", type=int, default=RECIPE_TRAIN_IMAGES, help="training images (default: %(default)s)")
     p.add_argument("--test-images", type=int, default=RECIPE_TEST_IMAGES, help="test images (default: %(default)s)")
@@ -298,13 +300,19 @@ def measure_row(label, pipeline, settings, args, windows, device, splits, bar):
 
 def trainpy_choice(args, device, caps):
     """What train.py chooses here for the full recipe at --width and --batch-size (speed.decide: its
-    rules, then its probe), with the probe's wall time."""
+    rules, then its probe), with the probe's wall time. A --quick run skips the probe's compile trial
+    (on a CPU a minute or more of compiling, most of a quick run), as --no-compile would, and says so."""
     config = dict(steps.RECIPE, width=args.width, batch_size=args.batch_size)
+    asked = dict.fromkeys(speed.SETTING_FIELDS)
+    skipped = args.quick and speed.plan(caps, asked).compile_trial
+    if skipped:
+        asked["compile"] = False
     started = time.perf_counter()
-    choice, record = speed.decide(dict.fromkeys(speed.SETTING_FIELDS), None, caps,
+    choice, record = speed.decide(asked, None, caps,
                                   RECIPE_EPOCHS * data.batches_per_epoch(RECIPE_TRAIN_IMAGES, args.batch_size),
                                   steps.probe_measure(config, device, 10))
-    return choice, dict(dataclasses.asdict(choice), label=choice.label(), reason=record["speed_reason"],
+    reason = record["speed_reason"] + ("; compile trial skipped (--quick): train.py may compile here" if skipped else "")
+    return choice, dict(dataclasses.asdict(choice), label=choice.label(), reason=reason, compile_trial=not skipped,
                         probe=record["speed_probe"], probe_s=time.perf_counter() - started)
 
 

@@ -10,8 +10,9 @@ synthetic gratings, in --work-dir; speed does not depend on what the weights lea
 forward pass of the network over the test split (the logits of every image, batches of 100 under
 inference mode, as the figures' shared pass runs them; the unit everything is given in), runs
 plot_all.py on it in a fresh Python process, whatever scripts it holds, and times the forward pass
-once more. Each script's time, as plot_all.py prints it, and the whole (plot_all.py's own total, and
-the process's wall time with Python's start-up and imports) are reported in seconds and as a
+once more. Each script's time, as plot_all.py prints it, the trust table's parts (as plot_trust.py
+prints them), and the whole (plot_all.py's own total, and the process's wall time with Python's
+start-up and imports) are reported in seconds and as a
 multiple of the mean of the two forward passes; their difference says how much the machine's load
 moved meanwhile. Threads: torch's default, or OMP_NUM_THREADS, the same in both processes.
 
@@ -42,13 +43,14 @@ import data  # noqa: E402
 import speed  # noqa: E402
 import utils  # noqa: E402
 from model import STAGES, ResNet  # noqa: E402
-from visualize import featurevis, scoring  # noqa: E402
+from visualize import featurevis, scoring, trust  # noqa: E402
 from visualize.context import load_run  # noqa: E402
 
 # what plot_all.py prints: a line a script ("plot_x.py: 2 files in 1.2 s"; a step that is no script, as
 # "index.html: in 0.02 s", counts as one), then its total
 SCRIPT_LINE = re.compile(r"^([\w.]+?)(?:\.py)?: (?:(\d+) files )?in ([\d.]+) s$", flags=re.M)
 TOTAL_LINE = re.compile(r"^plot_all\.py: \d+ files in .* in ([\d.]+) s$", flags=re.M)
+TRUST_PART_LINE = re.compile(trust.PART_LINE, flags=re.M)  # plot_trust.py's time of each part of its table
 
 
 def parse_args(argv=None):
@@ -176,6 +178,11 @@ def figure_times(stdout):
     return scripts, float(total[0])
 
 
+def trust_parts(stdout):
+    """{part: seconds} of the trust table, as plot_trust.py printed them ({} where it did not run)."""
+    return {name: float(seconds) for name, seconds in TRUST_PART_LINE.findall(stdout)}
+
+
 def figures_ratio(scripts, total, wall, forward_s, cpu=None, forward_cpu_s=None):
     """The report: every time in seconds and as a multiple of one forward pass (the mean of forward_s).
     With cpu (plot_all.py's process) and forward_cpu_s (the passes'), also the ratio of CPU times: on a
@@ -209,6 +216,8 @@ def measure_figures(args):
     result = dict(machine(args.device), load_average_before=load_before, checkpoint=str(checkpoint),
                   width=run.model.width, test_images=len(run.images),
                   **figures_ratio(scripts, total, wall, (before, after), cpu, (before_cpu, after_cpu)))
+    unit = result["forward_pass_mean_s"]
+    result["trust_parts"] = {name: dict(seconds=seconds, ratio=seconds / unit) for name, seconds in trust_parts(stdout).items()}
     load = lambda values: ", ".join(f"{v:.1f}" for v in values)
     print(f"\n{result['device_name']} ({result['cpu_capability']}, {result['threads']} threads) | torch "
           f"{result['torch']} | {result['date']} | load average {load(load_before)} before, "
@@ -225,6 +234,10 @@ def measure_figures(args):
     if cpu is not None:
         print(f"{'plot_all.py (process CPU time)':44} {'':5} {cpu:8.1f} {result['cpu_ratio']:10.2f}  "
               f"(forward pass: {before_cpu:.1f} s and {after_cpu:.1f} s of CPU time)")
+    if result["trust_parts"]:
+        print("\nplot_trust.py's table, part by part (parts plot_all.py's other scripts computed already cost ~0):")
+        for name, row in result["trust_parts"].items():
+            print(f"{'  ' + name:44} {'':5} {row['seconds']:8.1f} {row['ratio']:10.2f}")
     return result
 
 

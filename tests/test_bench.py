@@ -152,3 +152,20 @@ def test_a_quick_run_never_overwrites_the_recorded_figures():
         assert full == str(Path(bench.__file__).resolve().parent / f"bench_{device.type}.json")  # beside bench.py
         assert bench.json_path(bench.parse_args(["--quick"]), device) != full
     assert bench.json_path(bench.parse_args(["--quick", "--json", "x.json"]), torch.device("cpu")) == "x.json"
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_quick_run_skips_the_compile_trial_and_says_so(monkeypatch, quick):
+    """On a CPU the choice's probe may weigh torch.compile (minutes of compiling); --quick leaves it out,
+    as --no-compile would, and the row's reason says it was skipped."""
+    seen = {}
+
+    def decide(asked, previous, caps, iterations, measure):
+        seen.update(asked)
+        return speed.Settings(), dict(speed_reason="probe", speed_probe={})
+    monkeypatch.setattr(speed, "decide", decide)
+    args = bench.parse_args(["--device", "cpu", *(["--quick"] if quick else [])])
+    _, record = bench.trainpy_choice(args, torch.device("cpu"), AVX2_CPU)
+    assert seen["compile"] is (False if quick else None)
+    assert record["compile_trial"] is not quick
+    assert ("compile trial skipped (--quick)" in record["reason"]) is quick

@@ -150,31 +150,51 @@ class Curve:
 def perturbation_curve(model, images, targets, maps, kind, step=DELETION_STEP, seed=0):
     """The deletion (kind "deletion") or insertion (kind "insertion") curve of each image (see the
     module's docstring). images: uint8 (N, 3, H, W); targets: class indices (N,); maps: (N, 3, H, W)
-    or (N, h, w). The images of a chunk and all their steps go through the network together."""
+    or (N, h, w). perturbation_curves of the one map."""
+    return perturbation_curves(model, images, targets, {None: maps}, (kind,), step, seed)[None][kind]
+
+
+def perturbation_curves(model, images, targets, maps, kinds=("deletion", "insertion"), step=DELETION_STEP, seed=0):
+    """{name: {kind: Curve}}: the curves of `kinds` of every map {name: maps (N, 3, H, W) or (N, h, w)}
+    of the same images. A curve's first and last points change no pixel or every pixel, whatever the
+    map (deletion: the image, then the baseline; insertion: the blurred image, then the image), so the
+    network sees those three images once for all maps and kinds; the points between are each map's,
+    the images of a chunk and all their steps through the network together."""
     parameter = next(model.parameters())
     device = parameter.device
     x = normalize(images.to(device)).to(parameter.dtype)
     n, _, h, w = x.shape
-    places = ranks(maps, seed).to(device)
     counts = torch.tensor(step_counts(h * w, step), device=device)
-    changed = (places[:, None, :] < counts[None, :, None]).view(n, len(counts), 1, h, w)  # (N, K, 1, H, W)
-    if kind == "deletion":
-        start, end = x, torch.zeros_like(x)  # 0 in normalised space: the data's mean colour
-    elif kind == "insertion":
-        start, end = gaussian_blur(x), x
-    else:
-        raise ValueError(f"unknown kind {kind!r}; choose deletion or insertion")
-    targets = targets.to(device)
-    per_chunk = max(1, CHUNK // len(counts))
-    probabilities = []
-    for i in range(0, n, per_chunk):
-        steps = torch.where(changed[i:i + per_chunk], end[i:i + per_chunk, None], start[i:i + per_chunk, None])
-        chunk_targets = targets[i:i + per_chunk, None].expand(-1, len(counts))
-        p = target_probabilities(model, steps.flatten(0, 1), chunk_targets.flatten())
-        probabilities.append(p.view(-1, len(counts)))
-    probabilities = torch.cat(probabilities).double().cpu()
     fractions = (counts.double() / (h * w)).tolist()
-    return Curve(fractions=fractions, probabilities=probabilities, auc=trapezoid(fractions, probabilities))
+    ends = {"deletion": (x, torch.zeros_like(x)),  # 0 in normalised space: the data's mean colour
+            "insertion": (gaussian_blur(x), x)}
+    unknown = [kind for kind in kinds if kind not in ends]
+    if unknown:
+        raise ValueError(f"unknown kind {unknown[0]!r}; choose deletion or insertion")
+    targets = targets.to(device)
+    # the end points: the image, the baseline and the blurred image, each once
+    image_p, baseline_p, blurred_p = target_probabilities(
+        model, torch.cat([x, ends["deletion"][1], ends["insertion"][0]]), targets.repeat(3)).view(3, n)
+    end_points = {"deletion": (image_p, baseline_p), "insertion": (blurred_p, image_p)}
+    inner = counts[1:-1]
+    per_chunk = max(1, CHUNK // max(len(inner), 1))
+    curves = {}
+    for name, m in maps.items():
+        places = ranks(m, seed).to(device)
+        changed = (places[:, None, :] < inner[None, :, None]).view(n, len(inner), 1, h, w)  # (N, K - 2, 1, H, W)
+        curves[name] = {}
+        for kind in kinds:
+            start, end = ends[kind]
+            middle = [] if len(inner) else [image_p.new_empty(n, 0)]  # a step of 100 %: the ends alone
+            for i in range(0, n if len(inner) else 0, per_chunk):
+                steps = torch.where(changed[i:i + per_chunk], end[i:i + per_chunk, None], start[i:i + per_chunk, None])
+                chunk_targets = targets[i:i + per_chunk, None].expand(-1, len(inner))
+                middle.append(target_probabilities(model, steps.flatten(0, 1), chunk_targets.flatten()).view(-1, len(inner)))
+            first, last = end_points[kind]
+            probabilities = torch.cat([first[:, None], torch.cat(middle), last[:, None]], 1).double().cpu()
+            curves[name][kind] = Curve(fractions=fractions, probabilities=probabilities,
+                                       auc=trapezoid(fractions, probabilities))
+    return curves
 
 
 def deletion(model, images, targets, maps, step=DELETION_STEP, seed=0):

@@ -45,6 +45,8 @@ remove; deletion and insertion are shown beside it.
 """
 import json
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +89,29 @@ def summary(per_image):
     if len(defined) == 1:
         return defined.item(), math.nan
     return defined.mean().item(), (defined.std() / math.sqrt(len(defined))).item()
+
+
+# What the table's time is spent on (trust_table's times; plot_trust.py prints them as PART_LINE reads
+# them, and bench_figures.py reports them)
+PART_LINE = r"^trust table part (.+): ([\d.]+) s$"
+PARTS = ("unit rows", "trained class maps", "class-map cascade and class test", "faithfulness maps",
+         "deletion/insertion", "ROAD")
+
+
+@contextmanager
+def timed(times, part):
+    """Add the wall seconds of the block to times[part] (nothing where times is None)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if times is not None:
+            times[part] = times.get(part, 0.0) + time.perf_counter() - started
+
+
+def part_lines(times):
+    """The seconds of each of PARTS as plot_trust.py prints them, a line a part (PART_LINE)."""
+    return "\n".join(f"trust table part {part}: {times.get(part, 0.0):.1f} s" for part in PARTS)
 
 
 @dataclass
@@ -153,13 +178,19 @@ def baseline_maps(images, seed=0):
 
 
 def faithfulness_per_image(model, images, targets, maps, seed=0, step=faithfulness.DELETION_STEP,
-                           noise=faithfulness.ROAD_NOISE):
-    """{column of FAITHFULNESS: (N,) float64} of one batch of maps: each image's deletion and insertion
-    AUC, and its fraction of ROAD's levels still classified as the target, in each order."""
-    scores = {"deletion AUC": faithfulness.deletion(model, images, targets, maps, step, seed).auc,
-              "insertion AUC": faithfulness.insertion(model, images, targets, maps, step, seed).auc}
-    return {**{column: v.double().cpu() for column, v in scores.items()},
-            **road_per_image(model, images, targets, maps, seed, noise)}
+                           noise=faithfulness.ROAD_NOISE, times=None):
+    """{name: {column of FAITHFULNESS: (N,) float64}} of the maps {name: maps} of the same images: each
+    image's deletion and insertion AUC (faithfulness.perturbation_curves, their end points once for all
+    maps), and its fraction of ROAD's levels still classified as the target, in each order (road_per_image).
+    times: a dict the seconds of each part are added to (PARTS)."""
+    with timed(times, "deletion/insertion"):
+        curves = faithfulness.perturbation_curves(model, images, targets, maps, step=step, seed=seed)
+    scores = {name: {"deletion AUC": c["deletion"].auc, "insertion AUC": c["insertion"].auc} for name, c in curves.items()}
+    with timed(times, "ROAD"):
+        for name, m in tqdm(maps.items(), desc=f"ROAD on {len(images)} images", unit="map", leave=False,
+                            dynamic_ncols=True):
+            scores[name].update(road_per_image(model, images, targets, m, seed, noise))
+    return {name: {column: v.double().cpu() for column, v in row.items()} for name, row in scores.items()}
 
 
 def road_per_image(model, images, targets, maps, seed=0, noise=faithfulness.ROAD_NOISE):
@@ -170,13 +201,12 @@ def road_per_image(model, images, targets, maps, seed=0, noise=faithfulness.ROAD
 
 
 def class_map_faithfulness(model, images, targets, seed=0, step=faithfulness.DELETION_STEP,
-                           noise=faithfulness.ROAD_NOISE, names=CLASS_MAP_NAMES):
-    """{row name: faithfulness_per_image} of the class maps `names` and the two baselines on the uint8
-    images and their targets (N,)."""
-    maps = {**draw_class_maps(model, images, targets, names), **baseline_maps(images, seed)}
-    return {name: faithfulness_per_image(model, images, targets, m, seed, step, noise)
-            for name, m in tqdm(maps.items(), desc=f"faithfulness on {len(images)} images", unit="map", leave=False,
-                                dynamic_ncols=True)}
+                           noise=faithfulness.ROAD_NOISE, names=CLASS_MAP_NAMES, times=None):
+    """{row name: {column of FAITHFULNESS: (N,)}} of the class maps `names` and the two baselines on the
+    uint8 images and their targets (N,). times: as faithfulness_per_image's."""
+    with timed(times, "faithfulness maps"):
+        maps = {**draw_class_maps(model, images, targets, names), **baseline_maps(images, seed)}
+    return faithfulness_per_image(model, images, targets, maps, seed, step, noise, times)
 
 
 def unit_picture_rows(run, unit_images=UNIT_IMAGES, seed=0):
@@ -236,19 +266,23 @@ def predicted_or_true(run, indices, target):
 
 
 def trust_table(run, count=COUNT, target="predicted", seed=0, step=faithfulness.DELETION_STEP,
-                noise=faithfulness.ROAD_NOISE, unit_images=UNIT_IMAGES):
+                noise=faithfulness.ROAD_NOISE, unit_images=UNIT_IMAGES, times=None):
     """{row name: TrustRow}: the unit pictures and the class maps' dependence on the test images
     `unit_images`, the class maps' and the baselines' faithfulness on the first `count` test images,
-    each for the predicted or true class (`target`)."""
-    rows = unit_picture_rows(run, unit_images, seed)
-    unit_targets = predicted_or_true(run, unit_images, target)
-    trained = {name: class_maps(run, unit_images, unit_targets, method, layer or "conv4_x")
-               for name, method, layer in CLASS_MAPS}
-    dependence, cascades = class_map_dependence(run.model, run.images[unit_images], unit_targets.to(run.device),
-                                                seed, trained=trained)
+    each for the predicted or true class (`target`). times: a dict the wall seconds of each of PARTS
+    are added to (what plot_all.py's other scripts computed already, memoized, costs nothing here)."""
+    with timed(times, "unit rows"):
+        rows = unit_picture_rows(run, unit_images, seed)
+    with timed(times, "trained class maps"):
+        unit_targets = predicted_or_true(run, unit_images, target)
+        trained = {name: class_maps(run, unit_images, unit_targets, method, layer or "conv4_x")
+                   for name, method, layer in CLASS_MAPS}
+    with timed(times, "class-map cascade and class test"):
+        dependence, cascades = class_map_dependence(run.model, run.images[unit_images], unit_targets.to(run.device),
+                                                    seed, trained=trained)
     first = list(range(count))
     faithful = class_map_faithfulness(run.model, run.images[first], predicted_or_true(run, first, target).to(run.device),
-                                      seed, step, noise)
+                                      seed, step, noise, times=times)
     for name in (*CLASS_MAP_NAMES, *BASELINES):
         rows[name] = TrustRow("baseline" if name in BASELINES else "class map", {**dependence[name], **faithful[name]},
                               cascade=[] if name in BASELINES else cascades[name])
@@ -288,7 +322,9 @@ def plot_trust(run, figures_dir, count=None, target="predicted", seed=0, step=fa
     """plot_trust.py: the table as trust<suffix>.png and .json in figures_dir; prints it; returns both
     paths. count: the faithfulness's test images (None: default_count of the split)."""
     count = default_count(len(run.images)) if count is None else count
-    rows = trust_table(run, count, target, seed, step, noise, unit_images)
+    times = {}
+    rows = trust_table(run, count, target, seed, step, noise, unit_images, times)
+    print(part_lines(times))
     header = [*COLUMNS, "verdicts"]
     summaries = {name: row.summaries() for name, row in rows.items()}
     cells = [[cell_text(*summaries[name].get(column, (None, None))) for column in COLUMNS]
