@@ -51,7 +51,7 @@ def main(argv=None):
     run = p.load(args)
     target = evidence.parse_target(args.target, run.classes)
     return evidence.plot_class_evidence(run, args.images, target, args.methods, args.layer, options,
-                                        args.figures_dir)
+                                        args.figures_dir, p.figure_record(args, "class_evidence", run))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     run = parser.load(args)
     channels = args.channels.of(run.model, args.layer)
-    return [figures.plot_feature_maps(run, args.image_index, args.layer, args.figures_dir, channels)]
+    return figures.plot_feature_maps(run, args.image_index, args.layer, args.figures_dir, channels,
+                                     parser.figure_record(args, "feature_maps", run))
 
 
 if __name__ == "__main__":

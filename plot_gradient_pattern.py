@@ -19,7 +19,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     run = p.load(args)
     return ascent.plot_gradient_pattern(run, args.layer, args.channel, args.figures_dir, args.steps, args.lr,
-                                        args.penalty, index=args.image_index)
+                                        args.penalty, index=args.image_index,
+                                        figure=p.figure_record(args, "gradient_pattern", run))
 
 
 if __name__ == "__main__":

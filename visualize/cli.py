@@ -8,8 +8,9 @@ modules take, and the checks that make it one they can trust. Every bad value ge
     channels = args.channels.of(run.model, args.layer)  # which channels --channels names depends on the network
 """
 import argparse
+import contextlib
 import math
-import sys
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class PlotParser(OneLineArgumentParser):
     def __init__(self, doc, script=None):
         super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         self.shared = set()
+        self.quick_defaults = {}  # add_quick: the defaults of a --quick run, by dest
         self.script = script or self.prog  # the file name a figure's command names
         self.add_argument("--checkpoint", default="checkpoints/resnet18_cifar10.pt",
                           help="checkpoint written by train.py (default: %(default)s)")
@@ -59,8 +61,35 @@ class PlotParser(OneLineArgumentParser):
         self.add_argument("--penalty", type=float, default=penalty, help=f"{penalty_help}, 0 or above "
                                                                          f"(default: %(default)s)")
 
+    def add_quick(self, what, **defaults):
+        """--quick: a first look, the flags `defaults` (dest: value, as the command line would give it)
+        taking these defaults instead of the full run's; `what` says what is cut, for --help. A flag
+        given on the command line still wins. The file names carry it (_quick), as any flag changed."""
+        self.quick_defaults = defaults
+        self.add_argument("--quick", action="store_true",
+                          help=f"a first look, quick: {what}; the figure and its file names say so "
+                               f"(default: the full run)")
+
+    @contextlib.contextmanager
+    def quick_run(self, quick):
+        """Within it, the parser's defaults are the --quick run's (when `quick`)."""
+        saved = {dest: self.get_default(dest) for dest in self.quick_defaults}
+        if quick:
+            self.set_defaults(**self.quick_defaults)
+        try:
+            yield
+        finally:
+            self.set_defaults(**saved)
+
+    def defaults(self, quick=False):
+        """Every flag's default (the --quick run's with `quick`), types applied as to a given value."""
+        with self.quick_run(quick):
+            return vars(argparse.ArgumentParser.parse_args(self, []))
+
     def parse_args(self, args=None, namespace=None):
-        args = super().parse_args(args, namespace)
+        quick = bool(self.quick_defaults) and super().parse_known_args(args)[0].quick
+        with self.quick_run(quick):
+            args = super().parse_args(args, namespace)
         if "layer" in self.shared:
             check_layer(args.layer)
         if "path" in self.shared:
@@ -70,11 +99,13 @@ class PlotParser(OneLineArgumentParser):
         check_writable(args.figures_dir, "--figures-dir", folder=True)
         return args
 
-    def figure_record(self, args, kind):
-        """What the page needs of a figure, for the JSON beside it: {"kind", "script", "flags" (every flag
-        of the figure's own, as text, defaults included), "changed" (those not at their default),
-        "command" (the line that draws it again: the changed flags and the run's), "checkpoint"}."""
-        defaults = vars(argparse.ArgumentParser.parse_args(self, []))  # types applied, as to a given value
+    def figure_record(self, args, kind, run=None):
+        """What the page needs of a figure, for the JSON beside it (its key "figure"): {"kind", "script",
+        "flags" (every flag of the figure's own, as text, defaults included), "changed" (those not at
+        their default: a --quick run's defaults are its own), "command" (the line that draws it again:
+        the changed flags and the run's), "checkpoint" (its absolute path) and, given the PlotRun,
+        "iteration" (how far that checkpoint was trained)}. name_suffix(record) names the files."""
+        defaults = self.defaults(quick=getattr(args, "quick", False))
         flags, changed, run_words = {}, {}, []
         for action in self._actions:
             if not action.option_strings or action.dest == "help":
@@ -89,8 +120,11 @@ class PlotParser(OneLineArgumentParser):
             if value != default:
                 changed[flag] = value
         words = [f"python {self.script}", *(switch_text(f, v) for f, v in changed.items()), *run_words]
-        return {"kind": kind, "script": self.script, "flags": flags, "changed": changed,
-                "command": " ".join(w for w in words if w), "checkpoint": str(args.checkpoint)}
+        record = {"kind": kind, "script": self.script, "flags": flags, "changed": changed,
+                  "command": " ".join(w for w in words if w), "checkpoint": str(Path(args.checkpoint).resolve())}
+        if run is not None:
+            record["iteration"] = run.checkpoint.get("iteration")
+        return record
 
     def load(self, args, test_split=True):
         """The PlotRun the flags name, then the flags checked against it: --channel and --channels against
@@ -124,6 +158,28 @@ def flag_text(value):
             return format_indices(list(value))
         return ",".join(flag_text(v) for v in value)
     return str(value)
+
+
+def name_suffix(record, carried=()):
+    """The file name's part for every flag of a figure_record not at its default, except the flags
+    `carried` (those its name writes its own way): '_images0-3_seed2', '_quick'; '' for the defaults.
+    So two runs with other flags never write the same file."""
+    words = []
+    for flag, value in record["changed"].items():
+        if flag in carried or value is None:
+            continue
+        name = flag[2:]
+        if isinstance(value, bool):
+            word = name if value else f"no-{name}"
+        else:  # images0-3, lr0.1; a word after a dash: target-true, channels-all
+            word = name + ("" if value[:1].isdigit() else "-") + value
+        words.append(re.sub(r"[^A-Za-z0-9.,+=-]", "-", word))  # a file name on every system
+    return "".join(f"_{word}" for word in words)
+
+
+def is_quick(record):
+    """Whether a figure_record is of a --quick run (None: no record, the full run)."""
+    return bool(record and record["flags"].get("--quick"))
 
 
 def switch_text(flag, value):

@@ -4,7 +4,9 @@ panels, titles and saving; every figure module builds on these.
 Display conventions, the same in every figure: nearest interpolation, no ticks, one colour scale per
 grid, and signed images (reconstructions, weights, differences) as 0.5 + r / (2 max|r|), so grey is 0.
 """
+import json
 import math
+import os
 import textwrap
 from pathlib import Path
 
@@ -105,6 +107,18 @@ def save(fig, path, quiet=False):
     fig.savefig(path)
     if not quiet:
         print(f"wrote {path}")
+    return path
+
+
+def save_json(path, record, indent=None):
+    """`record` as JSON at `path` (NaN refused: JSON has none), written to a temporary file beside it and
+    then moved into place, so a reader never sees half of it; says so and returns the path. The JSON
+    beside a figure holds its figure_record (visualize.cli) under "figure", for the page."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=indent, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
     return path
 
 
