@@ -2,7 +2,12 @@
 report's figures, the unit atlas, the feature visualization and the sanity checks), on one checkpoint;
 last, figures/index.html (visualize.page): one page with every figure in the folder and the run.
 
-    python plot_all.py [--checkpoint checkpoints/resnet18_cifar10.pt] [--figures-dir figures]
+    python plot_all.py [--checkpoint checkpoints/resnet18_cifar10.pt] [--figures-dir figures] [--quick]
+
+--quick draws every figure as a first look: where a number is an estimate over test images, over
+fewer of them (each script's --quick: the atlas's ablations, the sanity checks' images, the trust
+table's), each such figure, its file names (_quick) and the page saying so, so a quick run and the
+full one never overwrite each other.
 
 The checkpoint and the test split are loaded once, and one pass over the test split scores every
 stage and gives the logits for all the scripts, whichever asks first (visualize.context.test_split_pass:
@@ -33,10 +38,15 @@ SCRIPTS = (
     "plot_class_evidence",
     "plot_trust",  # after the sanity checks: its unit rows are their numbers (sanity.unit_sanity_checks)
 )
+QUICK = {"plot_unit_atlas", "plot_sanity_checks", "plot_trust"}  # the scripts with a --quick of their own
 
 
 def main(argv=None):
-    args = cli.plot_parser(__doc__).parse_args(argv)
+    parser = cli.plot_parser(__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a first look: {', '.join(sorted(QUICK))} with --quick, their estimates over fewer "
+                             f"test images (default: the full run)")
+    args = parser.parse_args(argv)
     shared = ["--checkpoint", args.checkpoint, "--figures-dir", args.figures_dir, "--device", str(args.device)]
     if args.data_dir is not None:
         shared += ["--data-dir", args.data_dir]
@@ -46,7 +56,7 @@ def main(argv=None):
     paths = []
     for name in SCRIPTS:
         began = time.perf_counter()
-        written = importlib.import_module(name).main(shared)
+        written = importlib.import_module(name).main(shared + (["--quick"] if args.quick and name in QUICK else []))
         print(f"{name}.py: {len(written)} files in {time.perf_counter() - began:.1f} s")
         paths += written
     began = time.perf_counter()

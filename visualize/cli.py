@@ -343,14 +343,6 @@ def check_channel(model, layer, channel, flag="--channel"):
         raise UserError(str(err)) from None
 
 
-def parse_channels(text, model, layer, layers=None):
-    """--channels text, checked against `layer` (or against every stage of `layers`, for the atlas):
-    'auto' -> None (the figure chooses), 'all' -> every channel, else the channels named."""
-    choice = channel_choice(text)
-    choice.check(model, layers or [layer])
-    return choice.of(model, layer)
-
-
 def check_image_indices(indices, num_images):
     bad = [i for i in indices if not 0 <= i < num_images]
     if bad:
