@@ -42,7 +42,7 @@ QUICK = {"plot_unit_atlas", "plot_sanity_checks", "plot_trust"}  # the scripts w
 
 
 def main(argv=None):
-    parser = cli.plot_parser(__doc__)
+    parser = cli.plot_parser(__doc__, script=__file__)
     parser.add_argument("--quick", action="store_true",
                         help=f"a first look: {', '.join(sorted(QUICK))} with --quick, their estimates over fewer "
                              f"test images (default: the full run)")

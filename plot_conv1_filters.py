@@ -13,7 +13,7 @@ from visualize import cli, drawing
 
 
 def main(argv=None):
-    parser = cli.plot_parser(__doc__)
+    parser = cli.plot_parser(__doc__, script=__file__)
     args = parser.parse_args(argv)
     run = parser.load(args, test_split=False)
     weights = run.model.conv1.conv.weight.detach()  # (filters, input channels R G B, 3, 3)

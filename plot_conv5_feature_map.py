@@ -12,7 +12,7 @@ from visualize import cli, figures
 
 
 def main(argv=None):
-    parser = cli.plot_parser(__doc__, image_index=7876, layer="conv5_x", channels="auto")
+    parser = cli.plot_parser(__doc__, script=__file__, image_index=7876, layer="conv5_x", channels="auto")
     args = parser.parse_args(argv)
     run = parser.load(args)
     channels = args.channels.of(run.model, args.layer)

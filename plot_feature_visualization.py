@@ -23,7 +23,7 @@ from visualize import cli, featurevis
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, layer="conv5_x", channels="0-15")
+    p = cli.plot_parser(__doc__, script=__file__, layer="conv5_x", channels="0-15")
     p.add_ascent_flags(steps=featurevis.FV_STEPS, lr=featurevis.FV_LR, penalty=0.01,
                        lr_help="Adam learning rate on the Fourier coefficients",
                        penalty_help="with --start top, lambda of the report's lambda * ||x - x0||^2")

@@ -11,7 +11,7 @@ from visualize import cli, progress
 
 
 def main(argv=None):
-    parser = cli.plot_parser(__doc__)
+    parser = cli.plot_parser(__doc__, script=__file__)
     args = parser.parse_args(argv)
     run = parser.load(args, test_split=False)
     ckpt = run.checkpoint

@@ -26,7 +26,7 @@ from visualize import cli, sanity
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, images=sanity.IMAGES, layer="conv5_x", channel=1)
+    p = cli.plot_parser(__doc__, script=__file__, images=sanity.IMAGES, layer="conv5_x", channel=1)
     p.add_argument("--seed", type=int, default=0,
                    help="the re-initialisation's and the feature visualization's; the same seed gives the same "
                         "numbers on a CPU (default: %(default)s)")

@@ -23,7 +23,7 @@ from visualize import atlas, cli, units
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, layers=atlas.ATLAS_LAYERS, stage_channels=atlas.DEFAULT_CHANNELS_HELP,
+    p = cli.plot_parser(__doc__, script=__file__, layers=atlas.ATLAS_LAYERS, stage_channels=atlas.DEFAULT_CHANNELS_HELP,
                         ablation_images=True, method="deconvnet")
     p.add_quick(f"the ablations on the first {units.QUICK_ABLATION_IMAGES} test images (unless --ablation-images "
                 f"says), not {units.ABLATION_IMAGES}")

@@ -2,7 +2,7 @@
 modules take, and the checks that make it one they can trust. Every bad value gets one line
 (utils.UserError) naming the flag and what it accepts, before any figure is computed.
 
-    parser = cli.plot_parser(__doc__, layer="conv5_x", channel=1)
+    parser = cli.plot_parser(__doc__, script=__file__, layer="conv5_x", channel=1)
     args = parser.parse_args(argv)  # flags checked that need nothing loaded (--figures-dir included)
     run = parser.load(args)         # the PlotRun; then the flags that need the network or the test split
     channels = args.channels.of(run.model, args.layer)  # which channels --channels names depends on the network
@@ -35,10 +35,11 @@ class PlotParser(OneLineArgumentParser):
     """
 
     def __init__(self, doc, script=None):
-        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        super().__init__(prog=Path(script).name if script else None, description=doc,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
         self.shared = set()
         self.quick_defaults = {}  # add_quick: the defaults of a --quick run, by dest
-        self.script = script or self.prog  # the file name a figure's command names
+        self.script = self.prog  # the file name a figure's command names (the script's, also under plot_all.py)
         self.add_argument("--checkpoint", default="checkpoints/resnet18_cifar10.pt",
                           help="checkpoint written by train.py (default: %(default)s)")
         self.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: the checkpoint's)")
@@ -199,14 +200,15 @@ def quote_word(text):
 TOP_ACTIVATING = "the top-activating one"  # plot_parser(image_index=...): no index unless one is given
 
 
-def plot_parser(doc, image_index=None, images=None, layer=None, layers=None, channel=None, path=None, channels=None,
+def plot_parser(doc, script=None, image_index=None, images=None, layer=None, layers=None, channel=None, path=None, channels=None,
                 stage_channels=None, top1=None, scale=None, method=None, ablation_images=False):
-    """A PlotParser with the shared flags whose default is given here (None: the script has no such flag).
+    """A PlotParser with the shared flags whose default is given here (None: the script has no such flag);
+    script: the plot script's __file__, whose name its figures' commands give (also when plot_all.py runs it).
 
     image_index=TOP_ACTIVATING: --image-index without a default (the figure finds its image). layers:
     --layer naming several stages (args.layers, a list). stage_channels: --channels of each of those
     stages, unset by default (the words say what that means). ablation_images: --ablation-images."""
-    p = PlotParser(doc)
+    p = PlotParser(doc, script)
     if image_index is not None:
         top = image_index == TOP_ACTIVATING
         p.add_shared("image_index", "--image-index", type=int, default=None if top else image_index,

@@ -158,10 +158,10 @@ def plot_reconstructions(run, indices, layer, channel, path, figures_dir, top1=F
         "scale": scale, "images": list(indices), "activation": p.peak.tolist(), "sum": p.total.tolist()})]
 
 
-def reconstructions_main(doc, argv, layer, channel, path=None):
-    """main() of the three reconstruction scripts: test images 4531-4546 beside their projections from
-    `layer`/`channel`, through `path` at the residual sums (None: the --path flag, default both)."""
-    parser = cli.plot_parser(doc, images="4531-4546", layer=layer, channel=channel,
+def reconstructions_main(doc, argv, script, layer, channel, path=None):
+    """main() of the three reconstruction scripts (`script`: its __file__): test images 4531-4546 beside their
+    projections from `layer`/`channel`, through `path` at the residual sums (None: the --path flag, default both)."""
+    parser = cli.plot_parser(doc, script=script, images="4531-4546", layer=layer, channel=channel,
                              path="both" if path is None else None, top1=False, scale="image", method="deconvnet")
     args = parser.parse_args(argv)
     run = parser.load(args)
