@@ -10,7 +10,7 @@ table's), each such figure, its file names (_quick) and the page saying so, so a
 full one never overwrite each other.
 
 The checkpoint and the test split are loaded once, and one pass over the test split scores every
-stage and gives the logits for all the scripts, whichever asks first (visualize.context.test_split_pass:
+stage for all the scripts, whichever asks first (visualize.context.test_split_scores:
 the atlas's units, the gradient pattern's search), so this is much faster than running the scripts one
 by one. Prints every file it writes, and the time each script took (bench_figures.py reads them, as a
 multiple of one forward pass of the test split).

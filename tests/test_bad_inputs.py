@@ -32,7 +32,6 @@ import torch
 
 import checkpoint
 import data
-import utils
 from visualize import progress
 from conftest import ROOT, assert_one_line_error, message_lines, run_in_process, run_script, script_env
 
