@@ -6,6 +6,10 @@ modules take, and the checks that make it one they can trust. Every bad value ge
     args = parser.parse_args(argv)  # flags checked that need nothing loaded (--figures-dir included)
     run = parser.load(args)         # the PlotRun; then the flags that need the network or the test split
     channels = args.channels.of(run.model, args.layer)  # which channels --channels names depends on the network
+    figure = parser.figure_record(args, "kind", run)  # the JSON's "figure": what the page needs of it
+    name = "base" + cli.name_suffix(figure, carried=("--layer",))  # every other flag not at its default
+
+parser.add_quick(...) gives a script --quick: other defaults for the flags whose numbers are estimates.
 """
 import argparse
 import contextlib
