@@ -6,8 +6,8 @@ last, figures/index.html (visualize.page): one page with every figure in the fol
 
 --quick draws every figure as a first look: where a number is an estimate over test images, over
 fewer of them (each script's --quick: the atlas's ablations, the sanity checks' images, the trust
-table's), each such figure, its file names (_quick) and the page saying so, so a quick run and the
-full one never overwrite each other.
+table's), and the feature visualization with fewer steps; each such figure, its file names (_quick)
+and the page say so, so a quick run and the full one never overwrite each other.
 
 The checkpoint and the test split are loaded once, and one pass over the test split scores every
 stage for all the scripts, whichever asks first (visualize.context.test_split_scores:
@@ -38,14 +38,14 @@ SCRIPTS = (
     "plot_class_evidence",
     "plot_trust",  # after the sanity checks: its unit rows are their numbers (sanity.unit_sanity_checks)
 )
-QUICK = {"plot_unit_atlas", "plot_sanity_checks", "plot_trust"}  # the scripts with a --quick of their own
+QUICK = {"plot_unit_atlas", "plot_sanity_checks", "plot_trust", "plot_feature_visualization"}  # with a --quick
 
 
 def main(argv=None):
     parser = cli.plot_parser(__doc__, script=__file__)
     parser.add_argument("--quick", action="store_true",
-                        help=f"a first look: {', '.join(sorted(QUICK))} with --quick, their estimates over fewer "
-                             f"test images (default: the full run)")
+                        help=f"a first look: {', '.join(sorted(QUICK))} with --quick: their estimates over fewer "
+                             f"test images, the feature visualization with fewer steps (default: the full run)")
     args = parser.parse_args(argv)
     shared = ["--checkpoint", args.checkpoint, "--figures-dir", args.figures_dir, "--device", str(args.device)]
     if args.data_dir is not None:

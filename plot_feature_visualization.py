@@ -38,6 +38,8 @@ def main(argv=None):
     p.add_argument("--measure", action="store_true",
                    help="also print the shift-averaged activation against the most exciting test image's, "
                         "and the high-frequency energy against plain pixel-space gradient ascent")
+    p.add_quick(f"{featurevis.QUICK_FV_STEPS} steps (unless --steps says), not {featurevis.FV_STEPS}",
+                steps=featurevis.QUICK_FV_STEPS)
     args = p.parse_args(argv)
     if not 0 <= args.seed < 2 ** 63:
         raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")

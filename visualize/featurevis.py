@@ -24,6 +24,7 @@ OBJECTIVES = ("channel", "neuron")  # the channel's mean over the stage's output
 STARTS = ("noise", "top")
 COLOUR_STATISTICS_FILE = "colour_statistics.pt"  # cache beside cifar-10-batches-py/
 FV_STEPS = 160           # plot_feature_visualization.py's default --steps and --lr
+QUICK_FV_STEPS = 40      # its --quick: a first look (the sanity checks' feature visualization takes as many)
 FV_LR = 0.08
 FV_JITTER_PX = 2.0        # random shift, each axis, in pixels
 FV_SCALE = (0.9, 1.1)     # random zoom
@@ -309,7 +310,8 @@ def plot_feature_visualization(run, layer, channels, figures_dir, steps=FV_STEPS
     else:
         panels = [(image, f"channel {c}\n{what} {value:.3g}") for c, image, value in zip(channels, shown, reached)]
         cols, start_text = None, "from the data's mean colour"
-    title = (f"{layer} feature visualization: each image maximises its channel's {what}\n{steps} Adam steps, "
+    title = (f"{layer} feature visualization: each image maximises its channel's {what}\n{steps} Adam steps"
+             f"{' (the quick run, a first look)' if cli.is_quick(figure) else ''}, "
              f"lr {lr}, seed {seed}, {start_text}\nsigmoid of a colour-decorrelated 1/f Fourier image, robust to "
              f"{FV_JITTER_PX:g} px shifts, {FV_SCALE[0]}-{FV_SCALE[1]} zoom, {FV_ROTATE_DEG:g} deg rotations\n"
              f"{run.caption}")

@@ -149,11 +149,14 @@ def class_evidence_figure(record):
 
 
 def quick_basis(kind, record):
-    """The images a --quick figure's numbers rest on, in words; None where no number is an estimate."""
+    """What a --quick figure's numbers rest on, in words (how many images, or steps); None where its
+    kind has no --quick."""
     if kind == "atlas":
         return f"the accuracy drops on {atlas_ablated(record)} test images"
     if kind == "sanity":
         return f"the similarities on {len(record.get('images', []))} test images"
+    if kind == "feature_visualization":
+        return f"{record.get('steps')} optimisation steps"
     if kind == "trust":
         return (f"faithfulness on {record.get('count')} test images, the weights and class on "
                 f"{len(record.get('dependence_images', []))}")
