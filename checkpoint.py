@@ -329,12 +329,16 @@ def portable(state):
 
 
 def resume(ckpt, optimizer, scheduler, scaler):
-    """Load a checkpoint's Adam, StepLR, GradScaler and torch RNG states into this run's."""
+    """Load a checkpoint's Adam, StepLR, GradScaler and torch RNG states into this run's: the CPU's, and
+    each GPU's that the saving run and this one both have (none where either has none)."""
     load_optimizer_state(optimizer, ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available():
+        for index, state in enumerate(ckpt["rng"].get("cuda", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state.cpu(), index)
 
 
 def load_optimizer_state(optimizer, state):

@@ -2,10 +2,15 @@
 report's figures, the unit atlas, the feature visualization and the sanity checks), on one checkpoint;
 last, figures/index.html (visualize.page): one page with every figure in the folder and the run.
 
-    python plot_all.py [--checkpoint checkpoints/resnet18_cifar10.pt] [--figures-dir figures]
+    python plot_all.py [--checkpoint checkpoints/resnet18_cifar10.pt] [--figures-dir figures] [--quick]
+
+--quick draws every figure as a first look: where a number is an estimate over test images, over
+fewer of them (each script's --quick: the atlas's ablations, the sanity checks' images, the trust
+table's), and the feature visualization with fewer steps; each such figure, its file names (_quick)
+and the page say so, so a quick run and the full one never overwrite each other.
 
 The checkpoint and the test split are loaded once, and one pass over the test split scores every
-stage and gives the logits for all the scripts, whichever asks first (visualize.context.test_split_pass:
+stage for all the scripts, whichever asks first (visualize.context.test_split_scores:
 the atlas's units, the gradient pattern's search), so this is much faster than running the scripts one
 by one. Prints every file it writes, and the time each script took (bench_figures.py reads them, as a
 multiple of one forward pass of the test split).
@@ -38,10 +43,15 @@ SCRIPTS = (
 # The figures of training, drawn where train.py kept snapshots beside the checkpoint (they share one
 # pass over the test split per snapshot)
 SNAPSHOT_SCRIPTS = ("plot_feature_evolution", "plot_learning_dynamics")
+QUICK = {"plot_unit_atlas", "plot_sanity_checks", "plot_trust", "plot_feature_visualization"}  # with a --quick
 
 
 def main(argv=None):
-    args = cli.plot_parser(__doc__).parse_args(argv)
+    parser = cli.plot_parser(__doc__, script=__file__)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a first look: {', '.join(sorted(QUICK))} with --quick: their estimates over fewer "
+                             f"test images, the feature visualization with fewer steps (default: the full run)")
+    args = parser.parse_args(argv)
     shared = ["--checkpoint", args.checkpoint, "--figures-dir", args.figures_dir, "--device", str(args.device)]
     if args.data_dir is not None:
         shared += ["--data-dir", args.data_dir]
@@ -57,7 +67,7 @@ def main(argv=None):
               f"(train.py --snapshots keeps them)")
     for name in scripts:
         began = time.perf_counter()
-        written = importlib.import_module(name).main(shared)
+        written = importlib.import_module(name).main(shared + (["--quick"] if args.quick and name in QUICK else []))
         print(f"{name}.py: {len(written)} files in {time.perf_counter() - began:.1f} s")
         paths += written
     began = time.perf_counter()

@@ -23,7 +23,7 @@ from visualize.attribution import ATTRIBUTION_METHODS, DEFAULT_OPTIONS, GRADCAM_
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, images=evidence.DEFAULT_IMAGES)
+    p = cli.plot_parser(__doc__, script=__file__, images=evidence.DEFAULT_IMAGES)
     p.add_argument("--target", default="predicted",
                    help="whose logit the maps explain: predicted, true, or a class index 0..C-1 or name (default: "
                         "%(default)s)")
@@ -51,7 +51,7 @@ def main(argv=None):
     run = p.load(args)
     target = evidence.parse_target(args.target, run.classes)
     return evidence.plot_class_evidence(run, args.images, target, args.methods, args.layer, options,
-                                        args.figures_dir)
+                                        args.figures_dir, p.figure_record(args, "class_evidence", run))
 
 
 if __name__ == "__main__":

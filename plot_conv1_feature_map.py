@@ -11,11 +11,12 @@ from visualize import cli, figures
 
 
 def main(argv=None):
-    parser = cli.plot_parser(__doc__, image_index=7876, layer="conv1", channels="auto")
+    parser = cli.plot_parser(__doc__, script=__file__, image_index=7876, layer="conv1", channels="auto")
     args = parser.parse_args(argv)
     run = parser.load(args)
     channels = args.channels.of(run.model, args.layer)
-    return [figures.plot_feature_maps(run, args.image_index, args.layer, args.figures_dir, channels)]
+    return figures.plot_feature_maps(run, args.image_index, args.layer, args.figures_dir, channels,
+                                     parser.figure_record(args, "feature_maps", run))
 
 
 if __name__ == "__main__":

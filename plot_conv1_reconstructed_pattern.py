@@ -16,7 +16,7 @@ from visualize import figures
 
 
 def main(argv=None):
-    return figures.reconstructions_main(__doc__, argv, layer="conv1", channel=0)
+    return figures.reconstructions_main(__doc__, argv, script=__file__, layer="conv1", channel=0)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from visualize import figures
 
 
 def main(argv=None):
-    return figures.reconstructions_main(__doc__, argv, layer="conv5_x", channel=1, path="trunk")
+    return figures.reconstructions_main(__doc__, argv, script=__file__, layer="conv5_x", channel=1, path="trunk")
 
 
 if __name__ == "__main__":

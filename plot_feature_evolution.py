@@ -32,7 +32,7 @@ def main(argv=None):
     channels = (evolution.default_channels(model, args.layers) if args.channels is None
                 else {layer: args.channels.of(model, layer) for layer in args.layers})
     grid = evolution.feature_evolution(runs, channels)
-    record = {"figure": p.figure_record(args, "feature evolution")}
+    record = {"figure": p.figure_record(args, "feature_evolution")}
     paths = []
     for layer in args.layers:
         suffix = "" if args.channels is None else f"_channels{format_indices(channels[layer])}"

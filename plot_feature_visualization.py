@@ -14,15 +14,16 @@ must excite its channel through a random shift (up to 2 px), zoom (0.9-1.1) and 
 distance term (--penalty), and draws the report's pattern (plot_gradient_pattern.py's pixel-space
 gradient ascent with the same steps and penalty) beside it. --measure prints how robust and how
 smooth the patterns are (see the README). Saved: feature_visualization_<layer>.png and, beside it,
-feature_visualization_<layer>.pt = {"channels": [c, ...], "images": (N, 3, 32, 32) in [0, 1], ...};
-a non-default --objective or --start is added to both names.
+feature_visualization_<layer>.pt = {"channels": [c, ...], "images": (N, 3, 32, 32) in [0, 1], ...}
+and feature_visualization_<layer>.json (the same but the images, and the figure's flags for the page);
+every flag not at its default is added to the names (--objective neuron as _neuron, --start top as _top).
 """
 import utils
 from visualize import cli, featurevis
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, layer="conv5_x", channels="0-15")
+    p = cli.plot_parser(__doc__, script=__file__, layer="conv5_x", channels="0-15")
     p.add_ascent_flags(steps=featurevis.FV_STEPS, lr=featurevis.FV_LR, penalty=0.01,
                        lr_help="Adam learning rate on the Fourier coefficients",
                        penalty_help="with --start top, lambda of the report's lambda * ||x - x0||^2")
@@ -37,6 +38,8 @@ def main(argv=None):
     p.add_argument("--measure", action="store_true",
                    help="also print the shift-averaged activation against the most exciting test image's, "
                         "and the high-frequency energy against plain pixel-space gradient ascent")
+    p.add_quick(f"{featurevis.QUICK_FV_STEPS} steps (unless --steps says), not {featurevis.FV_STEPS}",
+                steps=featurevis.QUICK_FV_STEPS)
     args = p.parse_args(argv)
     if not 0 <= args.seed < 2 ** 63:
         raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
@@ -46,7 +49,8 @@ def main(argv=None):
         channels = list(range(min(16, run.model.channels(args.layer))))
     return featurevis.plot_feature_visualization(run, args.layer, channels, args.figures_dir, steps=args.steps,
                                                  lr=args.lr, seed=args.seed, objective=args.objective,
-                                                 start=args.start, penalty=args.penalty, measure=args.measure)
+                                                 start=args.start, penalty=args.penalty, measure=args.measure,
+                                                 figure=p.figure_record(args, "feature_visualization", run))
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ from visualize import ascent, cli
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, layer="conv5_x", channel=0, image_index=cli.TOP_ACTIVATING)
+    p = cli.plot_parser(__doc__, script=__file__, layer="conv5_x", channel=0, image_index=cli.TOP_ACTIVATING)
     p.add_ascent_flags(steps=100, lr=0.05, penalty=0.01, lr_help="Adam learning rate, in normalized input units",
                        penalty_help="lambda of lambda * ||x - x0||^2")
     args = p.parse_args(argv)
     run = p.load(args)
     return ascent.plot_gradient_pattern(run, args.layer, args.channel, args.figures_dir, args.steps, args.lr,
-                                        args.penalty, index=args.image_index)
+                                        args.penalty, index=args.image_index,
+                                        figure=p.figure_record(args, "gradient_pattern", run))
 
 
 if __name__ == "__main__":

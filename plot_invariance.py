@@ -39,7 +39,7 @@ def main(argv=None):
     record = p.figure_record(args, "invariance")
     sweeps = {kind: getattr(args, kind) for kind in invariance.TRANSFORMATIONS}
     return invariance.plot_invariance(run, args.images, sweeps, args.figures_dir, record,
-                                      cli.file_stem("invariance", record))
+                                      "invariance" + cli.name_suffix(record))
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def main(argv=None):
     suffix = "".join(f"_{name.replace('_images', '')}{value:g}" for name, value in changed)
     return dynamics.plot_learning_dynamics(numbers, args.figures_dir, chosen["images"], chosen["probe_images"],
                                            chosen["count"], args.seed, args.threshold,
-                                           {"figure": p.figure_record(args, "learning dynamics")}, suffix)
+                                           {"figure": p.figure_record(args, "learning_dynamics")}, suffix)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@ from visualize import cli, progress
 
 
 def main(argv=None):
-    parser = cli.plot_parser(__doc__)
+    parser = cli.plot_parser(__doc__, script=__file__)
     args = parser.parse_args(argv)
-    ckpt = parser.load(args, test_split=False).checkpoint
-    paths = progress.save_progress_figures(ckpt["history"], args.figures_dir, progress.progress_title(ckpt["config"]))
+    run = parser.load(args, test_split=False)
+    ckpt = run.checkpoint
+    paths = progress.save_progress_figures(ckpt["history"], args.figures_dir, progress.progress_title(ckpt["config"]),
+                                           parser.figure_record(args, "progress", run))
     for path in paths:
-        print(f"wrote {path}")
+        if path.suffix == ".png":
+            print(f"wrote {path}")
     return paths
 
 

@@ -39,7 +39,7 @@ def main(argv=None):
     run = p.load(args)
     record = p.figure_record(args, "occlusion")
     return occlusion.plot_occlusion(run, args.images, args.size, args.stride, args.method, args.figures_dir,
-                                    record, cli.file_stem("occlusion", record))
+                                    record, "occlusion" + cli.name_suffix(record))
 
 
 if __name__ == "__main__":

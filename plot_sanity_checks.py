@@ -18,14 +18,15 @@ changes shows the input or the technique, not what the network learned.
 
 Saved: sanity_<layer>_channel<c>.png and, beside it, sanity_<layer>_channel<c>.json = {"layer",
 "channel", "images", "depths": ["trained", then each stage re-initialised, in order], "seed",
-"similarity": {technique: [one number per depth, null where undefined]}}.
+"similarity": {technique: [one number per depth, null where undefined]}, "figure": its flags, for the page};
+every flag not at its default is added to both names (sanity_conv5_x_channel1_images0-3_seed2.png).
 """
 import utils
 from visualize import cli, sanity
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, images="4531-4546", layer="conv5_x", channel=1)
+    p = cli.plot_parser(__doc__, script=__file__, images=sanity.IMAGES, layer="conv5_x", channel=1)
     p.add_argument("--seed", type=int, default=0,
                    help="the re-initialisation's and the feature visualization's; the same seed gives the same "
                         "numbers on a CPU (default: %(default)s)")
@@ -34,6 +35,7 @@ def main(argv=None):
     p.add_argument("--pattern-steps", type=int, default=sanity.PATTERN_STEPS,
                    help="the gradient pattern's steps at every depth, at least 1 (default: %(default)s; "
                         "plot_gradient_pattern.py takes 100)")
+    p.add_quick(f"test images {sanity.QUICK_IMAGES} (unless --images says), not {sanity.IMAGES}", images=sanity.QUICK_IMAGES)
     args = p.parse_args(argv)
     if not 0 <= args.seed < 2 ** 63:
         raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
@@ -42,7 +44,8 @@ def main(argv=None):
             raise utils.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     run = p.load(args)
     return sanity.plot_sanity_checks(run, args.layer, args.channel, args.images, args.figures_dir, seed=args.seed,
-                                     fv_steps=args.fv_steps, pattern_steps=args.pattern_steps)
+                                     fv_steps=args.fv_steps, pattern_steps=args.pattern_steps,
+                                     figure=p.figure_record(args, "sanity", run))
 
 
 if __name__ == "__main__":

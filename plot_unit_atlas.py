@@ -19,19 +19,26 @@ guided or gradient projects by guided backpropagation or the plain gradient inst
 then end in _guided or _gradient.
 """
 import utils
-from visualize import atlas, cli
+from visualize import atlas, cli, units
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, layers=atlas.ATLAS_LAYERS, stage_channels=atlas.DEFAULT_CHANNELS_HELP,
+    p = cli.plot_parser(__doc__, script=__file__, layers=atlas.ATLAS_LAYERS, stage_channels=atlas.DEFAULT_CHANNELS_HELP,
                         ablation_images=True, method="deconvnet")
+    p.add_quick(f"the ablations on the first {units.QUICK_ABLATION_IMAGES} test images (unless --ablation-images "
+                f"says), not {units.ABLATION_IMAGES}")
     args = p.parse_args(argv)
     run = p.load(args)
     channels = (atlas.default_channels(run.model, args.layers) if args.channels is None
                 else {layer: args.channels.of(run.model, layer) for layer in args.layers})
-    unit_atlas = atlas.unit_atlas(run, channels, ablation_images=args.ablation_images)
+    ablation_images = args.ablation_images
+    if ablation_images is None and args.quick:
+        ablation_images = min(units.QUICK_ABLATION_IMAGES, len(run.images))
+    unit_atlas = atlas.unit_atlas(run, channels, ablation_images=ablation_images)
+    figure = p.figure_record(args, "atlas", run)
     return [path for layer, layer_units in unit_atlas.items()
-            for path in atlas.plot_unit_atlas(run, layer, layer_units, args.checkpoint, args.figures_dir, args.method)]
+            for path in atlas.plot_unit_atlas(run, layer, layer_units, args.checkpoint, args.figures_dir, args.method,
+                                              figure=figure)]
 
 
 if __name__ == "__main__":

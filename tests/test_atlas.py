@@ -14,8 +14,8 @@ import plot_all
 import plot_unit_atlas
 import checkpoint
 import utils
-from visualize import atlas, cli, scoring
-from conftest import assert_one_line_error, run_script, without_posix_only_env
+from visualize import atlas, cli, page, scoring, units
+from conftest import assert_one_line_error, run_in_process, run_script, without_posix_only_env
 from model import STAGES, ResNet
 from test_units import direct_selectivity, hooked_predictions
 
@@ -268,16 +268,15 @@ def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_pat
     written = re.findall(r"^wrote (.+)$", proc.stdout, flags=re.M)
     assert sorted(written) == sorted(map(str, tmp_path.iterdir()))
     names = {p.name for p in tmp_path.iterdir()}
-    expected = {"train_accuracy.png", "train_loss.png", "test_accuracy.png", "test_loss.png", "conv1_filters_rgb.png",
-                "conv1_feature_maps_image7876.png", "conv5_x_feature_maps_image7876.png",
-                "conv1_channel0_reconstructions.png", "conv5_x_channel1_reconstructions_shortcut.png",
-                "conv5_x_channel1_reconstructions_trunk.png", "gradient_pattern_conv5_x_channel0.png",
-                "feature_visualization_conv5_x.png", "feature_visualization_conv5_x.pt",
-                "sanity_conv5_x_channel1.png", "sanity_conv5_x_channel1.json", "index.html",
-                "class_evidence.png", "class_evidence.json", "trust.png", "trust.json",
-                *(f"atlas_{layer}.{ext}" for layer in atlas.ATLAS_LAYERS.split(",") for ext in ("png", "json")),
-                *(f"conv1_filters_input_channel{c}.png" for c in range(3))}
-    assert names == expected
+    figures = {"train_accuracy", "train_loss", "test_accuracy", "test_loss", "conv1_filters_rgb",
+               "conv1_feature_maps_image7876", "conv5_x_feature_maps_image7876",
+               "conv1_channel0_reconstructions", "conv5_x_channel1_reconstructions_shortcut",
+               "conv5_x_channel1_reconstructions_trunk", "gradient_pattern_conv5_x_channel0",
+               "feature_visualization_conv5_x", "sanity_conv5_x_channel1", "class_evidence", "trust",
+               *(f"atlas_{layer}" for layer in atlas.ATLAS_LAYERS.split(",")),
+               *(f"conv1_filters_input_channel{c}" for c in range(3))}
+    expected = {f"{stem}.{ext}" for stem in figures for ext in ("png", "json")}  # each figure and its record
+    assert names == expected | {"feature_visualization_conv5_x.pt", "index.html"}
     for name in plot_all.SCRIPTS:
         assert re.search(rf"^{name}\.py: \d+ files in [\d.]+ s$", proc.stdout, flags=re.M), name
     assert "plot_feature_evolution.py, plot_learning_dynamics.py: skipped" in proc.stdout  # a run without snapshots
@@ -290,3 +289,36 @@ def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_pat
     # default channels: 0-15, or every channel of a stage with fewer (conv2_x has 8 at width 8)
     record = json.loads((tmp_path / "atlas_conv2_x.json").read_text())
     assert [unit["channel"] for unit in record["units"]] == list(range(8))
+
+
+def test_plot_all_quick_takes_fewer_images_where_a_number_is_an_estimate_and_says_so(monkeypatch, trained_checkpoint,
+                                                                                      tmp_path):
+    monkeypatch.setattr(plot_all, "SCRIPTS", ("plot_sanity_checks",))
+    common = ["--checkpoint", str(trained_checkpoint), "--figures-dir", str(tmp_path)]
+    for quick in (["--quick"], []):  # the quick run, then the full one beside it
+        proc = run_in_process("plot_all.py", [*common, *quick])
+        assert proc.returncode == 0, proc.stderr
+    quick = json.loads((tmp_path / "sanity_conv5_x_channel1_quick.json").read_text())
+    full = json.loads((tmp_path / "sanity_conv5_x_channel1.json").read_text())
+    assert quick["images"] == list(range(4531, 4535)) and full["images"] == list(range(4531, 4547))
+    assert quick["figure"]["changed"] == {"--quick": True} and full["figure"]["changed"] == {}
+    sections, _, others = page.classify_files(tmp_path)
+    captions = {f.name: f.caption for found in sections.values() for f in found}
+    assert captions["sanity_conv5_x_channel1_quick.png"].startswith(
+        "The quick run, a first look: the similarities on 4 test images. ")
+    assert not captions["sanity_conv5_x_channel1.png"].startswith("The quick run") and not others
+
+
+def test_a_quick_atlas_ablates_on_fewer_images_and_says_so(trained_checkpoint, small_data_dir, tmp_path):
+    common = ["--checkpoint", str(trained_checkpoint), "--data-dir", str(small_data_dir), "--no-synthetic",
+              "--figures-dir", str(tmp_path), "--layer", "conv5_x", "--channels", "0-1"]
+    paths = plot_unit_atlas.main([*common, "--quick"])
+    assert [p.name for p in paths] == ["atlas_conv5_x_channels0-1_quick.png", "atlas_conv5_x_channels0-1_quick.json"]
+    record = json.loads(paths[1].read_text())
+    assert {unit["ablation"]["images"] for unit in record["units"]} == {units.QUICK_ABLATION_IMAGES}
+    given = json.loads(plot_unit_atlas.main([*common, "--quick", "--ablation-images", "7"])[1].read_text())
+    assert {unit["ablation"]["images"] for unit in given["units"]} == {7}  # a flag given wins
+    sections, _, _ = page.classify_files(tmp_path)
+    assert [f.caption.split(". ")[0] for f in sections["atlas"]] == [
+        "The quick run, a first look: the accuracy drops on 7 test images",
+        f"The quick run, a first look: the accuracy drops on {units.QUICK_ABLATION_IMAGES} test images"]

@@ -25,23 +25,20 @@ def small_run(key, n=150, width=4):
 
 
 @pytest.mark.parametrize("first", [["conv5_x"], ["conv2_x", "conv3_x", "conv4_x", "conv5_x"], ["conv1"]])
-def test_one_pass_over_the_test_split_serves_every_stage_and_the_logits_whichever_asks_first(monkeypatch, first):
+def test_one_pass_over_the_test_split_serves_every_stage_whichever_asks_first(monkeypatch, first):
     run = small_run(tuple(first))
     passes = []
-    monkeypatch.setattr(context, "score_pass", lambda *a, **k: passes.append(a) or scoring.score_pass(*a, **k))
+    monkeypatch.setattr(context, "score_units", lambda *a, **k: passes.append(a) or scoring.score_units(*a, **k))
     asked = context.test_split_scores(run, first)
     later = context.test_split_scores(run, list(STAGES))
-    logits = context.test_split_logits(run)
     assert len(passes) == 1  # the gradient pattern before the atlas, or after: one pass
     assert all(asked[layer] is later[layer] for layer in first)
-    # the same numbers as scoring each stage on its own pass, and the network's own logits
+    # the same numbers as scoring each stage on its own pass
     for layer in STAGES:
         alone = scoring.score_units(run.model, run.images, [layer], batch_size=64)[layer]
         for name in ("max", "sum"):
             torch.testing.assert_close(getattr(later[layer], name), getattr(alone, name), rtol=1e-5, atol=1e-5)
         assert later[layer].size == alone.size
-    with torch.inference_mode():
-        torch.testing.assert_close(logits, run.model(data.normalize(run.images)), rtol=1e-4, atol=1e-5)
 
 
 def test_the_times_read_are_those_plot_all_prints(monkeypatch, trained_checkpoint, tmp_path):

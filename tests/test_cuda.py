@@ -271,3 +271,23 @@ def test_class_maps_and_road_on_the_gpu_equal_the_cpus():
     cpu = faithfulness.road_impute(pixels, removed, noise=0)
     gpu = faithfulness.road_impute(pixels.to(CUDA), removed.to(CUDA), noise=0).cpu()
     assert (gpu - cpu).abs().max().item() < 1e-4
+
+
+def resume_rng(saved):
+    """checkpoint.resume of a checkpoint whose RNG states are `saved`, into a fresh tiny run's Adam and StepLR."""
+    import checkpoint
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    checkpoint.resume({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": saved},
+                      optimizer, scheduler, None)
+
+
+def test_resume_restores_every_gpus_random_state():
+    saved = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}
+    expected = [torch.rand(4, device=torch.device("cuda", i)).cpu() for i in range(torch.cuda.device_count())]
+    resume_rng(saved)  # the draws after the save are drawn again
+    assert all(torch.equal(torch.rand(4, device=torch.device("cuda", i)).cpu(), e) for i, e in enumerate(expected))
+    more = dict(saved, cuda=[*saved["cuda"], saved["cuda"][0]])  # saved on more GPUs than this machine has
+    resume_rng(more)
+    assert torch.equal(torch.rand(4, device=CUDA).cpu(), expected[0])

@@ -133,7 +133,7 @@ def test_both_scripts_draw_from_the_snapshots_and_plot_all_draws_them(snapshot_r
                                                         "--layer", "conv2_x,conv5_x", "--channels", "0-2"])
     assert proc.returncode == 0, proc.stderr
     record = json.loads((figures / "evolution_conv5_x_channels0-2.json").read_text())
-    assert record["figure"]["kind"] == "feature evolution" and record["figure"]["changed"]["--channels"] == "0-2"
+    assert record["figure"]["kind"] == "feature_evolution" and record["figure"]["changed"]["--channels"] == "0-2"
     assert record["epochs"] == [0, 1, 2] and [u["channel"] for u in record["units"]] == [0, 1, 2]
     assert [tile["iteration"] for tile in record["units"][0]["tiles"]] == [0, 16, 32]
     assert (figures / "evolution_conv2_x_channels0-2.png").is_file()
@@ -149,7 +149,7 @@ def test_both_scripts_draw_from_the_snapshots_and_plot_all_draws_them(snapshot_r
     assert 'id="training"' in page and "evolution_conv2_x.png" in page.split('id="training"')[1].split("</section>")[0]
 
     record = json.loads((figures / "dynamics.json").read_text())
-    assert record["figure"]["kind"] == "learning dynamics"
+    assert record["figure"]["kind"] == "learning_dynamics"
     assert record["figure"]["command"].startswith("python plot_learning_dynamics.py")  # run by plot_all.py
     # the defaults, cut to the small data's 512 test and 1,024 training images
     assert record["epochs"] == [0, 1, 2] and record["images"] == 512 and record["count"] == 64

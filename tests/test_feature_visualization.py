@@ -1,4 +1,5 @@
 """Feature visualization: plot_feature_visualization.py and visualize/featurevis.py."""
+import json
 import math
 import os
 
@@ -10,8 +11,8 @@ import cifar10
 import plot_feature_visualization
 import checkpoint
 import utils
-from visualize import featurevis, scoring
-from conftest import assert_one_line_error, run_script
+from visualize import featurevis, page, scoring
+from conftest import assert_one_line_error, run_in_process, run_script
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +196,14 @@ def test_bad_input_gives_one_line(trained_checkpoint, tmp_path):
     proc = run_script("plot_feature_visualization.py", "--channels", "0,99", "--checkpoint", trained_checkpoint,
                       "--figures-dir", tmp_path)
     assert_one_line_error(proc, "channel 99", "0..63")
+
+
+def test_a_quick_feature_visualization_takes_fewer_steps_and_says_so(trained_checkpoint, tmp_path):
+    proc = run_in_process("plot_feature_visualization.py", ["--checkpoint", str(trained_checkpoint), "--channels", "0",
+                                                            "--quick", "--figures-dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "feature_visualization_conv5_x_channels0_quick.json").read_text())
+    assert record["steps"] == featurevis.QUICK_FV_STEPS < featurevis.FV_STEPS
+    assert record["figure"]["changed"] == {"--channels": "0", "--quick": True}
+    (figure,) = page.classify_files(tmp_path)[0]["featurevis"]
+    assert figure.caption.startswith(f"The quick run, a first look: {featurevis.QUICK_FV_STEPS} optimisation steps. ")

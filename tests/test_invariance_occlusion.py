@@ -188,7 +188,7 @@ def test_the_scripts_write_their_figures_and_json_named_by_their_flags(trained_c
                                                  str(tmp_path), "--images", "0-1", "--translation=-2:2:2",
                                                  "--scale", "1:1.5:0.5", "--rotation", "0:90:90"])
     assert proc.returncode == 0, proc.stderr
-    stem = "invariance_images0-1_translation-2~2~2_scale1~1.5~0.5_rotation0~90~90"
+    stem = "invariance_images0-1_translation--2-2-2_scale1-1.5-0.5_rotation0-90-90"
     record = json.loads((tmp_path / f"{stem}.json").read_text(encoding="utf-8"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("invariance")) == [f"{stem}.json",
                                                                                              f"{stem}.png"]

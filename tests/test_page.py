@@ -6,9 +6,12 @@ names and folder name are HTML (a class `<script>alert(1)</script>`), with two f
 know by name, one of them named with HTML too.
 """
 import json
+import re
+import shlex
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -16,7 +19,7 @@ import torch
 
 import cifar10
 from conftest import run_in_process
-from visualize import page
+from visualize import cli, page
 
 HOSTILE = "<script>alert(1)</script>"
 CLASSES = [HOSTILE, 'a&b "c"'] + [f"class-{k}" for k in range(2, 10)]
@@ -129,24 +132,26 @@ def test_every_link_is_relative_and_names_a_file_of_the_folder(figures):
 
 
 def test_figures_go_to_their_sections_with_the_command_that_draws_them(figures):
-    path, _, _ = figures
+    path, checkpoint, _ = figures
     sections, atlas, others = page.classify_files(path.parent)
     assert sorted(others) == sorted([STRANGE_PNG, "mystery.json"])
     names = {key: [f.name for f in found] for key, found in sections.items()}
     assert names["progress"] == ["train_accuracy.png", "train_loss.png", "test_accuracy.png", "test_loss.png"]
-    assert names["atlas"] == ["atlas_conv2_x.png", "atlas_conv5_x.png"]
-    assert names["reconstructions"] == ["conv1_channel0_reconstructions.png",  # the deconvnet before guided
-                                        "conv5_x_channel1_reconstructions_trunk_guided_top1.png"]
+    assert names["atlas"] == ["atlas_conv2_x_channels0-3_ablation-images32.png",
+                              "atlas_conv5_x_channels0-3_ablation-images32.png"]
+    assert names["reconstructions"] == ["conv1_channel0_reconstructions_images0-1.png",  # the deconvnet before guided
+                                        "conv5_x_channel1_reconstructions_trunk_guided_top1_images0-1.png"]
     commands = {f.name: f.command for found in sections.values() for f in found}
-    assert commands["conv5_x_channel1_reconstructions_trunk_guided_top1.png"] == \
-        "python plot_conv5_reconstructed_pattern_trunk.py --layer conv5_x --channel 1 --method guided --top1"
-    assert commands["atlas_conv2_x.png"] == \
-        "python plot_unit_atlas.py --layer conv2_x --channels 0-3 --ablation-images 32"
-    assert commands["sanity_conv5_x_channel1.png"] == \
-        "python plot_sanity_checks.py --layer conv5_x --channel 1 --images 0-1 --seed 0"
+    run = f"--checkpoint {checkpoint} --figures-dir {path.parent}"
+    assert commands["conv5_x_channel1_reconstructions_trunk_guided_top1_images0-1.png"] == \
+        f"python plot_conv5_reconstructed_pattern_trunk.py --images 0-1 --top1 --method guided {run}"
+    assert commands["atlas_conv2_x_channels0-3_ablation-images32.png"] == \
+        f"python plot_unit_atlas.py --layer conv2_x,conv5_x --channels 0-3 --ablation-images 32 {run}"
+    assert commands["sanity_conv5_x_channel1_images0-1.png"] == f"python plot_sanity_checks.py --images 0-1 {run}"
     beside = {f.name: f.beside for found in sections.values() for f in found}
-    assert beside["feature_visualization_conv5_x.png"] == ["feature_visualization_conv5_x.pt"]
-    assert beside["sanity_conv5_x_channel1.png"] == ["sanity_conv5_x_channel1.json"]
+    assert beside["feature_visualization_conv5_x_channels0-1_steps2.png"] == \
+        ["feature_visualization_conv5_x_channels0-1_steps2.json", "feature_visualization_conv5_x_channels0-1_steps2.pt"]
+    assert beside["sanity_conv5_x_channel1_images0-1.png"] == ["sanity_conv5_x_channel1_images0-1.json"]
 
 
 def test_the_tables_hold_the_jsons_numbers(figures):
@@ -159,7 +164,7 @@ def test_the_tables_hold_the_jsons_numbers(figures):
     lost = [100 * (u["ablation"]["unablated_accuracy"] - u["ablation"]["accuracy"]) for _, u in units]
     assert [float(v) for v in column(parsed, "lost")] == pytest.approx(lost, abs=1e-9)
     assert all(v in CLASSES for v in column(parsed, "leading") if v != "none (silent)")
-    sanity = json.loads((path.parent / "sanity_conv5_x_channel1.json").read_text())
+    sanity = json.loads((path.parent / "sanity_conv5_x_channel1_images0-1.json").read_text())
     text = path.read_text()
     for technique, values in sanity["similarity"].items():
         row = f"<th>{page.e(technique)}</th>" + "".join(page.cell(v) for v in values)
@@ -267,3 +272,121 @@ def test_in_a_browser_every_image_loads_every_link_resolves_and_the_atlas_sorts(
     assert list(zip(column(dom, "selectivity"), column(dom, "stage"), column(dom, "channel"))) == rows
     ascending = rendered(path, "#sort=selectivity-asc", tmp_path)
     assert [float(v) for v in column(ascending, "selectivity")] == sorted(written)
+
+
+# --------------------------------------------------------------------------- the figure's record
+
+def test_a_figures_command_parses_back_to_its_flags_and_its_names_carry_the_changed_ones(tmp_path):
+    p = cli.plot_parser("", script="plot_x.py", images="4531-4546", layer="conv5_x", channel=1, top1=False,
+                        method="deconvnet")
+    p.add_argument("--seed", type=int, default=0)
+    argv = ["--images", "0-2,5", "--top1", "--method", "guided", "--checkpoint", str(tmp_path / "my run.pt"),
+            "--figures-dir", str(tmp_path)]
+    args = p.parse_args(argv)
+    record = p.figure_record(args, "reconstructions")
+    assert record["changed"] == {"--images": "0-2,5", "--top1": True, "--method": "guided"}
+    assert record["flags"] == {"--images": "0-2,5", "--layer": "conv5_x", "--channel": "1", "--top1": True,
+                               "--method": "guided", "--seed": "0"}
+    assert record["checkpoint"] == str((tmp_path / "my run.pt").resolve())
+    words = shlex.split(record["command"])
+    assert words[:2] == ["python", "plot_x.py"]
+    assert vars(p.parse_args(words[2:])) == vars(args)  # the command is the run, quoted
+    assert cli.name_suffix(record) == "_images0-2,5_top1_method-guided"
+    assert cli.name_suffix(record, carried=("--method", "--top1")) == "_images0-2,5"
+    assert cli.name_suffix(p.figure_record(p.parse_args(["--figures-dir", str(tmp_path)]), "reconstructions")) == ""
+
+
+def test_a_quick_run_takes_its_own_defaults_and_says_so_in_its_names(tmp_path):
+    p = cli.plot_parser("", script="plot_x.py", images="4531-4546")
+    p.add_quick("fewer images", images="4531-4534")
+    runs = {"full": [], "quick": ["--quick"], "quick, images given": ["--quick", "--images", "0-1"]}
+    args = {name: p.parse_args([*argv, "--figures-dir", str(tmp_path)]) for name, argv in runs.items()}
+    assert [a.images for a in args.values()] == [list(range(4531, 4547)), list(range(4531, 4535)), [0, 1]]
+    records = {name: p.figure_record(a, "sanity") for name, a in args.items()}
+    assert [r["changed"] for r in records.values()] == [{}, {"--quick": True}, {"--images": "0-1", "--quick": True}]
+    assert records["quick"]["flags"]["--images"] == "4531-4534"
+    assert [cli.name_suffix(r) for r in records.values()] == ["", "_quick", "_images0-1_quick"]
+    assert [cli.is_quick(r) for r in records.values()] == [False, True, True]
+    assert p.parse_args(["--figures-dir", str(tmp_path)]).images == list(range(4531, 4547))  # defaults restored
+
+
+def written(proc):
+    return {Path(line).name for line in re.findall(r"^wrote (.+)$", proc.stdout, flags=re.M)}
+
+
+# the flags whose file names once left them out: two runs of each, other flags, one folder
+TWO_RUNS = [
+    ("plot_sanity_checks.py", ["--images", "0", "--fv-steps", "1", "--pattern-steps", "1"],
+     ["--images", "1", "--fv-steps", "1", "--pattern-steps", "1", "--seed", "3"]),
+    ("plot_gradient_pattern.py", ["--steps", "1"], ["--steps", "1", "--lr", "0.1", "--image-index", "3"]),
+    ("plot_conv1_reconstructed_pattern.py", ["--images", "0"], ["--images", "1"]),
+    ("plot_feature_visualization.py", ["--steps", "1", "--channels", "0"],
+     ["--steps", "1", "--channels", "1", "--seed", "2"]),
+]
+
+REDRAWN = {"plot_gradient_pattern.py", "plot_conv1_reconstructed_pattern.py"}  # the quick ones: each command run again
+
+
+@pytest.mark.parametrize("script, first, second", TWO_RUNS, ids=[t[0] for t in TWO_RUNS])
+def test_two_runs_with_other_flags_write_other_files_each_redrawn_by_its_command(figures, tmp_path, script, first,
+                                                                                 second):
+    _, checkpoint, _ = figures
+    folder, run = tmp_path / "figures", ["--checkpoint", str(checkpoint), "--figures-dir", str(tmp_path / "figures")]
+    procs = [run_in_process(script, [*flags, *run]) for flags in (first, second)]
+    assert all(proc.returncode == 0 for proc in procs), [proc.stderr for proc in procs]
+    files = [written(proc) for proc in procs]
+    assert files[0] and files[1] and not files[0] & files[1]
+    assert {p.name for p in folder.iterdir()} == files[0] | files[1]  # none overwritten
+    sections, _, others = page.classify_files(folder, checkpoint, torch.load(checkpoint, weights_only=True)["iteration"])
+    shown = [f for found in sections.values() for f in found]
+    assert len(shown) == 2 and not others
+    for figure, flags, names in zip(sorted(shown, key=lambda f: f.name not in files[0]), (first, second), files):
+        record = json.loads((folder / figure.name.replace(".png", ".json")).read_text())["figure"]
+        assert figure.command == record["command"]  # the page gives the record's command
+        words = shlex.split(figure.command)  # every flag here takes a value: compare them as pairs
+        given = [*flags, *run]
+        assert words[1] == script and dict(zip(words[2::2], words[3::2])) == dict(zip(given[::2], given[1::2]))
+        if script in REDRAWN:
+            for name in names:
+                (folder / name).unlink()
+            proc = run_in_process(script, words[2:])  # and it draws the same files again
+            assert proc.returncode == 0 and written(proc) == names, proc.stderr
+
+
+def test_the_pages_command_for_every_figure_is_its_records(figures):
+    path, _, _ = figures
+    sections, _, _ = page.classify_files(path.parent)
+    shown = [f for found in sections.values() for f in found]
+    assert len(shown) == 16  # every PNG of the fixture but the one without a record
+    text = path.read_text()
+    for figure in shown:
+        record = json.loads((path.parent / figure.name.replace(".png", ".json")).read_text())["figure"]
+        assert figure.command == record["command"] and f"<code>{page.e(record['command'])}</code>" in text
+
+
+def test_a_figure_of_another_checkpoint_is_listed_as_such(figures, tmp_path):
+    path, checkpoint, _ = figures
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    for name in ("conv1_feature_maps_image3.png", "conv1_feature_maps_image3.json"):
+        shutil.copyfile(path.parent / name, folder / name)
+    other = tmp_path / "other.pt"
+    shutil.copyfile(checkpoint, other)  # the same network, but another file: not this page's run
+    proc = run_in_process("plot_conv1_feature_map.py", ["--image-index", "5", "--checkpoint", str(other),
+                                                        "--figures-dir", str(folder)])
+    assert proc.returncode == 0, proc.stderr
+    later = json.loads((folder / "conv1_feature_maps_image3.json").read_text())  # this file, trained further
+    later["figure"]["iteration"] += 100
+    shutil.copyfile(folder / "conv1_feature_maps_image3.png", folder / "conv1_feature_maps_image3_later.png")
+    (folder / "conv1_feature_maps_image3_later.json").write_text(json.dumps(later))
+    iteration = torch.load(checkpoint, weights_only=True)["iteration"]
+    sections, _, others = page.classify_files(folder, checkpoint, iteration)
+    assert [f.name for f in sections["maps"]] == ["conv1_feature_maps_image3.png"]
+    assert [(f.name, f.subsection) for f in sections["elsewhere"]] == [
+        ("conv1_feature_maps_image3_later.png", f"Drawn from {checkpoint.resolve()} at iteration {iteration + 100}, "
+                                                f"not this page's run"),
+        ("conv1_feature_maps_image5.png", f"Drawn from {other.resolve()} at iteration {iteration}, not this page's run")]
+    assert not others
+    parsed = Page(page.write_page(folder, checkpoint, torch.device("cpu")).read_text())
+    shown = "".join(parsed.text)
+    assert "Figures of other checkpoints" in shown and f"Drawn from {other.resolve()}" in shown

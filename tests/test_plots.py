@@ -107,13 +107,15 @@ SCRIPT_ARGS = {
     "plot_conv5_feature_map.py --channels": ["--image-index", 5, "--channels", "2,5-7"],
     "plot_conv5_reconstructed_pattern_trunk.py --method guided": ["--images", "0-4", "--method", "guided"],
 }
-SCRIPT_FILES = {  # the files of the scripts whose names say what they show
-    "plot_conv5_reconstructed_pattern_trunk.py": ["conv5_x_channel1_reconstructions_trunk.png"],
+SCRIPT_FILES = {  # the figures of the scripts whose names say what they show (each with its JSON)
+    "plot_conv5_reconstructed_pattern_trunk.py": ["conv5_x_channel1_reconstructions_trunk_images0-4"],
     "plot_conv5_reconstructed_pattern_trunk.py --top1 --scale shared":
-        ["conv5_x_channel1_reconstructions_trunk_top1_sharedscale.png"],
-    "plot_conv5_feature_map.py": ["conv5_x_feature_maps_image5.png"],
-    "plot_conv5_feature_map.py --channels": ["conv5_x_feature_maps_image5_channels2,5-7.png"],
-    "plot_conv5_reconstructed_pattern_trunk.py --method guided": ["conv5_x_channel1_reconstructions_trunk_guided.png"],
+        ["conv5_x_channel1_reconstructions_trunk_top1_sharedscale_images0-4"],
+    "plot_conv5_feature_map.py": ["conv5_x_feature_maps_image5"],
+    "plot_conv5_feature_map.py --channels": ["conv5_x_feature_maps_image5_channels2,5-7"],
+    "plot_conv5_reconstructed_pattern_trunk.py --method guided":
+        ["conv5_x_channel1_reconstructions_trunk_guided_images0-4"],
+    "plot_gradient_pattern.py": ["gradient_pattern_conv5_x_channel0_steps20"],
 }
 
 
@@ -132,23 +134,24 @@ def test_script_writes_the_figures_it_prints(runs, script):
     procs, tmp = runs
     proc = procs[script]
     assert proc.returncode == 0, proc.stderr
-    written = re.findall(r"^wrote (.+\.png)$", proc.stdout, flags=re.M)
+    written = re.findall(r"^wrote (.+)$", proc.stdout, flags=re.M)
     assert written and sorted(written) == sorted(str(p) for p in (tmp / script).iterdir())
-    for path in written:
+    for path in (p for p in written if p.endswith(".png")):
         image = imread(path)
         assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0.05, path
 
 
 @pytest.mark.parametrize("script", SCRIPT_FILES)
 def test_file_names_say_what_the_figure_shows(runs, script):
-    assert sorted(p.name for p in (runs[1] / script).iterdir()) == SCRIPT_FILES[script]
+    assert sorted(p.name for p in (runs[1] / script).iterdir()) == sorted(
+        f"{stem}.{ext}" for stem in SCRIPT_FILES[script] for ext in ("json", "png"))
 
 
 def test_conv1_filters_script_writes_each_input_channel_and_rgb(runs):
     procs, tmp = runs
     names = {p.name for p in (tmp / "plot_conv1_filters.py").iterdir()}
-    assert names == {"conv1_filters_input_channel0.png", "conv1_filters_input_channel1.png",
-                     "conv1_filters_input_channel2.png", "conv1_filters_rgb.png"}
+    assert names == {f"conv1_filters_{what}.{ext}" for what in ("input_channel0", "input_channel1", "input_channel2",
+                                                               "rgb") for ext in ("png", "json")}
 
 
 def test_gradient_script_starts_from_the_top_image_and_raises_its_activation(runs, trained_checkpoint,
@@ -286,12 +289,19 @@ def test_every_map_of_a_mosaic_can_be_found_by_its_index(n, labelled):
     assert sorted(found) == list(range(n))
 
 
+def chosen_channels(text, model, layer):
+    """--channels as a script takes it: parsed, checked against the network (PlotParser.load), then `layer`'s."""
+    choice = cli.channel_choice(text)
+    choice.check(model, [layer])
+    return choice.of(model, layer)
+
+
 def test_channel_lists():
     model = ResNet(8)
-    assert cli.parse_channels("auto", model, "conv5_x") is None
-    assert cli.parse_channels("all", model, "conv3_x") == list(range(16))
-    assert cli.parse_channels("0-2,7", model, "conv1") == [0, 1, 2, 7]
+    assert chosen_channels("auto", model, "conv5_x") is None
+    assert chosen_channels("all", model, "conv3_x") == list(range(16))
+    assert chosen_channels("0-2,7", model, "conv1") == [0, 1, 2, 7]
     for indices in ([0, 1, 2, 5], [7, 2, 3], [4], [3, 4, 5, 6, 1, 1]):
         assert cli.parse_indices(drawing.format_indices(indices)) == indices
     with pytest.raises(utils.UserError, match=r"--channels: channel 64 is out of range.*0\.\.63"):
-        cli.parse_channels("60-64", model, "conv5_x")
+        chosen_channels("60-64", model, "conv5_x")

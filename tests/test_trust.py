@@ -160,8 +160,8 @@ def tiny_checkpoint(small_data_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("args, words", [
     (["--target", "bag"], ["--target 'bag'", "predicted, true"]),
-    (["--step", "0"], ["--step 0", "above 0 and at most 100"]),
-    (["--step", "120"], ["--step 120", "above 0 and at most 100"]),
+    (["--step-percent", "0"], ["--step-percent 0", "above 0 and at most 100"]),
+    (["--step-percent", "120"], ["--step-percent 120", "above 0 and at most 100"]),
     (["--noise", "-0.1"], ["--noise -0.1", "0 or above"]),
     (["--count", "0"], ["--count 0", "at least 1"]),
     (["--count", "513"], ["--count 513", "512 images", "1..512"]),
@@ -181,11 +181,17 @@ def test_the_default_count_is_a_few_hundred_or_a_smaller_splits_whole():
     assert trust.default_count(100) == 100
     assert trust.table_suffix(100, "predicted", 0, 5, 0.01, trust.UNIT_IMAGES, 100) == ""
     assert trust.table_suffix(100, "predicted", 0, 5, 0.01, trust.UNIT_IMAGES, 512) == "_count100"
+    # a quick run's defaults are its own: few images, and its name says it is the quick run
+    assert trust.default_count(10_000, quick=True) == trust.QUICK_COUNT < trust.COUNT
+    assert trust.table_suffix(trust.QUICK_COUNT, "predicted", 0, 5, 0.01, list(range(4531, 4535)), 10_000,
+                              quick=True) == "_quick"
+    assert trust.table_suffix(trust.COUNT, "predicted", 0, 5, 0.01, trust.UNIT_IMAGES, 10_000,
+                              quick=True) == "_images4531-4546_count256_quick"
 
 
 def test_the_script_writes_the_table_and_its_json(tiny_checkpoint, tmp_path, one_thread):
     proc = run_in_process("plot_trust.py", ["--checkpoint", str(tiny_checkpoint), "--figures-dir", str(tmp_path),
-                                            "--count", "2", "--step", "50", "--images", "0-1"])
+                                            "--count", "2", "--step-percent", "50", "--images", "0-1"])
     assert proc.returncode == 0, proc.stderr
     name = "trust_images0-1_count2_step50"
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.json", f"{name}.png"]

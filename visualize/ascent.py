@@ -9,8 +9,9 @@ import torch
 from tqdm import tqdm
 
 from data import normalize
+from visualize import cli
 from visualize.context import test_split_scores
-from visualize.drawing import save_panels, signed_to_display, to_display
+from visualize.drawing import save_json, save_panels, signed_to_display, to_display
 from visualize.scoring import channel_scores, top_k
 
 
@@ -55,10 +56,15 @@ def straight_through_relu(model, layer):
             handle.remove()
 
 
-def plot_gradient_pattern(run, layer, channel, figures_dir, steps=100, lr=0.05, penalty=0.01, index=None):
+GRADIENT_PATTERN_NAMED = ("--layer", "--channel")  # the flags its file name writes its way
+
+
+def plot_gradient_pattern(run, layer, channel, figures_dir, steps=100, lr=0.05, penalty=0.01, index=None,
+                          figure=None):
     """plot_gradient_pattern.py: gradient_ascent from test image `index` (None: the one whose feature-map
     sum of the channel is largest, the report's criterion, printed), and the figure of the start, the
-    pattern and their difference. Returns [the PNG's path]."""
+    pattern and their difference. With `figure` (a cli.figure_record) the JSON beside it holds it, the
+    start and the activations, and the file names carry its other flags. Returns the paths."""
     if index is None:
         scores = test_split_scores(run, [layer])[layer]  # shared with the atlas under plot_all.py
         (index,), (score,) = top_k(scores.sum[:, channel], 1)
@@ -75,6 +81,12 @@ def plot_gradient_pattern(run, layer, channel, figures_dir, steps=100, lr=0.05, 
               "large; try another --image-index or a smaller --lr")
     panels = [(to_display(x0)[0], f"start: test image\n{run.image_label(index)}"),
               (to_display(x)[0], "pattern"), (signed_to_display(x - x0)[0], "pattern - start")]
-    return [save_panels(Path(figures_dir) / f"gradient_pattern_{layer}_channel{channel}.png", panels,
-                        f"gradient ascent on {layer} channel {channel}: activation {before:.3g} -> {after:.3g} "
-                        f"({steps} Adam steps, lr {lr}, penalty {penalty})\n{run.caption}", cols=3)]
+    name = f"gradient_pattern_{layer}_channel{channel}" + (cli.name_suffix(figure, GRADIENT_PATTERN_NAMED) if figure else "")
+    png = save_panels(Path(figures_dir) / f"{name}.png", panels,
+                      f"gradient ascent on {layer} channel {channel}: activation {before:.3g} -> {after:.3g} "
+                      f"({steps} Adam steps, lr {lr}, penalty {penalty})\n{run.caption}", cols=3)
+    if figure is None:
+        return [png]
+    return [png, save_json(Path(figures_dir) / f"{name}.json", {
+        "figure": figure, "layer": layer, "channel": channel, "image": index, "steps": steps, "lr": lr,
+        "penalty": penalty, "activation": {"start": before, "pattern": after}})]

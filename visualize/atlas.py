@@ -3,7 +3,6 @@ largest single activation, each as the top-1 projection back to the pixels and t
 cropped to the receptive field of the strongest unit (ResNet.receptive_field, from the architecture),
 under the unit's numbers (units.py): its class selectivity and what ablating it costs.
 """
-import json
 import math
 from pathlib import Path
 
@@ -11,9 +10,10 @@ import numpy as np
 import torch
 
 from data import normalize
-from visualize import units as unit_numbers
+from visualize import cli, units as unit_numbers
 from visualize.context import test_split_scores
-from visualize.drawing import METHOD_TITLES, bare, method_suffix, new_figure, save, signed_to_display, tile, to_display
+from visualize.drawing import (METHOD_TITLES, bare, method_suffix, new_figure, save, save_json, signed_to_display, tile,
+                               to_display)
 from visualize.scoring import top_k
 
 ATLAS_LAYERS = "conv2_x,conv3_x,conv4_x,conv5_x"
@@ -149,9 +149,13 @@ def unit_label(unit):
     return label + f"\nablated: accuracy {100 * a['unablated_accuracy']:.1f}% -> {100 * a['accuracy']:.1f}%, {loss}"
 
 
-def plot_unit_atlas(run, layer, units, checkpoint, figures_dir, method="deconvnet", blocks_per_row=4):
+ATLAS_NAMED = ("--layer", "--method")  # the flags an atlas file name writes its way
+
+
+def plot_unit_atlas(run, layer, units, checkpoint, figures_dir, method="deconvnet", blocks_per_row=4, figure=None):
     """figures_dir/atlas_<layer>.png and .json of unit_atlas's units for one stage, the projections
-    by `method` (one of model.METHODS; the file names carry any but the deconvnet); returns both paths."""
+    by `method` (one of model.METHODS; the file names carry any but the deconvnet); returns both paths.
+    With `figure` (a cli.figure_record) the JSON holds it and the file names carry its other flags."""
     size = run.images.shape[-1]
     blocks = [unit_block(run, layer, unit, method) for unit in units]
     cols = min(blocks_per_row, len(units))
@@ -178,14 +182,12 @@ def plot_unit_atlas(run, layer, units, checkpoint, figures_dir, method="deconvne
                  f"scale per channel (0.5 + r / (2 max|r|), grey = 0); right: the image; both show {seen}\n"
                  f"above each: the class with the largest mean activation and the class selectivity index "
                  f"(mu_max - mu_rest) / (mu_max + mu_rest) over the test split (Morcos et al. 2018);\nthe "
-                 f"accuracy on the first {units[0]['ablation']['images']} test images with the channel set to 0, "
+                 f"accuracy on the first {units[0]['ablation']['images']} test images"
+                 f"{' (the quick run: few, a rough estimate)' if cli.is_quick(figure) else ''} with the channel set to 0, "
                  f"and the class that loses most\n{run.caption}", fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (head + 0.45) / fig.get_figheight())
     figures_dir = Path(figures_dir)
-    name = f"atlas_{layer}{method_suffix(method)}"
+    name = f"atlas_{layer}{method_suffix(method)}" + (cli.name_suffix(figure, ATLAS_NAMED) if figure else "")
     png = save(fig, figures_dir / f"{name}.png")
-    json_path = figures_dir / f"{name}.json"
     record = {"layer": layer, "checkpoint": str(checkpoint), "method": method, "units": units}
-    json_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {json_path}")
-    return [png, json_path]
+    return [png, save_json(figures_dir / f"{name}.json", {"figure": figure, **record} if figure else record, indent=1)]

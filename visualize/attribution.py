@@ -60,7 +60,6 @@ from model import STAGES
 from visualize.scoring import classify, default_batch_size, stage_output
 
 ATTRIBUTION_METHODS = ("gradcam", "saliency", "smoothgrad", "integrated_gradients", "occlusion")
-PIXEL_METHODS = ATTRIBUTION_METHODS[1:]  # the maps of the input's pixels (Grad-CAM's is of a stage)
 GRADCAM_LAYERS = STAGES[1:]  # the stages Grad-CAM is drawn at
 IMAGE_SIZE = 32
 

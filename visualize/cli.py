@@ -2,15 +2,19 @@
 modules take, and the checks that make it one they can trust. Every bad value gets one line
 (utils.UserError) naming the flag and what it accepts, before any figure is computed.
 
-    parser = cli.plot_parser(__doc__, layer="conv5_x", channel=1)
+    parser = cli.plot_parser(__doc__, script=__file__, layer="conv5_x", channel=1)
     args = parser.parse_args(argv)  # flags checked that need nothing loaded (--figures-dir included)
     run = parser.load(args)         # the PlotRun; then the flags that need the network or the test split
     channels = args.channels.of(run.model, args.layer)  # which channels --channels names depends on the network
+    figure = parser.figure_record(args, "kind", run)  # the JSON's "figure": what the page needs of it
+    name = "base" + cli.name_suffix(figure, carried=("--layer",))  # every other flag not at its default
+
+parser.add_quick(...) gives a script --quick: other defaults for the flags whose numbers are estimates.
 """
 import argparse
+import contextlib
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +39,11 @@ class PlotParser(OneLineArgumentParser):
     """
 
     def __init__(self, doc, script=None):
-        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        super().__init__(prog=Path(script).name if script else None, description=doc,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
         self.shared = set()
-        self.script = script or self.prog  # the file name a figure's command names
+        self.quick_defaults = {}  # add_quick: the defaults of a --quick run, by dest
+        self.script = self.prog  # the file name a figure's command names (the script's, also under plot_all.py)
         self.add_argument("--checkpoint", default="checkpoints/resnet18_cifar10.pt",
                           help="checkpoint written by train.py (default: %(default)s)")
         self.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: the checkpoint's)")
@@ -61,8 +67,35 @@ class PlotParser(OneLineArgumentParser):
         self.add_argument("--penalty", type=float, default=penalty, help=f"{penalty_help}, 0 or above "
                                                                          f"(default: %(default)s)")
 
+    def add_quick(self, what, **defaults):
+        """--quick: a first look, the flags `defaults` (dest: value, as the command line would give it)
+        taking these defaults instead of the full run's; `what` says what is cut, for --help. A flag
+        given on the command line still wins. The file names carry it (_quick), as any flag changed."""
+        self.quick_defaults = defaults
+        self.add_argument("--quick", action="store_true",
+                          help=f"a first look, quick: {what}; the figure and its file names say so "
+                               f"(default: the full run)")
+
+    @contextlib.contextmanager
+    def quick_run(self, quick):
+        """Within it, the parser's defaults are the --quick run's (when `quick`)."""
+        saved = {dest: self.get_default(dest) for dest in self.quick_defaults}
+        if quick:
+            self.set_defaults(**self.quick_defaults)
+        try:
+            yield
+        finally:
+            self.set_defaults(**saved)
+
+    def defaults(self, quick=False):
+        """Every flag's default (the --quick run's with `quick`), types applied as to a given value."""
+        with self.quick_run(quick):
+            return vars(argparse.ArgumentParser.parse_args(self, []))
+
     def parse_args(self, args=None, namespace=None):
-        args = super().parse_args(args, namespace)
+        quick = bool(self.quick_defaults) and super().parse_known_args(args)[0].quick
+        with self.quick_run(quick):
+            args = super().parse_args(args, namespace)
         if "layer" in self.shared:
             check_layer(args.layer)
         if "path" in self.shared:
@@ -72,11 +105,13 @@ class PlotParser(OneLineArgumentParser):
         check_writable(args.figures_dir, "--figures-dir", folder=True)
         return args
 
-    def figure_record(self, args, kind):
-        """What the page needs of a figure, for the JSON beside it: {"kind", "script", "flags" (every flag
-        of the figure's own, as text, defaults included), "changed" (those not at their default),
-        "command" (the line that draws it again: the changed flags and the run's), "checkpoint"}."""
-        defaults = vars(argparse.ArgumentParser.parse_args(self, []))  # types applied, as to a given value
+    def figure_record(self, args, kind, run=None):
+        """What the page needs of a figure, for the JSON beside it (its key "figure"): {"kind", "script",
+        "flags" (every flag of the figure's own, as text, defaults included), "changed" (those not at
+        their default: a --quick run's defaults are its own), "command" (the line that draws it again:
+        the changed flags and the run's), "checkpoint" (its absolute path) and, given the PlotRun,
+        "iteration" (how far that checkpoint was trained)}. name_suffix(record) names the files."""
+        defaults = self.defaults(quick=getattr(args, "quick", False))
         flags, changed, run_words = {}, {}, []
         for action in self._actions:
             if not action.option_strings or action.dest == "help":
@@ -91,8 +126,11 @@ class PlotParser(OneLineArgumentParser):
             if value != default:
                 changed[flag] = value
         words = [f"python {self.script}", *(switch_text(f, v) for f, v in changed.items()), *run_words]
-        return {"kind": kind, "script": self.script, "flags": flags, "changed": changed,
-                "command": " ".join(w for w in words if w), "checkpoint": str(args.checkpoint)}
+        record = {"kind": kind, "script": self.script, "flags": flags, "changed": changed,
+                  "command": " ".join(w for w in words if w), "checkpoint": str(Path(args.checkpoint).resolve())}
+        if run is not None:
+            record["iteration"] = run.checkpoint.get("iteration")
+        return record
 
     def load(self, args, test_split=True):
         """The PlotRun the flags name, then the flags checked against it: --channel and --channels against
@@ -125,15 +163,6 @@ class PlotParser(OneLineArgumentParser):
                                 f"{len(run.images)} images; choose 1..{len(run.images)}")
 
 
-def file_stem(base, record):
-    """`base` and '_<flag><value>' for every flag of the figure not at its default (record: figure_record's
-    "changed"; a switch as its name, or no-<name>), as a file name every system takes: the characters Windows refuses (: and the like) as ~."""
-    parts = [base]
-    for flag, value in record["changed"].items():
-        parts.append(("no-" if value is False else "") + flag[2:] + (value if isinstance(value, str) else ""))
-    return re.sub(r'[<>:"/\\|?*\s]', "~", "_".join(parts))
-
-
 def flag_text(value):
     """A parsed flag's value as its command line writes it: a list of indices as 4531-4546, a list of
     names comma-separated, a switch as True/False, a device by its name; None for a flag left unset."""
@@ -146,6 +175,28 @@ def flag_text(value):
             return format_indices(list(value))
         return ",".join(flag_text(v) for v in value)
     return str(value)
+
+
+def name_suffix(record, carried=()):
+    """The file name's part for every flag of a figure_record not at its default, except the flags
+    `carried` (those its name writes its own way): '_images0-3_seed2', '_quick'; '' for the defaults.
+    So two runs with other flags never write the same file."""
+    words = []
+    for flag, value in record["changed"].items():
+        if flag in carried or value is None:
+            continue
+        name = flag[2:]
+        if isinstance(value, bool):
+            word = name if value else f"no-{name}"
+        else:  # images0-3, lr0.1; a word after a dash: target-true, channels-all
+            word = name + ("" if value[:1].isdigit() else "-") + value
+        words.append(re.sub(r"[^A-Za-z0-9.,+=-]", "-", word))  # a file name on every system
+    return "".join(f"_{word}" for word in words)
+
+
+def is_quick(record):
+    """Whether a figure_record is of a --quick run (None: no record, the full run)."""
+    return bool(record and record["flags"].get("--quick"))
 
 
 def switch_text(flag, value):
@@ -167,14 +218,15 @@ def quote_word(text):
 TOP_ACTIVATING = "the top-activating one"  # plot_parser(image_index=...): no index unless one is given
 
 
-def plot_parser(doc, image_index=None, images=None, layer=None, layers=None, channel=None, path=None, channels=None,
+def plot_parser(doc, script=None, image_index=None, images=None, layer=None, layers=None, channel=None, path=None, channels=None,
                 stage_channels=None, top1=None, scale=None, method=None, ablation_images=False):
-    """A PlotParser with the shared flags whose default is given here (None: the script has no such flag).
+    """A PlotParser with the shared flags whose default is given here (None: the script has no such flag);
+    script: the plot script's __file__, whose name its figures' commands give (also when plot_all.py runs it).
 
     image_index=TOP_ACTIVATING: --image-index without a default (the figure finds its image). layers:
     --layer naming several stages (args.layers, a list). stage_channels: --channels of each of those
     stages, unset by default (the words say what that means). ablation_images: --ablation-images."""
-    p = PlotParser(doc)
+    p = PlotParser(doc, script)
     if image_index is not None:
         top = image_index == TOP_ACTIVATING
         p.add_shared("image_index", "--image-index", type=int, default=None if top else image_index,
@@ -309,14 +361,6 @@ def check_channel(model, layer, channel, flag="--channel"):
         model.check_channel(layer, channel, name=flag)
     except ValueError as err:
         raise UserError(str(err)) from None
-
-
-def parse_channels(text, model, layer, layers=None):
-    """--channels text, checked against `layer` (or against every stage of `layers`, for the atlas):
-    'auto' -> None (the figure chooses), 'all' -> every channel, else the channels named."""
-    choice = channel_choice(text)
-    choice.check(model, layers or [layer])
-    return choice.of(model, layer)
 
 
 def check_image_indices(indices, num_images):

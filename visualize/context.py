@@ -12,9 +12,9 @@ from checkpoint import load_checkpoint
 from cifar10 import CIFAR10_FOLDER, SYNTHETIC_NAME, dataset_root, describe_dataset, load_cifar10
 from model import STAGES
 from visualize.attribution import attribute, check_options
-from visualize.drawing import wrap_title
 from utils import UserError
-from visualize.scoring import score_pass
+from visualize.drawing import wrap_title
+from visualize.scoring import score_units
 
 # What plot_all.py's scripts would otherwise each load or compute again, once per process: keyed on
 # the files (path, modification time, size) it came from, so a rewritten file is read afresh.
@@ -56,7 +56,7 @@ class PlotRun:
     images: torch.Tensor | None = None
     labels: torch.Tensor | list | None = None
     classes: list = field(default_factory=list)
-    key: tuple = ()  # what test_split_pass is memoized on: the checkpoint, device and test split
+    key: tuple = ()  # what test_split_scores is memoized on: the checkpoint, device and test split
 
     def image_label(self, index, sep=" "):
         """'7876 (cat)': how titles name a test image."""
@@ -107,23 +107,13 @@ def has_snapshots(checkpoint):
     return bool(snapshots.find(checkpoint))
 
 
-def test_split_pass(run):
-    """scoring.score_pass over run's test split of every stage and the logits, computed once per process
-    for each checkpoint, test split and device: the scripts plot_all.py runs share this one pass,
-    whichever runs first and whatever stages it needs (scoring a stage more costs little beside
-    running it: conv1's maps, the largest, add about 3 % to the pass)."""
-    return memo(("test split pass", run.key), lambda: score_pass(run.model, run.images, STAGES, logits=True))
-
-
 def test_split_scores(run, layers):
-    """{layer: scoring.UnitScores} over run's test split, from test_split_pass."""
-    units = test_split_pass(run).units
+    """{layer: scoring.UnitScores} over run's test split: one scoring.score_units pass of every stage,
+    computed once per process for each checkpoint, test split and device, so the scripts plot_all.py
+    runs share it, whichever runs first and whatever stages it needs (scoring a stage more costs
+    little beside running it: conv1's maps, the largest, add about 3 % to the pass)."""
+    units = memo(("test split pass", run.key), lambda: score_units(run.model, run.images, STAGES))
     return {layer: units[layer] for layer in layers}
-
-
-def test_split_logits(run):
-    """The network's logits (N, classes) on run's test split, from test_split_pass."""
-    return test_split_pass(run).logits
 
 
 def class_maps(run, indices, targets, method, layer="conv4_x", **options):

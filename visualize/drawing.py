@@ -109,9 +109,10 @@ def save(fig, path, quiet=False):
     return path
 
 
-def save_json(path, record, indent=1):
-    """A figure's JSON beside it: `record` (no NaN allowed) as UTF-8, written atomically (write_text_atomic);
-    says so and returns the path."""
+def save_json(path, record, indent=None):
+    """`record` as JSON at `path` (NaN refused: JSON has none), written atomically (write_text_atomic), so a
+    reader never sees half of it; says so and returns the path. The JSON beside a figure holds its
+    figure_record (visualize.cli) under "figure", for the page."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(record, indent=indent, allow_nan=False) + "\n")

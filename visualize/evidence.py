@@ -15,7 +15,6 @@ panels only through those numbers:
                   hiding the pixel raises y_c) through white (0) to +max|.| (red: hiding it lowers y_c)
 The JSON holds the maps as attribute returns them (signed, per colour), not as drawn.
 """
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,10 @@ import torch
 
 from data import normalize
 from utils import UserError
+from visualize import cli
 from visualize.attribution import ATTRIBUTION_METHODS, DEFAULT_OPTIONS, GRADCAM_LAYERS, check_options
 from visualize.context import class_maps
-from visualize.drawing import colour_mapped, format_indices, save_table, short_number, to_display, wrap_title
+from visualize.drawing import colour_mapped, format_indices, save_json, save_table, short_number, to_display, wrap_title
 from visualize.scoring import classify
 
 PERCENTILE = 99  # the gradient maps' colour scale ends here (Smilkov et al.'s cap): a few pixels saturate
@@ -146,10 +146,15 @@ def file_stem(indices, target, methods, layers, options):
 
 # --------------------------------------------------------------------------- the figure and the JSON
 
-def plot_class_evidence(run, indices, target, methods, layers, options, figures_dir):
+# the flags file_stem writes its way: every one of plot_class_evidence.py's
+EVIDENCE_NAMED = ("--images", "--target", "--methods", "--layer", *OPTION_FLAGS.values())
+
+
+def plot_class_evidence(run, indices, target, methods, layers, options, figures_dir, figure=None):
     """plot_class_evidence.py: the figure and JSON for test images `indices`, the evidence for `target`
     ('predicted', 'true' or a class index) by `methods` (Grad-CAM at each of `layers`), with the
-    methods' `options`; figures_dir/<file_stem>.png and .json. Returns both paths."""
+    methods' `options`; figures_dir/<file_stem>.png and .json (holding `figure`, a cli.figure_record,
+    where given). Returns both paths."""
     images = run.images[indices]
     labels = torch.as_tensor([run.labels[i] for i in indices])
     with torch.inference_mode():
@@ -199,7 +204,7 @@ def plot_class_evidence(run, indices, target, methods, layers, options, figures_
         "lowers y_c, blue where it raises it, white 0",
         options_text(methods, options), run.caption))
     figures_dir = Path(figures_dir)
-    stem = file_stem(indices, target, methods, layers, options)
+    stem = file_stem(indices, target, methods, layers, options) + (cli.name_suffix(figure, EVIDENCE_NAMED) if figure else "")
     png = save_table(figures_dir / f"{stem}.png", rows, title, column_titles, row_titles)
 
     record = {"images": list(indices), "target": target, "methods": [column_key(*c) for c in columns],
@@ -211,10 +216,7 @@ def plot_class_evidence(run, indices, target, methods, layers, options, figures_
                              "target_probability": float(probabilities[i, targets[i]]),
                              "maps": {key: float32_lists(value[i]) for key, value in maps.items()}}
                             for i, index in enumerate(indices)]}
-    json_path = figures_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(record, allow_nan=False) + "\n", encoding="utf-8")
-    print(f"wrote {json_path}")
-    return [png, json_path]
+    return [png, save_json(figures_dir / f"{stem}.json", {"figure": figure, **record} if figure else record)]
 
 
 def options_text(methods, options):

@@ -7,7 +7,7 @@ snapshot's weights, its projection back to the pixels from that one activation (
 top1=True, the deconvnet unless told) beside the image patch, both cropped to the receptive field of
 the strongest unit as the atlas crops it (atlas.unit_block: light blue outside the image, white where
 the unit is silent on every test image); the projection is scaled to its own max|r| (0.5 + r / (2
-max|r|), grey = 0). One pass over the test split per snapshot (context.test_split_pass, shared with
+max|r|), grey = 0). One pass over the test split per snapshot (context.test_split_scores, shared with
 plot_learning_dynamics.py in plot_all.py) scores every channel of every stage.
 """
 from pathlib import Path

@@ -142,10 +142,6 @@ class Curve:
     probabilities: torch.Tensor  # (N, points) the target's softmax probability at each point
     auc: torch.Tensor         # (N,) float64, trapezoid(fractions, probabilities)
 
-    @property
-    def mean_auc(self):
-        return self.auc.mean().item()
-
 
 def perturbation_curve(model, images, targets, maps, kind, step=DELETION_STEP, seed=0):
     """The deletion (kind "deletion") or insertion (kind "insertion") curve of each image (see the

@@ -14,8 +14,9 @@ from tqdm import tqdm
 from checkpoint import save_atomic
 from cifar10 import CIFAR10_FOLDER, TRAIN_FILES, dataset_root, load_cifar10
 from data import denormalize, draw_augmentation, normalize, random_crop_flip
+from visualize import cli
 from visualize.ascent import gradient_ascent, straight_through_relu
-from visualize.drawing import grid_shape, save_panels
+from visualize.drawing import grid_shape, save_json, save_panels
 from visualize.context import test_split_scores
 from visualize.scoring import stage_output, top_k
 
@@ -23,6 +24,7 @@ OBJECTIVES = ("channel", "neuron")  # the channel's mean over the stage's output
 STARTS = ("noise", "top")
 COLOUR_STATISTICS_FILE = "colour_statistics.pt"  # cache beside cifar-10-batches-py/
 FV_STEPS = 160           # plot_feature_visualization.py's default --steps and --lr
+QUICK_FV_STEPS = 40      # its --quick: a first look (the sanity checks' feature visualization takes as many)
 FV_LR = 0.08
 FV_JITTER_PX = 2.0        # random shift, each axis, in pixels
 FV_SCALE = (0.9, 1.1)     # random zoom
@@ -259,14 +261,20 @@ def print_feature_measures(rows, steps):
           f"gradient ascent with the same {steps} steps")
 
 
+# the flags its file names write their way; --measure only prints, the figure is the same
+FEATURE_VISUALIZATION_NAMED = ("--layer", "--objective", "--start", "--measure")
+
+
 def plot_feature_visualization(run, layer, channels, figures_dir, steps=FV_STEPS, lr=FV_LR, seed=0, objective="channel",
-                               start="noise", penalty=0.01, measure=False):
+                               start="noise", penalty=0.01, measure=False, figure=None):
     """plot_feature_visualization.py: optimise, draw the grid, save the patterns; returns the paths.
 
     With start "top" (or measure) the test image that excites each channel most (by the report's
     feature-map sum) is found, all channels in one pass; with "top" the patterns start from it with
     the distance term, beside the report's pixel-space pattern from the same image. measure prints
-    feature_measures, against plain pixel-space gradient ascent from the same start.
+    feature_measures, against plain pixel-space gradient ascent from the same start. With `figure` (a
+    cli.figure_record) a JSON beside the PNG holds it and the activations reached, and the file names
+    carry its other flags.
     """
     model, top = run.model, start == "top"
     colour = colour_statistics(dataset_root(run.data_dir, run.trained_on_synthetic))
@@ -302,15 +310,22 @@ def plot_feature_visualization(run, layer, channels, figures_dir, steps=FV_STEPS
     else:
         panels = [(image, f"channel {c}\n{what} {value:.3g}") for c, image, value in zip(channels, shown, reached)]
         cols, start_text = None, "from the data's mean colour"
-    title = (f"{layer} feature visualization: each image maximises its channel's {what}\n{steps} Adam steps, "
+    title = (f"{layer} feature visualization: each image maximises its channel's {what}\n{steps} Adam steps"
+             f"{' (the quick run, a first look)' if cli.is_quick(figure) else ''}, "
              f"lr {lr}, seed {seed}, {start_text}\nsigmoid of a colour-decorrelated 1/f Fourier image, robust to "
              f"{FV_JITTER_PX:g} px shifts, {FV_SCALE[0]}-{FV_SCALE[1]} zoom, {FV_ROTATE_DEG:g} deg rotations\n"
              f"{run.caption}")
-    suffix = ("" if objective == "channel" else f"_{objective}") + ("_top" if top else "")
+    suffix = (("" if objective == "channel" else f"_{objective}") + ("_top" if top else "")
+              + (cli.name_suffix(figure, FEATURE_VISUALIZATION_NAMED) if figure else ""))
     out = Path(figures_dir) / f"feature_visualization_{layer}{suffix}"
-    png = save_panels(out.with_suffix(".png"), panels, title, cols=cols)
-    save_atomic({"channels": list(channels), "images": pixels.float().cpu(), "activations": reached.float().cpu(),
-                 "layer": layer, "objective": objective, "start": start, "steps": steps, "lr": lr, "seed": seed},
-                out.with_suffix(".pt"))
-    print(f"wrote {out.with_suffix('.pt')}")
-    return [png, out.with_suffix(".pt")]
+    png = save_panels(out.with_name(out.name + ".png"), panels, title, cols=cols)
+    settings = {"channels": list(channels), "layer": layer, "objective": objective, "start": start, "steps": steps,
+                "lr": lr, "seed": seed}
+    save_atomic({**settings, "images": pixels.float().cpu(), "activations": reached.float().cpu()},
+                out.with_name(out.name + ".pt"))
+    print(f"wrote {out.with_name(out.name + '.pt')}")
+    paths = [png, out.with_name(out.name + ".pt")]
+    if figure is not None:
+        paths.append(save_json(out.with_name(out.name + ".json"), {"figure": figure, **settings,
+                                                                   "activations": reached.float().tolist()}))
+    return paths

@@ -14,7 +14,7 @@ from data import normalize
 from model import BasicBlock
 from visualize import cli
 from visualize.drawing import (FEATURE_MAP_TILES, METHOD_TITLES, SCALES, bare, format_indices, grid_shape,
-                               method_suffix, new_figure, save, save_panels, short_number, show_mosaic,
+                               method_suffix, new_figure, save, save_json, save_panels, short_number, show_mosaic,
                                signed_to_display, to_display)
 from visualize.scoring import stage_output
 
@@ -73,9 +73,14 @@ def feature_map_tiles(run, index, layer, channels=None):
     return FeatureMapTiles(x=x, maps=maps, peaks=peaks, channels=channels, labels=labels, what=what, name=name)
 
 
-def plot_feature_maps(run, index, layer, figures_dir, channels=None):
+FEATURE_MAP_NAMED = ("--image-index", "--layer", "--channels")  # the flags a feature-map file name writes its way
+
+
+def plot_feature_maps(run, index, layer, figures_dir, channels=None, figure=None):
     """Test image `index` beside `layer`'s feature maps for it (feature_map_tiles), each
-    findable by its channel: by row and column ticks, or by a label above it."""
+    findable by its channel: by row and column ticks, or by a label above it. With `figure` (a
+    cli.figure_record) the JSON beside it holds it, the channels shown and their maxima, and the file
+    names carry its other flags. Returns the paths."""
     t = feature_map_tiles(run, index, layer, channels)
     grow = max(1.0, grid_shape(len(t.channels))[0] / 12)  # room for the ticks of a large grid
     title = f"{layer} feature maps; {run.caption}"
@@ -91,7 +96,13 @@ def plot_feature_maps(run, index, layer, figures_dir, channels=None):
     show_mosaic(fig, maps_ax, t.maps[t.channels], labels=t.labels, index_ticks=t.labels is None)
     maps_ax.set_title(maps_title, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    return save(fig, Path(figures_dir) / f"{t.name}.png")
+    name = t.name + (cli.name_suffix(figure, FEATURE_MAP_NAMED) if figure else "")
+    png = save(fig, Path(figures_dir) / f"{name}.png")
+    if figure is None:
+        return [png]
+    return [png, save_json(Path(figures_dir) / f"{name}.json", {
+        "figure": figure, "layer": layer, "image": index, "channels": t.channels,
+        "maxima": [float(t.peaks[c]) for c in t.channels]})]
 
 
 def reconstruction_panels(run, indices, layer, channel, path="both", top1=False, scale="image", method="deconvnet"):
@@ -110,10 +121,15 @@ def reconstruction_panels(run, indices, layer, channel, path="both", top1=False,
                            recon=recon, shown=signed_to_display(recon, per_image), m=m)
 
 
+RECONSTRUCTION_NAMED = ("--layer", "--channel", "--path", "--method", "--top1", "--scale")  # as the name writes them
+
+
 def plot_reconstructions(run, indices, layer, channel, path, figures_dir, top1=False, scale="image",
-                         method="deconvnet"):
+                         method="deconvnet", figure=None):
     """Each of the test images `indices` beside the projection of `layer`/`channel` for it by `method`
-    (one of model.METHODS), headed by the channel's activation on the image ("silent" where it is 0)."""
+    (one of model.METHODS), headed by the channel's activation on the image ("silent" where it is 0).
+    With `figure` (a cli.figure_record) the JSON beside it holds it and the activations shown, and the
+    file names carry its other flags. Returns the paths."""
     p = reconstruction_panels(run, indices, layer, channel, path, top1, scale, method)
     panels = []
     for index, image, shown, peak, total, silent in zip(indices, p.images, p.shown, p.peak, p.total, p.silent):
@@ -132,16 +148,22 @@ def plot_reconstructions(run, indices, layer, channel, path, figures_dir, top1=F
              f"above each reconstruction: the channel's activation on the image, max over positions (sum)\n"
              f"({display}; {run.caption})")
     name = (f"{layer}_channel{channel}_reconstructions" + ("" if path == "both" else f"_{path}")
-            + method_suffix(method) + ("_top1" if top1 else "") + ("" if scale == "image" else f"_{scale}scale") + ".png")
-    return save_panels(Path(figures_dir) / name, panels, title, cols=2 * grid_shape(len(indices))[1])
+            + method_suffix(method) + ("_top1" if top1 else "") + ("" if scale == "image" else f"_{scale}scale")
+            + (cli.name_suffix(figure, RECONSTRUCTION_NAMED) if figure else ""))
+    png = save_panels(Path(figures_dir) / f"{name}.png", panels, title, cols=2 * grid_shape(len(indices))[1])
+    if figure is None:
+        return [png]
+    return [png, save_json(Path(figures_dir) / f"{name}.json", {
+        "figure": figure, "layer": layer, "channel": channel, "path": path, "method": method, "top1": top1,
+        "scale": scale, "images": list(indices), "activation": p.peak.tolist(), "sum": p.total.tolist()})]
 
 
-def reconstructions_main(doc, argv, layer, channel, path=None):
-    """main() of the three reconstruction scripts: test images 4531-4546 beside their projections from
-    `layer`/`channel`, through `path` at the residual sums (None: the --path flag, default both)."""
-    parser = cli.plot_parser(doc, images="4531-4546", layer=layer, channel=channel,
+def reconstructions_main(doc, argv, script, layer, channel, path=None):
+    """main() of the three reconstruction scripts (`script`: its __file__): test images 4531-4546 beside their
+    projections from `layer`/`channel`, through `path` at the residual sums (None: the --path flag, default both)."""
+    parser = cli.plot_parser(doc, script=script, images="4531-4546", layer=layer, channel=channel,
                              path="both" if path is None else None, top1=False, scale="image", method="deconvnet")
     args = parser.parse_args(argv)
     run = parser.load(args)
-    return [plot_reconstructions(run, args.images, args.layer, args.channel, path or args.path,
-                                 args.figures_dir, args.top1, args.scale, args.method)]
+    return plot_reconstructions(run, args.images, args.layer, args.channel, path or args.path, args.figures_dir,
+                                args.top1, args.scale, args.method, parser.figure_record(args, "reconstructions", run))

@@ -3,12 +3,16 @@
     page.write_page(figures_dir, checkpoint, device)   # plot_all.py calls it last; -> the page's path
 
 The page is rebuilt from the files in the folder, not from what this process drew, so nothing drawn by
-a single script, by an earlier run or by a script newer than this module goes missing: the files it
-knows by their names (FIGURES) go into sections in the README's order, each PNG with a caption saying
-what it shows and the command that draws it (the flags its file name and its JSON carry), the files
-beside it (same stem: .json, .pt) linked; every other file lands in a last section, "Other files".
-The atlas's units become one sortable table, the sanity checks and the trust table tables of numbers
-(the trust table's each a mean with its standard error).
+a single script, by an earlier run or by a script newer than this module goes missing. Every plot
+script writes beside each PNG a JSON of the same name whose "figure" is its cli.figure_record (the
+figure's kind, flags, the command that draws it again and the checkpoint it came from); the page reads
+nothing from file names. By its kind (KINDS) a figure goes into a section in the README's order, with
+a caption saying what it shows (from its JSON; a --quick run's says so and on how many images its
+numbers rest) and the record's command, the files beside it (same stem: .json, .pt) linked. A figure
+whose record names another checkpoint, or this one at another iteration, is shown apart, under that
+checkpoint ("Figures of other checkpoints"); every file without a record lands in "Other files". The
+atlas's units become one sortable table, the sanity checks and the trust table tables of numbers (the
+trust table's each a mean with its standard error).
 
 Plain HTML, CSS and a few lines of script, all in the one file. Every link is a file of the folder or
 an anchor of the page, so the folder can be zipped and sent. Everything from the checkpoint, the data
@@ -27,11 +31,12 @@ from urllib.parse import quote
 
 from cifar10 import dataset_root, describe_dataset
 from utils import UserError
+from visualize import cli
 from visualize.context import load_run
 from visualize.drawing import METHOD_TITLES, format_indices
+from visualize.progress import PROGRESS_FIGURES
 
 PAGE = "index.html"
-LAYER = r"(?P<layer>conv1|conv[2-5]_x)"
 SECTIONS = {  # id: heading, in the README's order
     "progress": "Learning progress",
     "maps": "Filters and feature maps",
@@ -42,6 +47,7 @@ SECTIONS = {  # id: heading, in the README's order
     "evidence": "Class evidence",
     "training": "What it learned, and when",
     "zeiler_fergus": "Invariance and occlusion (Zeiler & Fergus)",
+    "elsewhere": "Figures of other checkpoints",
     "other": "Other files",
 }
 WIDE_SECTIONS = {"reconstructions", "atlas", "trust", "evidence", "training", "zeiler_fergus"}  # two a row on a laptop
@@ -49,141 +55,142 @@ METHOD_SUBSECTIONS = {"deconvnet": "Deconvnet (Zeiler & Fergus, the report's)", 
                       "gradient": "The plain gradient"}
 
 
-def command(script, *flags):
-    """'python script.py --a 1 --b': the flags given as (flag, value) pairs, value None for a switch, a
-    pair with value False left out."""
-    words = [f"python {script}"]
-    for flag, value in flags:
-        if value is not False:
-            words.append(flag if value is None else f"{flag} {value}")
-    return " ".join(words)
+# ------------------------------------------------------------------- each kind of figure, from its record
+# Each describer gets the JSON beside the PNG (its "figure" key: cli.figure_record) and returns
+# (subsection or None, caption); the command is the record's own.
 
-
-# ------------------------------------------------------------------- each kind of figure, by file name
-# Each describer gets the file name's match and the JSON beside the PNG (or None) and returns
-# (subsection or None, caption, command).
-
-def progress_figure(m, record):
-    what = {"accuracy": "accuracy", "loss": "cross-entropy loss"}[m["what"]]
+def progress_figure(record):
+    split, _, what = str(record.get("curve", "")).partition("_")
+    what = {"accuracy": "accuracy", "loss": "cross-entropy loss"}.get(what, what)
     caption = (f"Training {what} of every batch (faint) and its mean over windows of iterations, against the "
-               f"iteration." if m["split"] == "train" else f"Test {what} on the whole test split after every epoch.")
-    return None, caption, command("plot_learning_progress.py") + "  (train.py draws it too, as it trains)"
+               f"iteration." if split == "train" else f"Test {what} on the whole test split after every epoch.")
+    return None, caption + " train.py draws it too, as it trains."
 
 
-def filters_figure(m, record):
-    if m["channel"] is None:
-        caption = "conv1's filters as RGB images, one display scale for the whole grid, grey = 0."
-    else:
-        caption = (f"conv1's filters on input channel {m['channel']} ({'RGB'[int(m['channel'])]} of the image), "
-                   f"one colour scale symmetric around 0.")
-    return None, caption, command("plot_conv1_filters.py")
+def filters_figure(record):
+    channel = record.get("input_channel")
+    if channel is None:
+        return None, "conv1's filters as RGB images, one display scale for the whole grid, grey = 0."
+    return None, (f"conv1's filters on input channel {channel} ({'RGB'[int(channel)]} of the image), one colour "
+                  f"scale symmetric around 0.")
 
 
-def feature_maps_figure(m, record):
-    layer, channels = m["layer"], m["channels"]
-    shown = (f"channels {channels} of its {layer} feature maps, each labelled with its maximum" if channels else
+def feature_maps_figure(record):
+    layer, chosen = record.get("layer"), record["figure"]["flags"].get("--channels") not in (None, "auto")
+    shown = (f"channels {format_indices(record.get('channels', []))} of its {layer} feature maps, each labelled with "
+             f"its maximum" if chosen else
              f"its {layer} feature maps (where the stage has more than 64: the 64 most active, labelled)")
-    script = "plot_conv1_feature_map.py" if layer == "conv1" else "plot_conv5_feature_map.py"
-    return None, f"Test image {m['image']} and {shown}, on one colour scale.", command(
-        script, ("--image-index", m["image"]), ("--layer", layer), ("--channels", channels or False))
+    return None, f"Test image {record.get('image')} and {shown}, on one colour scale."
 
 
-def reconstructions_figure(m, record):
-    method = m["method"] or "deconvnet"
-    path = m["path"]
-    through = "" if m["layer"] == "conv1" else f", through {('the ' + path) if path else 'both branches'} of each residual sum"
-    scale = ("one display scale for all panels, so strengths compare" if m["shared"] else
+def reconstructions_figure(record):
+    method, path, layer = record.get("method", "deconvnet"), record.get("path", "both"), record.get("layer")
+    through = "" if layer == "conv1" else f", through {'both branches' if path == 'both' else 'the ' + str(path)} of " \
+                                          f"each residual sum"
+    scale = ("one display scale for all panels, so strengths compare" if record.get("scale") == "shared" else
              "each scaled to its own max|r|")
-    caption = (f"{m['layer']} channel {m['channel']}: the {METHOD_TITLES[method]}"
-               f"{' of its strongest activation (top-1)' if m['top1'] else ''}{through}, beside each test image, "
-               f"headed by the channel's activation on it; {scale}, grey = 0.")
-    script = {None: "plot_conv1_reconstructed_pattern.py", "shortcut": "plot_conv5_reconstructed_pattern_shortcut.py",
-              "trunk": "plot_conv5_reconstructed_pattern_trunk.py"}[path]
-    return METHOD_SUBSECTIONS[method], caption, command(
-        script, ("--layer", m["layer"]), ("--channel", m["channel"]), ("--method", m["method"] or False),
-        ("--top1", None if m["top1"] else False), ("--scale", "shared" if m["shared"] else False))
+    caption = (f"{layer} channel {record.get('channel')}: the {METHOD_TITLES.get(method, method)}"
+               f"{' of its strongest activation (top-1)' if record.get('top1') else ''}{through}, beside test images "
+               f"{format_indices(record.get('images', []))}, each headed by the channel's activation on it; {scale}, "
+               f"grey = 0.")
+    return METHOD_SUBSECTIONS.get(method, method), caption
 
 
-def atlas_figure(m, record):
-    method = m["method"] or "deconvnet"
-    units = (record or {}).get("units", [])
-    ablated = units[0]["ablation"]["images"] if units and "ablation" in units[0] else None
-    caption = (f"The atlas of {m['layer']}: for each channel the 9 test images with its largest single activation, "
-               f"the top-1 {METHOD_TITLES[method]} beside each image, cropped to the unit's receptive field; above "
-               f"each block its leading class, class selectivity and the accuracy lost when it is set to 0"
-               f"{f' (first {ablated} test images)' if ablated else ''}. Every unit's numbers: the table above.")
-    channels = format_indices([unit["channel"] for unit in units]) if units else False
-    return None, caption, command("plot_unit_atlas.py", ("--layer", m["layer"]), ("--channels", channels),
-                                  ("--method", m["method"] or False), ("--ablation-images", ablated or False))
+def atlas_ablated(record):
+    units = record.get("units") or [{}]
+    return (units[0].get("ablation") or {}).get("images")
 
 
-def gradient_pattern_figure(m, record):
-    caption = (f"The report's gradient pattern: from the test image that excites {m['layer']} channel {m['channel']} "
-               f"most (the sum of its feature map), Adam on the input raises that sum; the start, the pattern, "
-               f"and their difference (grey = 0).")
-    return None, caption, command("plot_gradient_pattern.py", ("--layer", m["layer"]), ("--channel", m["channel"]))
+def atlas_figure(record):
+    method, ablated = record.get("method", "deconvnet"), atlas_ablated(record)
+    caption = (f"The atlas of {record.get('layer')}: for each channel the 9 test images with its largest single "
+               f"activation, the top-1 {METHOD_TITLES.get(method, method)} beside each image, cropped to the unit's "
+               f"receptive field; above each block its leading class, class selectivity and the accuracy lost when it "
+               f"is set to 0{f' (first {ablated} test images)' if ablated else ''}. Every unit's numbers: the table "
+               f"above.")
+    return None, caption
 
 
-def feature_visualization_figure(m, record):
-    objective = "its centre unit" if m["neuron"] else "its mean over the feature map"
-    start = ("from the test image that excites it most, beside the report's pattern from the same image" if m["top"]
-             else "from the data's mean colour")
-    caption = (f"Feature visualization of {m['layer']}: for each channel an image optimised to excite {objective}, a "
-               f"1/f Fourier image made robust to small shifts, zooms and rotations, {start}.")
-    return None, caption, command("plot_feature_visualization.py", ("--layer", m["layer"]),
-                                  ("--objective", "neuron" if m["neuron"] else False),
-                                  ("--start", "top" if m["top"] else False))
+def gradient_pattern_figure(record):
+    layer, channel = record.get("layer"), record.get("channel")
+    start = (f"test image {record['image']}" if record["figure"]["flags"].get("--image-index") is not None else
+             f"test image {record.get('image')}, the one that excites {layer} channel {channel} most (the sum of its "
+             f"feature map)")
+    return None, (f"The report's gradient pattern of {layer} channel {channel}: from {start}, {record.get('steps')} Adam "
+                  f"steps on the input raise that sum; the start, the pattern, and their difference (grey = 0).")
 
 
-def sanity_figure(m, record):
-    record = record or {}
-    caption = (f"Sanity checks (Adebayo et al. 2018) of {m['layer']} channel {m['channel']}: every technique "
-               f"redrawn as the stages are re-initialised from {m['layer']} down, under each picture its Spearman "
-               f"similarity to the trained network's (1: unchanged, 0: unrelated); the numbers below.")
-    images = format_indices(record["images"]) if record.get("images") else False
-    return None, caption, command("plot_sanity_checks.py", ("--layer", m["layer"]), ("--channel", m["channel"]),
-                                  ("--images", images), ("--seed", record.get("seed", False)))
+def feature_visualization_figure(record):
+    objective = "its centre unit" if record.get("objective") == "neuron" else "its mean over the feature map"
+    start = ("from the test image that excites it most, beside the report's pattern from the same image"
+             if record.get("start") == "top" else "from the data's mean colour")
+    return None, (f"Feature visualization of {record.get('layer')} channels "
+                  f"{format_indices(record.get('channels', []))}: for each an image optimised to excite {objective}, a "
+                  f"1/f Fourier image made robust to small shifts, zooms and rotations, {start}.")
 
 
-def trust_figure(m, record):
-    caption = ("The trust table: each technique, unit pictures and class maps alike, by how much it depends on the "
-               "weights and on the class and how faithful it is, beside a random map and an edge map; the numbers "
-               "below, from its JSON.")
-    return None, caption, command("plot_trust.py") + (f"  (file-name suffix: {m['rest']})" if m["rest"] else "")
+def sanity_figure(record):
+    layer = record.get("layer")
+    return None, (f"Sanity checks (Adebayo et al. 2018) of {layer} channel {record.get('channel')}: every technique "
+                  f"redrawn as the stages are re-initialised from {layer} down, under each picture its Spearman "
+                  f"similarity to the trained network's (1: unchanged, 0: unrelated), a mean over test images "
+                  f"{format_indices(record.get('images', []))}; the numbers below.")
 
 
-def class_evidence_figure(m, record):
-    caption = ("Class evidence: test images with their true and predicted class and its probability, and for each "
-               "method the map of the pixels that made the prediction.")
-    return None, caption, command("plot_class_evidence.py") + (f"  (file-name suffix: {m['rest']})" if m["rest"] else "")
+def trust_figure(record):
+    return None, ("The trust table: each technique, unit pictures and class maps alike, by how much it depends on the "
+                  "weights (and on the class, on test images "
+                  f"{format_indices(record.get('dependence_images', []))}) and how faithful it is (on the first "
+                  f"{record.get('count')} test images), beside a random map and an edge map; the numbers below.")
 
 
-def invariance_figure(m, record):
+def class_evidence_figure(record):
+    return None, (f"Class evidence: test images {format_indices(record.get('images', []))} with their true and "
+                  f"predicted class and its probability, and for each method the map of the pixels that made the "
+                  f"prediction.")
+
+
+def quick_basis(kind, record):
+    """What a --quick figure's numbers rest on, in words (how many images, or steps); None where its
+    kind has no --quick."""
+    if kind == "atlas":
+        return f"the accuracy drops on {atlas_ablated(record)} test images"
+    if kind == "sanity":
+        return f"the similarities on {len(record.get('images', []))} test images"
+    if kind == "feature_visualization":
+        return f"{record.get('steps')} optimisation steps"
+    if kind == "trust":
+        return (f"faithfulness on {record.get('count')} test images, the weights and class on "
+                f"{len(record.get('dependence_images', []))}")
+    return None
+
+
+def invariance_figure(record):
     caption = ("Invariance: test images shifted vertically, scaled and rotated; against each, how far the representation "
                "moves from the original's at conv1, conv5_x and the pooled features (divided by its norm), and the "
                "probability of the true class; a line an image, black their mean ± its standard error.")
-    return None, caption, (record or {}).get("figure", {}).get("command", command("plot_invariance.py"))
+    return None, caption
 
 
-def occlusion_figure(m, record):
+def occlusion_figure(record):
     caption = ("Occlusion: a grey square slid over each test image; where it is, the activation of the image's "
                "strongest conv5_x channel, the probability of the true class and the most probable class, with that "
                "channel's projection to the pixels: does the network look at the object or at its context?")
-    return None, caption, (record or {}).get("figure", {}).get("command", command("plot_occlusion.py"))
+    return None, caption
 
 
-def dynamics_figure(m, record):
+def dynamics_figure(record):
     caption = ("Learning dynamics from the run's snapshots: each stage's linear CKA to its last snapshot (when it "
                "converges), a linear probe's test accuracy and its mean class selectivity, and Grad-CAM's and the "
                "gradient's class test and ROAD gap, against the epoch.")
-    return None, caption, (record or {}).get("figure", {}).get("command", command("plot_learning_dynamics.py"))
+    return None, caption
 
 
-def evolution_figure(m, record):
-    caption = (f"How units of {m['layer']} change through training (Zeiler & Fergus's Figure 4): per channel and "
+def evolution_figure(record):
+    caption = (f"How units of {record.get('layer')} change through training (Zeiler & Fergus's Figure 4): per channel and "
                f"snapshot, the strongest activation over the test split projected back to the pixels, beside its "
                f"image patch, cropped to the receptive field.")
-    return None, caption, (record or {}).get("figure", {}).get("command", command("plot_feature_evolution.py"))
+    return None, caption
 
 
 # ------------------------------------------------------------------- HTML pieces
@@ -402,28 +409,24 @@ def run_description(run, checkpoint, note=""):
 
 # ------------------------------------------------------------------- the page
 
-# (section, file-name pattern of the PNG, describer, the table of its JSON's numbers or None), in the
-# order the page shows them.
-FIGURES = [
-    ("progress", r"(?P<split>train)_(?P<what>accuracy|loss)", progress_figure, None),
-    ("progress", r"(?P<split>test)_(?P<what>accuracy|loss)", progress_figure, None),
-    ("maps", r"conv1_filters_(?:input_channel(?P<channel>[0-2])|rgb)", filters_figure, None),
-    ("maps", rf"{LAYER}_feature_maps_image(?P<image>\d+)(?:_channels(?P<channels>[\d,-]+))?", feature_maps_figure, None),
-    ("reconstructions", rf"{LAYER}_channel(?P<channel>\d+)_reconstructions(?:_(?P<path>shortcut|trunk))?"
-                        rf"(?:_(?P<method>guided|gradient))?(?P<top1>_top1)?(?P<shared>_sharedscale)?",
-     reconstructions_figure, None),
-    ("atlas", rf"atlas_{LAYER}(?:_(?P<method>guided|gradient))?", atlas_figure, None),  # one table for all stages
-    ("featurevis", rf"gradient_pattern_{LAYER}_channel(?P<channel>\d+)", gradient_pattern_figure, None),
-    ("featurevis", rf"feature_visualization_{LAYER}(?P<neuron>_neuron)?(?P<top>_top)?", feature_visualization_figure,
-     None),
-    ("trust", rf"sanity_{LAYER}_channel(?P<channel>\d+)(?P<rest>.*)", sanity_figure, sanity_table),
-    ("trust", r"trust(?P<rest>.*)", trust_figure, trust_table),
-    ("evidence", r"class_evidence(?P<rest>.*)", class_evidence_figure, json_table),
-    ("zeiler_fergus", r"invariance(?P<rest>.*)", invariance_figure, None),
-    ("zeiler_fergus", r"occlusion(?P<rest>.*)", occlusion_figure, None),
-    ("training", r"dynamics(?P<rest>.*)", dynamics_figure, None),
-    ("training", rf"evolution_{LAYER}(?P<rest>.*)", evolution_figure, None),
-]
+# kind (cli.figure_record's "kind"): (section, describer, the table of its JSON's numbers or None), in
+# the order the page shows them
+KINDS = {
+    "progress": ("progress", progress_figure, None),
+    "conv1_filters": ("maps", filters_figure, None),
+    "feature_maps": ("maps", feature_maps_figure, None),
+    "reconstructions": ("reconstructions", reconstructions_figure, None),
+    "atlas": ("atlas", atlas_figure, None),  # one table for all stages
+    "gradient_pattern": ("featurevis", gradient_pattern_figure, None),
+    "feature_visualization": ("featurevis", feature_visualization_figure, None),
+    "sanity": ("trust", sanity_figure, sanity_table),
+    "trust": ("trust", trust_figure, trust_table),
+    "class_evidence": ("evidence", class_evidence_figure, json_table),
+    "feature_evolution": ("training", evolution_figure, None),
+    "learning_dynamics": ("training", dynamics_figure, None),
+    "invariance": ("zeiler_fergus", invariance_figure, None),
+    "occlusion": ("zeiler_fergus", occlusion_figure, None),
+}
 # The reconstructions' subsections in this order, whatever the file names' order
 SUBSECTION_ORDER = list(METHOD_SUBSECTIONS.values())
 
@@ -437,29 +440,78 @@ class Figure(NamedTuple):
     numbers: str  # HTML: the table of its JSON's numbers, or ''
 
 
-def classify_files(folder):
+def figure_of(record):
+    """A JSON's figure_record, if it has one the page can read (a dict with a kind, flags and a command)."""
+    figure = (record or {}).get("figure")
+    if isinstance(figure, dict) and isinstance(figure.get("flags"), dict) and isinstance(figure.get("command"), str):
+        return figure
+    return None
+
+
+def same_run(figure, checkpoint, iteration):
+    """Whether a figure_record is of the page's run: the same checkpoint file, trained as far."""
+    try:
+        same_file = Path(figure.get("checkpoint", "")).resolve() == Path(checkpoint).resolve()
+    except (OSError, TypeError, ValueError):
+        return False
+    return same_file and figure.get("iteration", iteration) == iteration
+
+
+def elsewhere_heading(figure):
+    """The subsection of the figures another checkpoint drew: which one, and how far it was trained."""
+    iteration = figure.get("iteration")
+    return (f"Drawn from {figure.get('checkpoint', 'an unknown checkpoint')}"
+            + (f" at iteration {iteration}" if iteration is not None else "") + ", not this page's run")
+
+
+def order(kind, record, subsection):
+    """Where a figure goes among those of its section: by kind (KINDS' order), then the learning curves
+    in train.py's order and the reconstructions by method; ties by name."""
+    if kind == "progress":
+        curve = record.get("curve")
+        return list(KINDS).index(kind), PROGRESS_FIGURES.index(curve) if curve in PROGRESS_FIGURES else 0
+    if subsection in SUBSECTION_ORDER:
+        return list(KINDS).index(kind), SUBSECTION_ORDER.index(subsection)
+    return list(KINDS).index(kind), 0
+
+
+def classify_files(folder, checkpoint=None, iteration=None):
     """The folder's files: ({section: [Figure, ...]}, {atlas PNG: its JSON record}, [every other
-    file's name]), each section in FIGURES' order, and within a kind by name."""
+    file's name]). A PNG goes into a section by the figure_record in the JSON beside it (its kind),
+    described from that JSON; one whose record names another checkpoint than `checkpoint` (None: any),
+    or the same one trained to another iteration, goes into "elsewhere", under its checkpoint; one
+    without a record the page knows is among the others. Each section in KINDS' order."""
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != PAGE and not p.name.startswith("."))
     stems = {}
     for name in names:
         stems.setdefault(name.rsplit(".", 1)[0], []).append(name)
-    claimed, sections, atlas_records = set(), {key: [] for key in SECTIONS}, {}
-    for section, pattern, describe, numbers in FIGURES:
-        for name in names:
-            m = re.fullmatch(pattern + r"\.png", name)
-            if not m or name in claimed:
-                continue
-            stem = name[:-len(".png")]
-            beside = [other for other in stems[stem] if other != name]
-            record = read_json(folder / f"{stem}.json") if f"{stem}.json" in beside else None
-            subsection, caption, cmd = describe(m, record)
-            table_html = numbers(record) if numbers and record else ""
-            sections[section].append(Figure(name, subsection, caption, cmd, beside, table_html))
-            claimed.update([name, *beside])
-            if section == "atlas" and record:
-                atlas_records[name] = record
-    sections["reconstructions"].sort(key=lambda f: SUBSECTION_ORDER.index(f.subsection))  # stable
+    claimed, found, atlas_records = set(), {key: [] for key in SECTIONS}, {}
+    for name in names:
+        stem = name[:-len(".png")]
+        if not name.endswith(".png") or f"{stem}.json" not in stems[stem]:
+            continue
+        record = read_json(folder / f"{stem}.json")
+        figure = figure_of(record)
+        if figure is None or figure.get("kind") not in KINDS:
+            continue
+        section, describe, numbers = KINDS[figure["kind"]]
+        subsection, caption = describe(record)
+        basis = quick_basis(figure["kind"], record) if cli.is_quick(figure) else None
+        if basis:
+            caption = f"The quick run, a first look: {basis}. {caption}"
+        ours = checkpoint is None or same_run(figure, checkpoint, iteration)
+        if not ours:
+            section, subsection = "elsewhere", elsewhere_heading(figure)
+        elif section == "atlas":
+            atlas_records[name] = record
+        beside = [other for other in stems[stem] if other != name]
+        rank = order(figure["kind"], record, subsection)
+        found[section].append(((rank, name) if ours else (subsection, rank, name),
+                               Figure(name, subsection, caption, figure["command"], beside,
+                                      numbers(record) if numbers else "")))
+        claimed.update([name, *beside])
+    sections = {key: [figure for _, figure in sorted(entries, key=lambda entry: entry[0])]
+                for key, entries in found.items()}
     return sections, atlas_records, [name for name in names if name not in claimed]
 
 
@@ -498,8 +550,9 @@ def section_body(folder, figures, grid):
 
 
 def other_files(folder, names):
-    """The files the page does not know by name: a PNG shown as a figure, anything else linked."""
-    figures = [Figure(name, None, "A figure this page does not know by its name.", "", [], "")
+    """The files the page cannot describe: a PNG shown as a figure, anything else linked."""
+    figures = [Figure(name, None, "A figure without a record of what drew it (a JSON beside it, of the same name, "
+                                  "with its \"figure\"): this page cannot say what it shows.", "", [], "")
                for name in names if name.endswith(".png")]
     files = "".join(f'<li><a href="{href(name)}">{e(name)}</a></li>' for name in names if not name.endswith(".png"))
     return (section_body(folder, figures, "grid") if figures else "") + (
@@ -508,7 +561,7 @@ def other_files(folder, names):
 
 def page_html(folder, run, checkpoint):
     folder = Path(folder)
-    sections, atlas_records, others = classify_files(folder)
+    sections, atlas_records, others = classify_files(folder, checkpoint, run.checkpoint.get("iteration"))
     by_layer = {}  # one atlas JSON a stage for the table: the deconvnet's where several methods were drawn
     for png, record in atlas_records.items():
         layer = record.get("layer", png)
@@ -522,7 +575,13 @@ def page_html(folder, run, checkpoint):
             body, count = other_files(folder, others), len(others)
         else:
             figures = sections[key]
+            if key == "elsewhere" and not figures:
+                continue
             body = section_body(folder, figures, "grid wide" if key in WIDE_SECTIONS else "grid")
+            if key == "elsewhere":
+                body = ('<p class="note">Figures in this folder that a run drew from another checkpoint, or from '
+                        'this one at another iteration: each under the checkpoint its record names. They do not '
+                        'show this page\'s run.</p>' + body)
             body, count = (atlas_table(list(by_layer.values())) if key == "atlas" else "") + body, len(figures)
         nav.append(f'<a href="#{key}">{e(heading)} <span>{count}</span></a>')
         parts.append(f'<section id="{key}"><h2>{e(heading)}</h2>{body}</section>')
@@ -534,9 +593,9 @@ def page_html(folder, run, checkpoint):
             f'{"".join(parts)}</main><script>{SCRIPT}</script></body></html>\n')
 
 
-NOTE = ('<p class="note">Rebuilt by plot_all.py from the files in this folder. Each caption gives the command '
-        'that draws the figure, from the flags its file name (and its JSON) carry; every command also takes the '
-        'run\'s --checkpoint and --data-dir. Click a figure for the full-size file.</p>')
+NOTE = ('<p class="note">Rebuilt by plot_all.py from the files in this folder: each figure is described from the '
+        'JSON beside it, which records what drew it, and its caption gives the command that draws it again. '
+        'Click a figure for the full-size file.</p>')
 
 
 def write_page(figures_dir, checkpoint, device, data_dir=None, synthetic=None):

@@ -8,7 +8,7 @@ import torch
 
 from checkpoint import curve_window, window_means
 from cifar10 import SYNTHETIC_NAME
-from visualize.drawing import new_figure, save, wrap_title
+from visualize.drawing import new_figure, save, save_json, wrap_title
 
 
 def epoch_last_iterations(history):
@@ -61,10 +61,12 @@ def progress_curves(history):
 PROGRESS_FIGURES = ("train_accuracy", "train_loss", "test_accuracy", "test_loss")  # each NAME.png
 
 
-def save_progress_figures(history, figures_dir, title):
+def save_progress_figures(history, figures_dir, title, figure=None):
     """The report's four learning-progress figures, against iterations, for a run of any length: a train
     curve is the mean of each window of curve_window(n) iterations over every iteration drawn faint (as a
-    min..max band where there are more iterations than pixel columns); the legend names what is drawn."""
+    min..max band where there are more iterations than pixel columns); the legend names what is drawn.
+    With `figure` (plot_learning_progress.py's cli.figure_record) a JSON beside each holds it and what
+    the curve is. Returns the paths."""
     paths = []
     for name, curve in progress_curves(history).items():
         fig = new_figure(6, 4, dpi=100)
@@ -89,6 +91,9 @@ def save_progress_figures(history, figures_dir, title):
         ax.grid(alpha=0.3)
         fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.88)  # room for a two-line title
         paths.append(save(fig, Path(figures_dir) / f"{name}.png", quiet=True))  # train.py draws them as it runs
+        if figure is not None:
+            paths.append(save_json(Path(figures_dir) / f"{name}.json", {"figure": figure, "curve": name,
+                                                                        "what": curve["what"]}))
     return paths
 
 

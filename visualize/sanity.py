@@ -24,7 +24,6 @@ mean, not counted as 0. Where only the redrawn picture is constant (the re-initi
 where the trained one fired) it kept none of the ranking: rho 0 (similarities).
 """
 import copy
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +33,10 @@ import torch
 from cifar10 import dataset_root
 from data import denormalize, normalize
 from model import METHODS, STAGES, ResNet
+from visualize import cli
 from visualize.ascent import gradient_ascent
 from visualize.context import memo
-from visualize.drawing import format_indices, save_table, signed_to_display, to_display, wrap_title
+from visualize.drawing import format_indices, save_json, save_table, signed_to_display, to_display, wrap_title
 from visualize.featurevis import FV_LR, colour_statistics, feature_visualization
 from visualize.scoring import channel_scores
 
@@ -46,6 +46,8 @@ TECHNIQUES = (*METHODS, "feature visualization", "gradient pattern")
 # seeds (docs/figures.md: measured), and the gradient pattern's steps were most of plot_all.py's time
 PATTERN_STEPS = 25   # gradient_ascent's lr 0.05 and penalty 0.01
 SANITY_FV_STEPS = 40
+IMAGES = "4531-4546"  # plot_sanity_checks.py's test images (and plot_trust.py's)
+QUICK_IMAGES = "4531-4534"  # a --quick run's: a first look, its similarities means over few images
 
 
 # --------------------------------------------------------------------------- the measure
@@ -250,11 +252,15 @@ def unit_sanity_checks(run, layer, channel, indices, seed=0, fv_steps=SANITY_FV_
     return memo(("sanity checks", run.key, layer, channel, tuple(indices), seed, fv_steps, pattern_steps), compute)
 
 
+SANITY_NAMED = ("--layer", "--channel")  # the flags its file names write their way
+
+
 def plot_sanity_checks(run, layer, channel, indices, figures_dir, seed=0, fv_steps=SANITY_FV_STEPS,
-                       pattern_steps=PATTERN_STEPS):
+                       pattern_steps=PATTERN_STEPS, figure=None):
     """plot_sanity_checks.py: sanity_checks for the test images `indices`, drawn for the one of them
     the channel responds to most (its feature-map sum, the report's criterion), and written as
-    figures_dir/sanity_<layer>_channel<c>.png and .json. Prints the table; returns both paths."""
+    figures_dir/sanity_<layer>_channel<c>.png and .json. Prints the table; returns both paths. With
+    `figure` (a cli.figure_record) the JSON holds it and the file names carry its other flags."""
     checks = unit_sanity_checks(run, layer, channel, indices, seed, fv_steps, pattern_steps)
     x = normalize(run.images[indices].to(run.device))
     with torch.inference_mode():
@@ -280,13 +286,12 @@ def plot_sanity_checks(run, layer, channel, indices, figures_dir, seed=0, fv_ste
         f"sanity checks (Adebayo et al. 2018): {layer} channel {channel} as each column's network draws it; "
         f"column k re-initialises the stages from {layer} down (init_weights, seed {seed})",
         f"under each: Spearman rho of sum over colour |r| against the trained network's, mean over test images "
-        f"{format_indices(indices)} (n/a: constant, a silent unit); drawn for the top one",
+        f"{format_indices(indices)}{' (the quick run: few images)' if cli.is_quick(figure) else ''} (n/a: constant, a "
+        f"silent unit); drawn for the top one",
         f"r shown as 0.5 + r / (2 max|r|), grey 0: the reconstructions; the feature visualization ({fv_steps} "
         f"steps) and the gradient pattern ({pattern_steps} steps) minus their start", run.caption))
     figures_dir = Path(figures_dir)
-    png = save_table(figures_dir / f"sanity_{layer}_channel{channel}.png", cells, title, columns, list(TECHNIQUES))
-    json_path = figures_dir / f"sanity_{layer}_channel{channel}.json"
+    name = f"sanity_{layer}_channel{channel}" + (cli.name_suffix(figure, SANITY_NAMED) if figure else "")
+    png = save_table(figures_dir / f"{name}.png", cells, title, columns, list(TECHNIQUES))
     record = sanity_record(layer, channel, indices, seed, checks)
-    json_path.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    print(f"wrote {json_path}")
-    return [png, json_path]
+    return [png, save_json(figures_dir / f"{name}.json", {"figure": figure, **record} if figure else record, indent=1)]

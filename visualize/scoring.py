@@ -58,55 +58,37 @@ class UnitScores:
         return self.sum / (self.size[0] * self.size[1])
 
 
-@dataclass
-class PassScores:
-    """What one batched pass over N images measures: every channel of some stages, and the logits."""
-    units: dict                 # {stage: UnitScores}
-    logits: torch.Tensor = None  # (N, classes) on the CPU, the network's output (None if not asked for)
-
-
 def default_batch_size(device):
     """Rows a pass where the caller does not say: 100 on a CPU (fastest on 2 cores: the activations stay
     in cache; 500 rows take 1.3x as long an image, width 64, AMD EPYC), 1000 on a GPU."""
     return 100 if device.type == "cpu" else 1000
 
 
-def score_pass(model, images, layers, batch_size=None, logits=False):
-    """Score every channel of every stage in `layers` on every image, in one batched pass; with
-    logits, also run the classifier on the last stage (the layers then must end at conv5_x's
-    output: every stage is run).
+def score_units(model, images, layers, batch_size=None):
+    """Score every channel of every stage in `layers` on every image, in one batched pass: {layer:
+    UnitScores}.
 
     images: uint8 (N, 3, 32, 32) as load_cifar10 returns them, on any device; they are normalized
     here, batch by batch, on the model's device, and the stages run once, up to the deepest in
-    `layers` (all of them with logits), under inference mode, default_batch_size rows a pass unless
-    batch_size says. Returns PassScores.
+    `layers`, under inference mode, default_batch_size rows a pass unless batch_size says.
     """
     device = next(model.parameters()).device
     batch_size = batch_size or default_batch_size(device)
     layers = sorted(set(layers), key=STAGES.index)
-    last = STAGES[-1] if logits else layers[-1]
     parts = {layer: [] for layer in layers}
-    sizes, outputs = {}, []
+    sizes = {}
     with torch.inference_mode():
         for start in tqdm(range(0, len(images), batch_size), desc=f"scoring {', '.join(layers)}",
                           unit="batch", leave=False, dynamic_ncols=True):
             x = normalize(images[start:start + batch_size].to(device))
-            for name, out in stage_outputs(model, x, last):
+            for name, out in stage_outputs(model, x, layers[-1]):
                 if name in parts:
                     sizes[name] = tuple(out.shape[-2:])
                     flat = out.flatten(2).float()
                     peak, where = flat.max(2)
                     parts[name].append((peak.cpu(), where.int().cpu(), flat.sum(2).cpu()))
-            if logits:
-                outputs.append(model.head(out).float().cpu())
-    units = {layer: UnitScores(*(torch.cat(column) for column in zip(*parts[layer])), size=sizes[layer])
-             for layer in layers}
-    return PassScores(units, torch.cat(outputs) if logits else None)
-
-
-def score_units(model, images, layers, batch_size=None):
-    """score_pass's {layer: UnitScores}: every channel of every stage in `layers`, in one pass."""
-    return score_pass(model, images, layers, batch_size).units
+    return {layer: UnitScores(*(torch.cat(column) for column in zip(*parts[layer])), size=sizes[layer])
+            for layer in layers}
 
 
 def top_k(values, k):

@@ -43,7 +43,6 @@ scattered pixels into the mean colour takes an image out of the data the network
 map can "delete" best (it does on the gallery's network), the bias ROAD's imputation was made to
 remove; deletion and insertion are shown beside it.
 """
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -55,10 +54,10 @@ from tqdm import tqdm
 
 from data import normalize
 from model import STAGES
-from visualize import faithfulness, sanity
+from visualize import cli, faithfulness, sanity
 from visualize.attribution import attribute
 from visualize.context import class_maps
-from visualize.drawing import format_indices, save_text_table, wrap_title
+from visualize.drawing import format_indices, save_json, save_text_table, wrap_title
 
 # The class maps of the table: (row name, attribute's method, its stage); attribute's default options
 CLASS_MAPS = (("Grad-CAM conv4_x", "gradcam", "conv4_x"), ("Grad-CAM conv3_x", "gradcam", "conv3_x"),
@@ -67,10 +66,11 @@ CLASS_MAPS = (("Grad-CAM conv4_x", "gradcam", "conv4_x"), ("Grad-CAM conv3_x", "
 CLASS_MAP_NAMES = tuple(name for name, _, _ in CLASS_MAPS)
 BASELINES = ("random map", "Sobel edge map")
 UNIT = {"layer": "conv5_x", "channel": 1}  # plot_sanity_checks.py's defaults
-UNIT_IMAGES = list(range(4531, 4547))  # and its test images (plot_trust.py --images)
+UNIT_IMAGES = list(range(4531, 4547))  # and its test images (plot_trust.py --images), sanity.IMAGES
 TOP = STAGES[-1]  # the stage re-initialised first
 DEPTHS = sanity.cascade_depths(TOP)  # the cascade: conv5_x, then each stage below it, down to conv1
 COUNT = 256  # the first test images the faithfulness columns are measured on (plot_trust.py --count)
+QUICK_COUNT = 16  # a --quick run's: a first look, most verdicts unresolved
 TARGETS = ("predicted", "true")
 PASS_BELOW = 0.5  # rho under which a map is taken to have changed (weights, class)
 Z = 2  # standard errors a number must be from its line for a verdict (about 95 %)
@@ -289,17 +289,21 @@ def trust_table(run, count=COUNT, target="predicted", seed=0, step=faithfulness.
     return verdicts(rows)
 
 
-def default_count(split_size):
-    """The first test images the faithfulness columns take unless told: COUNT, or all of a smaller split."""
-    return min(COUNT, split_size)
+def default_count(split_size, quick=False):
+    """The first test images the faithfulness columns take unless told: COUNT (QUICK_COUNT for a quick
+    run), or all of a smaller split."""
+    return min(QUICK_COUNT if quick else COUNT, split_size)
 
 
-def table_suffix(count, target, seed, step, noise, unit_images, split_size):
-    """The file name's additions for every non-default choice ('' for the defaults)."""
-    parts = [(unit_images != UNIT_IMAGES, f"images{format_indices(unit_images)}"),
-             (count != default_count(split_size), f"count{count}"),
+def table_suffix(count, target, seed, step, noise, unit_images, split_size, quick=False):
+    """The file name's additions for every choice that is not the default ('' for the defaults; a quick
+    run's defaults are its own, and it ends in _quick)."""
+    default_images = cli.parse_indices(sanity.QUICK_IMAGES) if quick else UNIT_IMAGES
+    parts = [(unit_images != default_images, f"images{format_indices(unit_images)}"),
+             (count != default_count(split_size, quick), f"count{count}"),
              (target != "predicted", target), (seed != 0, f"seed{seed}"),
-             (step != faithfulness.DELETION_STEP, f"step{step:g}"), (noise != faithfulness.ROAD_NOISE, f"noise{noise:g}")]
+             (step != faithfulness.DELETION_STEP, f"step{step:g}"), (noise != faithfulness.ROAD_NOISE, f"noise{noise:g}"),
+             (quick, "quick")]
     return "".join(f"_{text}" for chosen, text in parts if chosen)
 
 
@@ -317,11 +321,17 @@ def json_number(value):
     return None if math.isnan(value) else value
 
 
+# the flags the file names write their way (table_suffix)
+TRUST_NAMED = ("--images", "--count", "--target", "--seed", "--step-percent", "--noise", "--quick")
+
+
 def plot_trust(run, figures_dir, count=None, target="predicted", seed=0, step=faithfulness.DELETION_STEP,
-               noise=faithfulness.ROAD_NOISE, unit_images=UNIT_IMAGES):
+               noise=faithfulness.ROAD_NOISE, unit_images=UNIT_IMAGES, figure=None):
     """plot_trust.py: the table as trust<suffix>.png and .json in figures_dir; prints it; returns both
-    paths. count: the faithfulness's test images (None: default_count of the split)."""
-    count = default_count(len(run.images)) if count is None else count
+    paths. count: the faithfulness's test images (None: default_count of the split). With `figure` (a
+    cli.figure_record) the JSON holds it, and a quick one is named and titled as such."""
+    quick = cli.is_quick(figure)
+    count = default_count(len(run.images), quick) if count is None else count
     times = {}
     rows = trust_table(run, count, target, seed, step, noise, unit_images, times)
     print(part_lines(times))
@@ -342,9 +352,11 @@ def plot_trust(run, figures_dir, count=None, target="predicted", seed=0, step=fa
         f"faithful, on the first {count} test images: deletion / insertion, mean AUC of the target's probability, {step:g} % "
         f"steps (lower / higher is faithful); ROAD: fraction still the target over 10-90 % removed (MoRF lower, LeRF "
         f"higher), noise {noise:g}; passes where its LeRF - MoRF gap beats both baselines'",
-        f"a verdict only where the number is {Z} standard errors from its line, else unresolved", run.caption))
+        f"a verdict only where the number is {Z} standard errors from its line, else unresolved"
+        + (f"; the quick run: {count} and {len(unit_images)} images, a first look" if quick else ""), run.caption))
     figures_dir = Path(figures_dir)
-    suffix = table_suffix(count, target, seed, step, noise, unit_images, len(run.images))
+    suffix = (table_suffix(count, target, seed, step, noise, unit_images, len(run.images), quick)
+              + (cli.name_suffix(figure, TRUST_NAMED) if figure else ""))
     png = save_text_table(figures_dir / f"trust{suffix}.png", cells, title, header, list(rows),
                           [row.kind for row in rows.values()])
     record = {"count": count, "target": target, "seed": seed, "step_percent": step, "road_noise": noise,
@@ -356,7 +368,6 @@ def plot_trust(run, figures_dir, count=None, target="predicted", seed=0, step=fa
                               "passes": row.passes,
                               **({"cascade": [json_number(v) for v in row.cascade]} if row.cascade else {})}
                        for name, row in rows.items()}}
-    json_path = figures_dir / f"trust{suffix}.json"
-    json_path.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    print(f"wrote {json_path}")
+    json_path = save_json(figures_dir / f"trust{suffix}.json", {"figure": figure, **record} if figure else record,
+                          indent=1)
     return [png, json_path]

@@ -14,6 +14,7 @@ from visualize.scoring import classify, stage_outputs
 # 1.2 forward passes of the 10,000 test images; all of them would cost ~12, more than the rest of
 # plot_all.py together.
 ABLATION_IMAGES = 1000
+QUICK_ABLATION_IMAGES = 100  # a --quick run's: a first look, its accuracy drops a rough estimate
 
 
 def class_selectivity(mean, labels):
