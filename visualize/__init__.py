@@ -1,27 +1,30 @@
 """What the plot scripts share, one concern a module. Imports point one way, down this list:
 
-    page        figures/index.html, rebuilt from the folder's files  -> context, drawing
+    page        figures/index.html, built from the figures' records  -> cli, context, progress, drawing
     dynamics    each stage through training: CKA, probe, evidence  -> trust, units, context, scoring, drawing
     evolution   Zeiler & Fergus's Figure 4 from the snapshots        -> atlas, context, drawing
     figures     feature maps and reconstructions of the report       -> cli, scoring, drawing
                 (and the three reconstruction scripts' main)
-    cli         the scripts' shared flags, each parsed once, checked -> context, units, drawing
     invariance  Zeiler & Fergus's invariance: images moved, turned  -> trust, evidence, scoring, drawing
-    occlusion   Zeiler & Fergus's occlusion: a grey square slid over -> attribution, context, evidence, scoring,
+    occlusion   Zeiler & Fergus's occlusion: a grey square slid over -> evidence, context, attribution, scoring,
                                                                         drawing
-    trust       both axes of trust in one table: unit and class maps -> faithfulness, attribution, sanity, drawing
-    evidence    the class-evidence figure and its JSON               -> attribution, scoring, drawing
+    trust       both axes of trust in one table: unit and class maps -> faithfulness, sanity, cli, context,
+                                                                        attribution, drawing
+    evidence    the class-evidence figure and its JSON               -> cli, context, attribution, scoring, drawing
     faithfulness deletion, insertion, ROAD and the baseline maps    -> scoring
-    attribution class evidence maps: Grad-CAM, gradients, occlusion  -> scoring
-    sanity      sanity checks: Adebayo's cascading randomisation     -> featurevis, ascent, context, scoring, drawing
-    featurevis  feature visualization at 32x32                       -> ascent, context, scoring, drawing
-    atlas       the top-9 unit atlas per stage                       -> units, context, scoring, drawing
+    sanity      sanity checks: Adebayo's cascading randomisation     -> featurevis, ascent, cli, context, scoring,
+                                                                        drawing
+    featurevis  feature visualization at 32x32                       -> ascent, cli, context, scoring, drawing
+    atlas       the top-9 unit atlas per stage                       -> cli, units, context, scoring, drawing
+    ascent      the report's gradient-ascent pattern                 -> cli, context, scoring, drawing
+    cli         the scripts' shared flags, each parsed once, checked; -> units, context, drawing
+                a figure's record (what the page and file names read)
     units       each unit's class selectivity and ablation           -> scoring
-    ascent      the report's gradient-ascent pattern                 -> context, scoring, drawing
-    context     PlotRun: the checkpoint, test split and its one pass -> scoring, drawing
+    context     PlotRun: the checkpoint, test split and its one pass -> attribution, scoring, drawing
+    attribution class evidence maps: Grad-CAM, gradients, occlusion  -> scoring
     progress    the learning-progress figures (train.py draws them)  -> drawing
     scoring     running stages, scoring units on images              -> model, data
-    drawing     every matplotlib figure is made and saved here       -> data
+    drawing     every matplotlib figure is made and saved here       -> data, utils
 
 Below the package: snapshots (context finds a run's), checkpoint (context reads one, featurevis saves its cache atomically, progress takes
 the history's windows from it), data, model, speed (cli's --device) and utils.
