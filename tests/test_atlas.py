@@ -91,6 +91,7 @@ def test_field_canvas_puts_the_patch_where_the_image_lies_in_the_field():
 
 ATLAS_LAYERS = ["conv1", "conv2_x", "conv3_x", "conv5_x"]  # fields of 3, 21, 49 (cut) and 217 (whole image)
 ATLAS_CHANNELS = [0, 3, 7]
+NAMED = "_channels0,3,7"  # the file names carry the --channels given
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +121,13 @@ def brute_force_top9(acts, layer, channel):
 
 def test_atlas_writes_a_png_and_json_per_layer(atlas_run):
     written, out, _ = atlas_run
-    expected = [out / f"atlas_{layer}.{ext}" for layer in ATLAS_LAYERS for ext in ("png", "json")]
+    expected = [out / f"atlas_{layer}{NAMED}.{ext}" for layer in ATLAS_LAYERS for ext in ("png", "json")]
     assert written == expected and sorted(out.iterdir()) == sorted(expected)
     for layer in ATLAS_LAYERS:
-        image = imread(out / f"atlas_{layer}.png")
+        image = imread(out / f"atlas_{layer}{NAMED}.png")
         assert image.shape[0] > 300 and image.std() > 0.05
-        record = json.loads((out / f"atlas_{layer}.json").read_text())
-        assert set(record) == {"layer", "checkpoint", "method", "units"} and record["layer"] == layer
+        record = json.loads((out / f"atlas_{layer}{NAMED}.json").read_text())
+        assert set(record) == {"figure", "layer", "checkpoint", "method", "units"} and record["layer"] == layer
         assert record["method"] == "deconvnet"
         assert [unit["channel"] for unit in record["units"]] == ATLAS_CHANNELS
         for unit in record["units"]:
@@ -156,7 +157,7 @@ def test_atlas_unit_numbers_equal_the_captured_activations_and_the_hooked_networ
     for layer in ATLAS_LAYERS:
         selectivity = direct_selectivity(acts[layer], run.labels)
         means = acts[layer].double().mean((2, 3))
-        for unit in json.loads((out / f"atlas_{layer}.json").read_text())["units"]:
+        for unit in json.loads((out / f"atlas_{layer}{NAMED}.json").read_text())["units"]:
             channel = unit["channel"]
             assert unit["classes"] == [run.classes[run.labels[e["image"]]] for e in unit["top"]]
             assert unit["selectivity"] == pytest.approx(selectivity[channel], rel=1e-5, abs=1e-9)
@@ -181,7 +182,8 @@ def test_atlas_method_projects_by_it_and_names_the_files(trained_checkpoint, sma
             "--figures-dir", str(tmp_path), "--layer", "conv4_x", "--channels", "2", "--method", "gradient",
             "--ablation-images", "40"]
     written = plot_unit_atlas.main(argv)
-    assert written == [tmp_path / "atlas_conv4_x_gradient.png", tmp_path / "atlas_conv4_x_gradient.json"]
+    stem = "atlas_conv4_x_gradient_channels2_ablation-images40"  # and every other flag not at its default
+    assert written == [tmp_path / f"{stem}.png", tmp_path / f"{stem}.json"]
     record = json.loads(written[1].read_text())
     assert record["method"] == "gradient" and record["units"][0]["ablation"]["images"] == 40
     parser = cli.plot_parser("")
@@ -203,7 +205,7 @@ def test_atlas_top9_and_boxes_equal_brute_force_and_the_measured_fields(atlas_ru
     with torch.no_grad(), run.model.capture(*ATLAS_LAYERS) as acts:  # all 512 images in one batch
         run.model(data.normalize(run.images))
     for layer in ATLAS_LAYERS:
-        record = json.loads((out / f"atlas_{layer}.json").read_text())
+        record = json.loads((out / f"atlas_{layer}{NAMED}.json").read_text())
         for unit in record["units"]:
             expected = brute_force_top9(acts, layer, unit["channel"])
             assert [e["image"] for e in unit["top"]] == [i for i, *_ in expected]
@@ -222,7 +224,7 @@ def test_atlas_top9_and_boxes_equal_brute_force_and_the_measured_fields(atlas_ru
 def test_atlas_crops_are_the_boxes_and_hold_the_whole_projection(atlas_run):
     _, out, run = atlas_run
     for layer in ATLAS_LAYERS:
-        for unit in json.loads((out / f"atlas_{layer}.json").read_text())["units"]:
+        for unit in json.loads((out / f"atlas_{layer}{NAMED}.json").read_text())["units"]:
             projections, patches = atlas.atlas_crops(run, layer, unit)
             indices = [e["image"] for e in unit["top"]]
             recon = run.model.reconstruct(data.normalize(run.images[indices]), layer, unit["channel"], top1=True)

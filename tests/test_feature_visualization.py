@@ -154,7 +154,8 @@ def _pixel_baseline(model, layer, channels, colour, steps):
 def test_script_from_top_images_writes_the_figure_and_patterns(trained_checkpoint, tmp_path, capsys):
     paths = plot_feature_visualization.main(["--checkpoint", str(trained_checkpoint), "--channels", "2,0-1",
                                              "--steps", "6", "--start", "top", "--figures-dir", str(tmp_path)])
-    assert [p.name for p in paths] == ["feature_visualization_conv5_x_top.png", "feature_visualization_conv5_x_top.pt"]
+    stem = "feature_visualization_conv5_x_top_channels2,0-1_steps6"  # every flag not at its default
+    assert [p.name for p in paths] == [f"{stem}.png", f"{stem}.pt", f"{stem}.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
     figure = imread(paths[0])
     assert figure.ndim == 3 and figure.shape[0] > 200 and figure.std() > 0.05
@@ -168,8 +169,8 @@ def test_script_measures(trained_checkpoint, tmp_path, capsys):
     paths = plot_feature_visualization.main(["--checkpoint", str(trained_checkpoint), "--channels", "1,3",
                                              "--steps", "4", "--objective", "neuron", "--measure",
                                              "--figures-dir", str(tmp_path)])
-    assert [p.name for p in paths] == ["feature_visualization_conv5_x_neuron.png",
-                                       "feature_visualization_conv5_x_neuron.pt"]
+    stem = "feature_visualization_conv5_x_neuron_channels1,3_steps4"  # --measure only prints: not in the names
+    assert [p.name for p in paths] == [f"{stem}.png", f"{stem}.pt", f"{stem}.json"]
     out = capsys.readouterr().out
     assert "for" in out and "of 2 channels" in out and "plain pixel-space gradient ascent with the same 4 steps" in out
 
