@@ -274,7 +274,7 @@ def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_pat
                "conv1_feature_maps_image7876", "conv5_x_feature_maps_image7876",
                "conv1_channel0_reconstructions", "conv5_x_channel1_reconstructions_shortcut",
                "conv5_x_channel1_reconstructions_trunk", "gradient_pattern_conv5_x_channel0",
-               "feature_visualization_conv5_x", "sanity_conv5_x_channel1", "class_evidence", "trust",
+               "feature_visualization_conv5_x", "sanity_conv5_x_channel1", "class_evidence", "trust", "invariance", "occlusion",
                *(f"atlas_{layer}" for layer in atlas.ATLAS_LAYERS.split(",")),
                *(f"conv1_filters_input_channel{c}" for c in range(3))}
     expected = {f"{stem}.{ext}" for stem in figures for ext in ("png", "json")}  # each figure and its record

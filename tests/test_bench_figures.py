@@ -48,7 +48,7 @@ def test_the_times_read_are_those_plot_all_prints(monkeypatch, trained_checkpoin
         paths = plot_all.main(["--checkpoint", str(trained_checkpoint), "--figures-dir", str(tmp_path)])
     scripts, total = bench_figures.figure_times(out.getvalue())
     assert list(scripts) == ["plot_conv1_filters", "plot_learning_progress", "index.html"]  # the page is a step too
-    assert [row["files"] for row in scripts.values()] == [4, 4, 1] and len(paths) == 9
+    assert [row["files"] for row in scripts.values()] == [8, 8, 1] and len(paths) == 17  # each PNG with its JSON
     assert 0 < sum(row["seconds"] for row in scripts.values()) <= total + 0.1  # each printed to 0.1 s
     report = bench_figures.figures_ratio(scripts, total, wall=total + 2.0, forward_s=(1.5, 2.5), cpu=6.0,
                                          forward_cpu_s=(1.0, 2.0))
