@@ -263,9 +263,10 @@ def test_atlas_bad_channels_and_layers_name_the_valid_range(trained_checkpoint, 
 # --------------------------------------------------------------------------- plot_all.py
 
 def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_path, synthetic_data_dir):
-    """Run where the POSIX-only modules and calls do not exist (as on Windows and macOS)."""
+    """Run where the POSIX-only modules and calls do not exist (as on Windows and macOS), with --quick:
+    the scripts whose numbers are estimates take fewer images (their full counts are tested on their own)."""
     env = without_posix_only_env(tmp_path.parent / f"{tmp_path.name}-site")
-    proc = run_script("plot_all.py", "--checkpoint", trained_checkpoint, "--figures-dir", tmp_path, env=env)
+    proc = run_script("plot_all.py", "--quick", "--checkpoint", trained_checkpoint, "--figures-dir", tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     written = re.findall(r"^wrote (.+)$", proc.stdout, flags=re.M)
     assert sorted(written) == sorted(map(str, tmp_path.iterdir()))
@@ -274,11 +275,11 @@ def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_pat
                "conv1_feature_maps_image7876", "conv5_x_feature_maps_image7876",
                "conv1_channel0_reconstructions", "conv5_x_channel1_reconstructions_shortcut",
                "conv5_x_channel1_reconstructions_trunk", "gradient_pattern_conv5_x_channel0",
-               "feature_visualization_conv5_x", "sanity_conv5_x_channel1", "class_evidence", "trust", "invariance", "occlusion",
-               *(f"atlas_{layer}" for layer in atlas.ATLAS_LAYERS.split(",")),
+               "feature_visualization_conv5_x_quick", "sanity_conv5_x_channel1_quick", "class_evidence", "trust_quick",
+               "invariance", "occlusion", *(f"atlas_{layer}_quick" for layer in atlas.ATLAS_LAYERS.split(",")),
                *(f"conv1_filters_input_channel{c}" for c in range(3))}
     expected = {f"{stem}.{ext}" for stem in figures for ext in ("png", "json")}  # each figure and its record
-    assert names == expected | {"feature_visualization_conv5_x.pt", "index.html"}
+    assert names == expected | {"feature_visualization_conv5_x_quick.pt", "index.html"}
     for name in plot_all.SCRIPTS:
         assert re.search(rf"^{name}\.py: \d+ files in [\d.]+ s$", proc.stdout, flags=re.M), name
     assert "plot_feature_evolution.py, plot_learning_dynamics.py: skipped" in proc.stdout  # a run without snapshots
@@ -289,7 +290,7 @@ def test_plot_all_writes_every_figure_in_one_process(trained_checkpoint, tmp_pat
     (index,), _ = scoring.top_activating(model, images, "conv5_x", 0)
     assert re.search(rf"test image {index.item()} \(.*\) excites conv5_x channel 0 most", proc.stdout)
     # default channels: 0-15, or every channel of a stage with fewer (conv2_x has 8 at width 8)
-    record = json.loads((tmp_path / "atlas_conv2_x.json").read_text())
+    record = json.loads((tmp_path / "atlas_conv2_x_quick.json").read_text())
     assert [unit["channel"] for unit in record["units"]] == list(range(8))
 
 
