@@ -15,7 +15,6 @@ field box [top, left, bottom, right] (inclusive pixels), and the class. --method
 and channels other than the default, are added to the file names (evolution_conv2_x_guided_channels0-3).
 --checkpoint names the run: its snapshots are the files of <checkpoint>.snapshots/ (or pass that folder).
 """
-from pathlib import Path
 
 import utils
 from visualize import cli, evolution
@@ -23,9 +22,8 @@ from visualize.drawing import format_indices
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, layers=evolution.EVOLUTION_LAYERS, stage_channels=evolution.DEFAULT_CHANNELS_HELP,
-                        method="deconvnet")
-    p.script = Path(__file__).name  # the command its JSON gives, however this was started (plot_all.py)
+    p = cli.plot_parser(__doc__, script=__file__, layers=evolution.EVOLUTION_LAYERS,
+                        stage_channels=evolution.DEFAULT_CHANNELS_HELP, method="deconvnet")
     args = p.parse_args(argv)
     runs = p.load_snapshots(args)
     model = runs[-1][1].model

@@ -19,21 +19,19 @@ it), "images", "true", "true_names", "resampling", "original_probability" (N), "
 "distance": {representation: ...}, "relative_distance": {...} (each K rows of N images), "mean" and
 "standard_error": {"probability" | "distance <representation>" | "relative_distance <representation>":
 K numbers}}}}, representation one of conv1, conv5_x, pooled; a flag not at its default is part of both
-names (a ':' written as '~').
+names (a ':' written as '-').
 """
-from pathlib import Path
 
 import utils
 from visualize import cli, invariance
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, images="4531-4546")
+    p = cli.plot_parser(__doc__, script=__file__, images="4531-4546")
     for kind, (unit, (low, high), default, what) in invariance.SWEEP_RULES.items():
         p.add_argument(f"--{kind}", type=invariance.sweep_type(kind), default=str(default),
                        help=f"the {what}, first:last:step in {unit}, within {low:g}..{high:g}, at most "
                             f"{invariance.MAX_STEPS} values (default: %(default)s)")
-    p.script = Path(__file__).name  # the command its figure names, also when plot_all.py runs it
     args = p.parse_args(argv)
     run = p.load(args)
     record = p.figure_record(args, "invariance")

@@ -24,15 +24,13 @@ names (dynamics_images500_count16.png). --checkpoint names the run: its snapshot
 <checkpoint>.snapshots/ (or pass that folder).
 """
 import math
-from pathlib import Path
 
 import utils
 from visualize import cli, dynamics
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__)
-    p.script = Path(__file__).name  # the command its JSON gives, however this was started (plot_all.py)
+    p = cli.plot_parser(__doc__, script=__file__)
     p.add_argument("--images", type=int,
                    help=f"the first N test images the CKA is measured on, 2..the split's size (default: "
                         f"{dynamics.IMAGES}, or the whole split if smaller)")

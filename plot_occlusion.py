@@ -18,7 +18,6 @@ unoccluded), "channel", "total" (its activation unoccluded), "activation" (P x P
 column: its left), "true_probability" (P x P), "predicted" (P x P class indices), "projections":
 {"images", "totals", "maps" (3 x 32 x 32 each)}}]}; a flag not at its default is part of both names.
 """
-from pathlib import Path
 
 import utils
 from visualize import cli, occlusion
@@ -26,11 +25,10 @@ from visualize.attribution import check_options
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, images="4531-4533", method="deconvnet")
+    p = cli.plot_parser(__doc__, script=__file__, images="4531-4533", method="deconvnet")
     p.add_argument("--size", type=int, default=8, help="the square's side in pixels, 1..32 (default: %(default)s)")
     p.add_argument("--stride", type=int, default=1,
                    help="pixels the square moves a step, 1..32 (default: %(default)s)")
-    p.script = Path(__file__).name  # the command its figure names, also when plot_all.py runs it
     args = p.parse_args(argv)
     try:
         check_options("occlusion", {"k": args.size, "s": args.stride}, names={"k": "--size", "s": "--stride"})

@@ -29,7 +29,6 @@ import re
 import sys
 from pathlib import Path
 
-
 from checkpoint import map_tensors, read_checkpoint, save_atomic
 from utils import UserError
 

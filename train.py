@@ -328,7 +328,8 @@ def main(argv=None):
             last_save.saved(iteration)
         step = steps.make_step(model, optimizer, settings, scaler, say=tqdm.write)
         keep = snapshots.Keeper(ckpt_path, snapshot_epochs, steps_per_epoch, total, fresh=not ckpt)
-        evaluate = lambda: steps.evaluate(model, test_images, test_labels, settings.precision, settings.channels_last)
+        def evaluate():  # the whole test split, as every epoch's end and the snapshots take it
+            return steps.evaluate(model, test_images, test_labels, settings.precision, settings.channels_last)
         writer, title, drawn = checkpoint.BackgroundWriter(), progress_title(config), None
 
         def save(figures=True):
@@ -394,8 +395,7 @@ def main(argv=None):
                         epoch += 1
                         scheduler.step()
                     if last == steps_per_epoch or iteration == total:
-                        acc, loss = steps.evaluate(model, test_images, test_labels, settings.precision,
-                                                   settings.channels_last)
+                        acc, loss = evaluate()
                         for key, value in zip(("test_iteration", "test_epoch", "test_acc", "test_loss"),
                                               (iteration, epoch, acc, loss)):
                             history[key].append(value)

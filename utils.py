@@ -78,11 +78,6 @@ def check_name_length(path, what):
                         f"allows paths under {path_max}; pass a shorter path")
 
 
-def write_text_atomic(path, text):
-    """write_atomic of `text` as UTF-8 (newlines as written, on every platform)."""
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def check_at_least(minimum, **values):
     """UserError for the first flag (named by its keyword: batch_size is --batch-size) below `minimum`."""
     for name, value in values.items():
@@ -148,3 +143,8 @@ def write_atomic(path, write):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path, text):
+    """write_atomic of `text` as UTF-8 (newlines as written, on every platform)."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))

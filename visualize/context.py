@@ -11,8 +11,8 @@ import snapshots
 from checkpoint import load_checkpoint
 from cifar10 import CIFAR10_FOLDER, SYNTHETIC_NAME, dataset_root, describe_dataset, load_cifar10
 from model import STAGES
-from visualize.attribution import attribute, check_options
 from utils import UserError
+from visualize.attribution import attribute, check_options
 from visualize.drawing import wrap_title
 from visualize.scoring import score_units
 

@@ -114,7 +114,6 @@ def save_json(path, record, indent=None):
     reader never sees half of it; says so and returns the path. The JSON beside a figure holds its
     figure_record (visualize.cli) under "figure", for the page."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(record, indent=indent, allow_nan=False) + "\n")
     print(f"wrote {path}")
     return path
@@ -275,4 +274,3 @@ def save_table(path, cells, title, column_titles, row_titles):
     fig.suptitle(title, fontsize=8, y=1 - 0.1 / fig.get_figheight(), va="top")
     fig.tight_layout()
     return save(fig, path)
-

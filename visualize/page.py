@@ -30,7 +30,7 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 from cifar10 import dataset_root, describe_dataset
-from utils import UserError
+from utils import UserError, write_text_atomic
 from visualize import cli
 from visualize.context import load_run
 from visualize.drawing import METHOD_TITLES, format_indices
@@ -603,9 +603,7 @@ def write_page(figures_dir, checkpoint, device, data_dir=None, synthetic=None):
     the plot scripts load it: context.load_run, so plot_all.py pays nothing for it). Returns its path."""
     run = load_run(checkpoint, device, data_dir, synthetic, test_split=False)
     path = Path(figures_dir) / PAGE
-    tmp = path.with_name(f".{PAGE}.tmp")
-    tmp.write_text(page_html(figures_dir, run, checkpoint), encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half a page
+    write_text_atomic(path, page_html(figures_dir, run, checkpoint))  # a reader never sees half a page
     print(f"wrote {path}")
     return path
 
