@@ -1,10 +1,11 @@
-"""The architecture: stage shapes, named branches, separate ReLUs, and equality with torchvision's ResNet-18."""
+"""The architecture: stage shapes, named branches, separate ReLUs, equality with torchvision's ResNet-18, and the
+BatchNorms folded into the convs computing the same function."""
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
-from model import STAGES, BasicBlock, ResNet, state_shapes
+from model import STAGES, BasicBlock, ResNet, fold_batchnorm, state_shapes
 
 
 @pytest.mark.parametrize("width", [4, 64])
@@ -68,3 +69,28 @@ def test_capture_removes_its_hooks_even_on_error():
 def test_state_shapes_are_those_of_the_network_built(width, num_classes):
     built = ResNet(width, num_classes).state_dict()
     assert state_shapes(width, num_classes) == {name: tuple(t.shape) for name, t in built.items()}
+
+
+@pytest.mark.parametrize("width", [4, 16])  # a subsampled shortcut below 16 input channels, and a strided one
+def test_folding_the_batchnorms_keeps_every_stage_its_logits_and_input_gradients(width):
+    torch.manual_seed(0)
+    model = ResNet(width).double().eval()
+    with torch.no_grad():  # statistics and affine parameters unlike a fresh BatchNorm's, so folding does something
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.3)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0  # the model is left as it was
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    with model.capture(*STAGES) as plain, folded.capture(*STAGES) as fused:
+        y, y_folded = model(x), folded(x)
+    for name in STAGES:  # Grad-CAM and the scores read the stages' outputs
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y_folded, y, rtol=1e-10, atol=1e-10)
+    gradient, = torch.autograd.grad(y[:, 3].sum(), x)
+    folded_gradient, = torch.autograd.grad(y_folded[:, 3].sum(), x)
+    torch.testing.assert_close(folded_gradient, gradient, rtol=1e-10, atol=1e-10)

@@ -53,7 +53,7 @@ import torch
 from tqdm import tqdm
 
 from data import normalize
-from model import STAGES
+from model import STAGES, fold_batchnorm
 from visualize import cli, faithfulness, sanity
 from visualize.attribution import attribute
 from visualize.context import class_maps
@@ -134,9 +134,11 @@ def per_image_similarity(trained, redrawn):
 
 
 def draw_class_maps(model, images, targets, names=CLASS_MAP_NAMES):
-    """{row name: maps on the CPU} of the class maps `names` for the images and targets."""
+    """{row name: maps on the CPU} of the class maps `names` for the images and targets, drawn by the
+    model with its BatchNorms folded (fold_batchnorm: the same maps up to rounding, for less)."""
     chosen = [entry for entry in CLASS_MAPS if entry[0] in names]
-    return {name: attribute(model, images, targets, method, **({"layer": layer} if layer else {})).cpu()
+    network = fold_batchnorm(model)
+    return {name: attribute(network, images, targets, method, **({"layer": layer} if layer else {})).cpu()
             for name, method, layer in chosen}
 
 
@@ -181,8 +183,10 @@ def faithfulness_per_image(model, images, targets, maps, seed=0, step=faithfulne
                            noise=faithfulness.ROAD_NOISE, times=None):
     """{name: {column of FAITHFULNESS: (N,) float64}} of the maps {name: maps} of the same images: each
     image's deletion and insertion AUC (faithfulness.perturbation_curves, their end points once for all
-    maps), and its fraction of ROAD's levels still classified as the target, in each order (road_per_image).
-    times: a dict the seconds of each part are added to (PARTS)."""
+    maps), and its fraction of ROAD's levels still classified as the target, in each order (road_per_image);
+    the network's passes with its BatchNorms folded (fold_batchnorm). times: a dict the seconds of each
+    part are added to (PARTS)."""
+    model = fold_batchnorm(model)
     with timed(times, "deletion/insertion"):
         curves = faithfulness.perturbation_curves(model, images, targets, maps, step=step, seed=seed)
     scores = {name: {"deletion AUC": c["deletion"].auc, "insertion AUC": c["insertion"].auc} for name, c in curves.items()}
