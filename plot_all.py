@@ -6,7 +6,7 @@ last, figures/index.html (visualize.page): one page with every figure in the fol
 
 --quick draws every figure as a first look: where a number is an estimate over test images, over
 fewer of them (each script's --quick: the atlas's ablations, the sanity checks' images, the trust
-table's), and the feature visualization with fewer steps; each such figure, its file names (_quick)
+table's, the learning dynamics'), and the feature visualization with fewer steps; each such figure, its file names (_quick)
 and the page say so, so a quick run and the full one never overwrite each other.
 
 The checkpoint and the test split are loaded once, and one pass over the test split scores every
@@ -43,7 +43,8 @@ SCRIPTS = (
 # The figures of training, drawn where train.py kept snapshots beside the checkpoint (they share one
 # pass over the test split per snapshot)
 SNAPSHOT_SCRIPTS = ("plot_feature_evolution", "plot_learning_dynamics")
-QUICK = {"plot_unit_atlas", "plot_sanity_checks", "plot_trust", "plot_feature_visualization"}  # with a --quick
+QUICK = {"plot_unit_atlas", "plot_sanity_checks", "plot_trust", "plot_feature_visualization",  # with a --quick
+         "plot_learning_dynamics"}
 
 
 def main(argv=None):

@@ -3,7 +3,7 @@
 convention).
 
     python plot_learning_dynamics.py [--checkpoint checkpoints/resnet18_cifar10.pt] [--images 1000]
-        [--probe-images 5000] [--threshold 0.9] [--count 64] [--seed 0]
+        [--probe-images 5000] [--threshold 0.9] [--count 64] [--seed 0] [--quick]
 
     convergence   linear CKA (Kornblith et al. 2019) between each stage's representation at the snapshot
                   and at the last one, on the first --images test images (each image's stage output
@@ -20,7 +20,7 @@ Saved: dynamics.png and dynamics.json = {"figure", "epochs", "iterations", "test
 "threshold", "probe_images", "probe_l2", "count", "seed", "stages": {stage: {"cka", "converged_epoch",
 "probe_accuracy", "selectivity"}: a list over the snapshots each}, "evidence": {"Grad-CAM conv4_x" |
 "saliency": {"class", "class SE", "ROAD gap", "ROAD gap SE"}}}; a non-default choice is added to both
-names (dynamics_images500_count16.png). --checkpoint names the run: its snapshots are the files of
+names (dynamics_images500_count16.png, dynamics_quick.png: --quick takes 250, 1000 and 16 images). --checkpoint names the run: its snapshots are the files of
 <checkpoint>.snapshots/ (or pass that folder).
 """
 import math
@@ -45,14 +45,17 @@ def main(argv=None):
                         f"on, 2..the split's size (default: {dynamics.COUNT}, or the whole split if smaller)")
     p.add_argument("--seed", type=int, default=0,
                    help="the random other class's and ROAD's noise, 0..2^63-1 (default: %(default)s)")
+    p.add_quick(f"the CKA on {dynamics.QUICK_IMAGES} test images, the probes fitted on {dynamics.QUICK_PROBE_IMAGES} "
+                f"training images and the evidence on {dynamics.QUICK_COUNT}, unless a flag says")
     args = p.parse_args(argv)
     if not (math.isfinite(args.threshold) and 0 < args.threshold <= 1):
         raise utils.UserError(f"--threshold {args.threshold}: a CKA threshold must lie in (0, 1]; the default is "
                               f"{dynamics.THRESHOLD}")
     if not 0 <= args.seed < 2 ** 63:
         raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
-    flags = (("--images", "images", dynamics.IMAGES), ("--probe-images", "probe_images", dynamics.PROBE_IMAGES),
-             ("--count", "count", dynamics.COUNT))
+    flags = (("--images", "images", dynamics.QUICK_IMAGES if args.quick else dynamics.IMAGES),
+             ("--probe-images", "probe_images", dynamics.QUICK_PROBE_IMAGES if args.quick else dynamics.PROBE_IMAGES),
+             ("--count", "count", dynamics.QUICK_COUNT if args.quick else dynamics.COUNT))
     for flag, name, _ in flags:
         if getattr(args, name) is not None and getattr(args, name) < 2:
             raise utils.UserError(f"{flag} {getattr(args, name)}: must be at least 2 (a spread needs two images)")
@@ -71,7 +74,7 @@ def main(argv=None):
     changed = [(name, chosen[name]) for _, name, default in flags if chosen[name] != min(default, sizes[name])]
     changed += [(name, getattr(args, name)) for name, default in (("threshold", dynamics.THRESHOLD), ("seed", 0))
                 if getattr(args, name) != default]
-    suffix = "".join(f"_{name.replace('_images', '')}{value:g}" for name, value in changed)
+    suffix = "".join(f"_{name.replace('_images', '')}{value:g}" for name, value in changed) + ("_quick" if args.quick else "")
     return dynamics.plot_learning_dynamics(numbers, args.figures_dir, chosen["images"], chosen["probe_images"],
                                            chosen["count"], args.seed, args.threshold,
                                            {"figure": p.figure_record(args, "learning_dynamics")}, suffix)

@@ -1,6 +1,7 @@
 """How long the figures take, as a multiple of one forward pass of the test split measured in the same run.
 
     python benchmarks/bench_figures.py                    # plot_all.py at width 64 on --synthetic data (10,000 test images)
+    python benchmarks/bench_figures.py --quick            # plot_all.py --quick, the first look, likewise
     python benchmarks/bench_figures.py --checkpoint checkpoints/resnet18_cifar10.pt   # on your own checkpoint and its data
     python benchmarks/bench_figures.py --top-activating   # only: scoring.top_activating against the report's per-image loop
     python benchmarks/bench_figures.py --feature-vis      # only: plot_feature_visualization.py's optimisation at --width
@@ -68,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", help="where the checkpoint made, its data and the figures go (default: a "
                                       "temporary folder, removed at the end)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="time plot_all.py --quick, its first look (default: the full run)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--top-activating", action="store_true",
                    help="instead: time scoring.top_activating against the per-image loop (see --layer ...)")
@@ -106,7 +108,12 @@ def machine(device):
     return dict(device=str(device), device_name=name, threads=torch.get_num_threads(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                load_average=os.getloadavg())
+                load_average=load_average())
+
+
+def load_average():
+    """The 1, 5 and 15 minute load averages, or None where the system keeps none (Windows)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 # --------------------------------------------------------------------------- plot_all.py
@@ -142,11 +149,11 @@ def make_checkpoint(work_dir, width, iterations):
     return checkpoint, data_dir
 
 
-def run_plot_all(checkpoint, figures_dir, data_dir, synthetic, device):
+def run_plot_all(checkpoint, figures_dir, data_dir, synthetic, device, quick=False):
     """(plot_all.py's stdout, its wall time, its CPU time): plot_all.py on the checkpoint in a fresh
     Python process. The CPU time is None where the system does not count a child's (Windows)."""
     command = [sys.executable, str(ROOT / "plot_all.py"), "--checkpoint", str(checkpoint), "--figures-dir",
-               str(figures_dir), "--device", str(device)]
+               str(figures_dir), "--device", str(device)] + (["--quick"] if quick else [])
     if data_dir is not None:
         command += ["--data-dir", str(data_dir)]
     if synthetic is not None:
@@ -208,21 +215,23 @@ def measure_figures(args):
             checkpoint, made_data = make_checkpoint(work_dir, args.width, args.iterations)
             data_dir = data_dir or made_data
         run = load_run(str(checkpoint), args.device, data_dir, args.synthetic)
-        load_before = os.getloadavg()
+        load_before = load_average()
         (before, before_cpu) = forward_pass_seconds(run.model, run.images)
-        stdout, wall, cpu = run_plot_all(checkpoint, work_dir / "figures", data_dir, args.synthetic, args.device)
+        stdout, wall, cpu = run_plot_all(checkpoint, work_dir / "figures", data_dir, args.synthetic, args.device,
+                                         args.quick)
         (after, after_cpu) = forward_pass_seconds(run.model, run.images)
         scripts, total = figure_times(stdout)
     result = dict(machine(args.device), load_average_before=load_before, checkpoint=str(checkpoint),
-                  width=run.model.width, test_images=len(run.images),
+                  width=run.model.width, test_images=len(run.images), quick=args.quick,
                   **figures_ratio(scripts, total, wall, (before, after), cpu, (before_cpu, after_cpu)))
     unit = result["forward_pass_mean_s"]
     result["trust_parts"] = {name: dict(seconds=seconds, ratio=seconds / unit) for name, seconds in trust_parts(stdout).items()}
-    load = lambda values: ", ".join(f"{v:.1f}" for v in values)
+    load = lambda values: ", ".join(f"{v:.1f}" for v in values) if values else "n/a"
     print(f"\n{result['device_name']} ({result['cpu_capability']}, {result['threads']} threads) | torch "
           f"{result['torch']} | {result['date']} | load average {load(load_before)} before, "
           f"{load(result['load_average'])} after")
-    print(f"one forward pass of the {len(run.images):,} test images (width {run.model.width}): {before:.1f} s "
+    print(f"plot_all.py{' --quick' if args.quick else ''}; one forward pass of the {len(run.images):,} test images "
+          f"(width {run.model.width}): {before:.1f} s "
           f"before, {after:.1f} s after plot_all.py\n")
     print(f"{'script':44} {'files':>5} {'seconds':>8} {'x forward':>10}")
     for name, row in result["scripts"].items():

@@ -48,7 +48,7 @@ WITHOUT_POSIX_ONLY = """
 import builtins, io, os, signal, sys
 for name in ("fcntl", "resource"):
     sys.modules[name] = None
-for module, names in ((os, ("pread", "pwrite", "pathconf")), (signal, ("pthread_sigmask",))):
+for module, names in ((os, ("pread", "pwrite", "pathconf", "getloadavg")), (signal, ("pthread_sigmask",))):
     for name in names:
         if hasattr(module, name):
             delattr(module, name)

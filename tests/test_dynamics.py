@@ -176,3 +176,17 @@ def test_without_snapshots_the_scripts_say_so_in_one_line(snapshot_run, tmp_path
     for script in ("plot_feature_evolution.py", "plot_learning_dynamics.py"):
         proc = run_in_process(script, ["--checkpoint", str(alone), "--figures-dir", str(tmp_path / "figures")])
         assert_one_line_error(proc, "has no snapshots", "--snapshots")
+
+
+def test_the_quick_run_is_the_full_computation_on_fewer_images_and_says_so(snapshot_run, tmp_path, one_thread):
+    figures = tmp_path / "figures"
+    common = ["--checkpoint", str(snapshot_run), "--figures-dir", str(figures)]
+    assert run_in_process("plot_learning_dynamics.py", common + ["--quick"]).returncode == 0
+    sizes = ["--images", str(dynamics.QUICK_IMAGES), "--probe-images", str(dynamics.QUICK_PROBE_IMAGES),
+             "--count", str(dynamics.QUICK_COUNT)]
+    assert run_in_process("plot_learning_dynamics.py", common + sizes).returncode == 0
+    quick = json.loads((figures / "dynamics_quick.json").read_text())
+    full = json.loads((figures / "dynamics_images250_probe1000_count16.json").read_text())
+    assert (quick["images"], quick["probe_images"], quick["count"]) == (250, 1000, 16)
+    assert quick["figure"]["flags"]["--quick"] is True and "--images" not in quick["figure"]["changed"]
+    assert quick["stages"] == full["stages"] and quick["evidence"] == full["evidence"]

@@ -1,7 +1,8 @@
 """What the plot scripts share, one concern a module. Imports point one way, down this list:
 
     page        figures/index.html, built from the figures' records  -> cli, context, progress, drawing
-    dynamics    each stage through training: CKA, probe, evidence  -> trust, units, context, scoring, drawing
+    dynamics    each stage through training: CKA, probe, evidence  -> trust, cli, units, context, scoring,
+                                                                        drawing
     evolution   Zeiler & Fergus's Figure 4 from the snapshots        -> atlas, context, drawing
     figures     feature maps and reconstructions of the report       -> cli, scoring, drawing
                 (and the three reconstruction scripts' main)
@@ -27,7 +28,7 @@
     drawing     every matplotlib figure is made and saved here       -> data, utils
 
 Below the package: snapshots (context finds a run's), checkpoint (context reads one, featurevis saves its cache atomically, progress takes
-the history's windows from it), data, model, speed (cli's --device) and utils.
+the history's windows from it), data, model (trust folds its BatchNorms: model.fold_batchnorm), speed (cli's --device) and utils.
 
 Import the modules themselves (`from visualize import cli, figures`); this file imports nothing, so
 train.py can draw its progress figures without loading the rest.

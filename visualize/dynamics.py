@@ -43,7 +43,7 @@ from tqdm import tqdm
 from cifar10 import CIFAR10_FOLDER, dataset_root, load_cifar10
 from data import normalize
 from model import STAGES
-from visualize import trust
+from visualize import cli, trust
 from visualize.context import file_key, memo, test_split_scores
 from visualize.drawing import new_figure, save, save_json, wrap_title
 from visualize.scoring import default_batch_size, score_units, stage_outputs
@@ -55,6 +55,8 @@ PROBE_IMAGES = 5000  # training images the probes are fitted on (--probe-images)
 PROBE_L2 = 1e-3  # the probe's L2 penalty on its weights
 PROBE_STEPS = 500  # L-BFGS iterations at most
 COUNT = 64  # test images the evidence columns are measured on (--count)
+# a --quick run's: a first look, its estimates over fewer images (the probes' fit most of the time)
+QUICK_IMAGES, QUICK_PROBE_IMAGES, QUICK_COUNT = 250, 1000, 16
 EVIDENCE = (("Grad-CAM conv4_x", "Grad-CAM at conv4_x"), ("saliency", "the plain gradient"))  # trust's row names
 
 
@@ -263,7 +265,8 @@ def plot_learning_dynamics(dynamics, figures_dir, images=IMAGES, probe_images=PR
             ax.set_xscale("symlog", linthresh=1)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(wrap_title(f"learning dynamics, each stage at each snapshot ({', '.join(map(str, epochs))}): "
+    quick = " (the quick run: fewer images, a first look)" if cli.is_quick((record or {}).get("figure")) else ""
+    fig.suptitle(wrap_title(f"learning dynamics, each stage at each snapshot ({', '.join(map(str, epochs))}){quick}: "
                             f"{last_run.caption}"), fontsize=9)
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.86)
     figures_dir = Path(figures_dir)
