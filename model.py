@@ -230,9 +230,8 @@ def fold_batchnorm(model):
     """An eval-mode copy of `model` (left untouched) with every BatchNorm folded into the conv before it
     (torch.nn.utils.fusion.fuse_conv_bn_eval: the conv gains the scale and a bias, the BatchNorm becomes
     nn.Identity): the same function as model.eval() up to rounding, with one pass over the activations
-    fewer a conv (1.2x the images a second at width 64, 1.4x at width 16, on a 2-core CPU). For forward
-    passes and input gradients (the faithfulness measures); not for training, nor for reconstruct,
-    which walks the BatchNorms."""
+    fewer a conv (what it saves: docs/class_evidence.md#cost). For forward passes and input gradients
+    (the faithfulness measures); not for training, nor for reconstruct, which walks the BatchNorms."""
     folded = copy.deepcopy(model).eval()
     for sequence in folded.modules():
         if not isinstance(sequence, nn.Sequential):

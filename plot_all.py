@@ -6,8 +6,9 @@ last, figures/index.html (visualize.page): one page with every figure in the fol
 
 --quick draws every figure as a first look: where a number is an estimate over test images, over
 fewer of them (each script's --quick: the atlas's ablations, the sanity checks' images, the trust
-table's, the learning dynamics'), and the feature visualization with fewer steps; each such figure, its file names (_quick)
-and the page say so, so a quick run and the full one never overwrite each other.
+table's, the learning dynamics'), the feature visualization with fewer steps, and the snapshots'
+figures over the first 2,000 test images; each such figure, its file names (_quick) and the page say
+so, so a quick run and the full one never overwrite each other.
 
 The checkpoint and the test split are loaded once, and one pass over the test split scores every
 stage for all the scripts, whichever asks first (visualize.context.test_split_scores:
@@ -20,6 +21,7 @@ import time
 
 import utils
 from visualize import cli, context, page
+from visualize.context import QUICK_SPLIT
 
 # Run in this order (any order computes the same: what they share is computed once, by whichever
 # needs it first); a new figure script is one more line.
@@ -44,14 +46,15 @@ SCRIPTS = (
 # pass over the test split per snapshot)
 SNAPSHOT_SCRIPTS = ("plot_feature_evolution", "plot_learning_dynamics")
 QUICK = {"plot_unit_atlas", "plot_sanity_checks", "plot_trust", "plot_feature_visualization",  # with a --quick
-         "plot_learning_dynamics"}
+         "plot_feature_evolution", "plot_learning_dynamics"}
 
 
 def main(argv=None):
     parser = cli.plot_parser(__doc__, script=__file__)
     parser.add_argument("--quick", action="store_true",
                         help=f"a first look: {', '.join(sorted(QUICK))} with --quick: their estimates over fewer "
-                             f"test images, the feature visualization with fewer steps (default: the full run)")
+                             f"test images, the feature visualization with fewer steps, the snapshots' figures over the first "
+                             f"{QUICK_SPLIT} test images (default: the full run)")
     args = parser.parse_args(argv)
     shared = ["--checkpoint", args.checkpoint, "--figures-dir", args.figures_dir, "--device", str(args.device)]
     if args.data_dir is not None:

@@ -20,13 +20,15 @@ Saved: dynamics.png and dynamics.json = {"figure", "epochs", "iterations", "test
 "threshold", "probe_images", "probe_l2", "count", "seed", "stages": {stage: {"cka", "converged_epoch",
 "probe_accuracy", "selectivity"}: a list over the snapshots each}, "evidence": {"Grad-CAM conv4_x" |
 "saliency": {"class", "class SE", "ROAD gap", "ROAD gap SE"}}}; a non-default choice is added to both
-names (dynamics_images500_count16.png, dynamics_quick.png: --quick takes 250, 1000 and 16 images). --checkpoint names the run: its snapshots are the files of
+names (dynamics_images500_count16.png; dynamics_quick.png: --quick takes 250, 1,000 and 16 images, and
+scores the probes and the selectivity on the first 2,000 test images). --checkpoint names the run: its snapshots are the files of
 <checkpoint>.snapshots/ (or pass that folder).
 """
 import math
 
 import utils
 from visualize import cli, dynamics
+from visualize.context import QUICK_SPLIT
 
 
 def main(argv=None):
@@ -46,7 +48,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="the random other class's and ROAD's noise, 0..2^63-1 (default: %(default)s)")
     p.add_quick(f"the CKA on {dynamics.QUICK_IMAGES} test images, the probes fitted on {dynamics.QUICK_PROBE_IMAGES} "
-                f"training images and the evidence on {dynamics.QUICK_COUNT}, unless a flag says")
+                f"training images and the evidence on {dynamics.QUICK_COUNT}, unless a flag says; the probes' test "
+                f"accuracy and the selectivity on the first {QUICK_SPLIT} test images")
     args = p.parse_args(argv)
     if not (math.isfinite(args.threshold) and 0 < args.threshold <= 1):
         raise utils.UserError(f"--threshold {args.threshold}: a CKA threshold must lie in (0, 1]; the default is "
@@ -70,14 +73,15 @@ def main(argv=None):
             raise utils.UserError(f"{flag} {value} is out of range: the {split} split has {sizes[name]} images; "
                                   f"choose 2..{sizes[name]}")
         chosen[name] = min(default, sizes[name]) if value is None else value
-    numbers = dynamics.learning_dynamics(runs, chosen["images"], chosen["probe_images"], chosen["count"], args.seed)
+    split = QUICK_SPLIT if args.quick else None
+    numbers = dynamics.learning_dynamics(runs, chosen["images"], chosen["probe_images"], chosen["count"], args.seed, split)
     changed = [(name, chosen[name]) for _, name, default in flags if chosen[name] != min(default, sizes[name])]
     changed += [(name, getattr(args, name)) for name, default in (("threshold", dynamics.THRESHOLD), ("seed", 0))
                 if getattr(args, name) != default]
     suffix = "".join(f"_{name.replace('_images', '')}{value:g}" for name, value in changed) + ("_quick" if args.quick else "")
     return dynamics.plot_learning_dynamics(numbers, args.figures_dir, chosen["images"], chosen["probe_images"],
                                            chosen["count"], args.seed, args.threshold,
-                                           {"figure": p.figure_record(args, "learning_dynamics")}, suffix)
+                                           {"figure": p.figure_record(args, "learning_dynamics")}, suffix, split)
 
 
 if __name__ == "__main__":

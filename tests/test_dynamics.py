@@ -189,4 +189,18 @@ def test_the_quick_run_is_the_full_computation_on_fewer_images_and_says_so(snaps
     full = json.loads((figures / "dynamics_images250_probe1000_count16.json").read_text())
     assert (quick["images"], quick["probe_images"], quick["count"]) == (250, 1000, 16)
     assert quick["figure"]["flags"]["--quick"] is True and "--images" not in quick["figure"]["changed"]
-    assert quick["stages"] == full["stages"] and quick["evidence"] == full["evidence"]
+    assert quick["stages"] == full["stages"] and quick["evidence"] == full["evidence"]  # the split is 512 < 2,000
+    assert run_in_process("plot_feature_evolution.py", common + ["--quick", "--layer", "conv2_x"]).returncode == 0
+    evolution_quick = json.loads((figures / "evolution_conv2_x_quick.json").read_text())
+    assert evolution_quick["figure"]["flags"]["--quick"] is True and evolution_quick["images"] == 512
+
+
+def test_a_quick_tile_is_the_strongest_activation_over_the_first_images_only(snapshot_run, one_thread):
+    run = load_snapshots(snapshot_run, torch.device("cpu"))[0][1]
+    quick = evolution.snapshot_units(run, {"conv3_x": [0, 1, 2]}, count=100)["conv3_x"]
+    with torch.inference_mode():
+        out = stage_output(run.model, normalize(run.images[:100]), "conv3_x")
+    for channel, unit in enumerate(quick):
+        peak = out[:, channel].flatten(1).amax(1)
+        assert unit["top"][0]["image"] == int(peak.argmax()) < 100
+        assert unit["top"][0]["activation"] == pytest.approx(peak.max().item(), rel=1e-5)

@@ -107,12 +107,21 @@ def has_snapshots(checkpoint):
     return bool(snapshots.find(checkpoint))
 
 
-def test_split_scores(run, layers):
+# a quick run's share of the test split in the snapshots' passes (plot_feature_evolution.py and
+# plot_learning_dynamics.py --quick): one pass a snapshot is most of their time
+QUICK_SPLIT = 2000
+
+
+def test_split_scores(run, layers, count=None):
     """{layer: scoring.UnitScores} over run's test split: one scoring.score_units pass of every stage,
     computed once per process for each checkpoint, test split and device, so the scripts plot_all.py
     runs share it, whichever runs first and whatever stages it needs (scoring a stage more costs
-    little beside running it: conv1's maps, the largest, add about 3 % to the pass)."""
-    units = memo(("test split pass", run.key), lambda: score_units(run.model, run.images, STAGES))
+    little beside running it: conv1's maps, the largest, add about 3 % to the pass). count: over the
+    first `count` test images only (a quick run's), a pass of their own, shared likewise."""
+    if count is None or count >= len(run.images):
+        units = memo(("test split pass", run.key), lambda: score_units(run.model, run.images, STAGES))
+    else:
+        units = memo(("test split pass", run.key, count), lambda: score_units(run.model, run.images[:count], STAGES))
     return {layer: units[layer] for layer in layers}
 
 

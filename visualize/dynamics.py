@@ -172,15 +172,17 @@ def evidence_numbers(run, count=COUNT, seed=0):
     return numbers
 
 
-def snapshot_numbers(run, last_grams, images=IMAGES, probe_images=PROBE_IMAGES, count=COUNT, seed=0, grams=None):
+def snapshot_numbers(run, last_grams, images=IMAGES, probe_images=PROBE_IMAGES, count=COUNT, seed=0, grams=None,
+                     split=None):
     """One snapshot's numbers: {"cka": {stage: CKA to the last}, "probe": {stage: accuracy}, "selectivity":
     {stage: mean}, "evidence": evidence_numbers}. last_grams: stage_grams of the last snapshot; grams:
-    this snapshot's, if computed already."""
+    this snapshot's, if computed already; split: the probes' test accuracy and the selectivity over the
+    first `split` test images (a quick run's), not the whole split."""
     grams = grams or stage_grams(run.model, run.images[:images])
-    scores = test_split_scores(run, STAGES)
+    scores = test_split_scores(run, STAGES, split)
     train_x, train_y = (part[:probe_images] for part in training_split(run))
     train_scores = score_units(run.model, train_x, STAGES)
-    labels = torch.as_tensor(run.labels)
+    labels = torch.as_tensor(run.labels)[:len(scores[STAGES[0]].mean)]
     classes = run.model.fc.out_features
     return dict(cka={layer: cka_of_grams(grams[layer], last_grams[layer]) for layer in STAGES},
                 probe={layer: probe_accuracy(train_scores[layer].mean, train_y, scores[layer].mean, labels, classes)
@@ -189,13 +191,13 @@ def snapshot_numbers(run, last_grams, images=IMAGES, probe_images=PROBE_IMAGES, 
                 evidence=evidence_numbers(run, count, seed))
 
 
-def learning_dynamics(snapshot_runs, images=IMAGES, probe_images=PROBE_IMAGES, count=COUNT, seed=0):
-    """[(epoch, PlotRun, snapshot_numbers)] of every snapshot, by epoch."""
+def learning_dynamics(snapshot_runs, images=IMAGES, probe_images=PROBE_IMAGES, count=COUNT, seed=0, split=None):
+    """[(epoch, PlotRun, snapshot_numbers)] of every snapshot, by epoch; split: as snapshot_numbers'."""
     last_grams = stage_grams(snapshot_runs[-1][1].model, snapshot_runs[-1][1].images[:images])
     out = []
     for epoch, run in tqdm(snapshot_runs, desc="snapshots", unit="snapshot", leave=False, dynamic_ncols=True):
         grams = last_grams if run is snapshot_runs[-1][1] else None
-        out.append((epoch, run, snapshot_numbers(run, last_grams, images, probe_images, count, seed, grams)))
+        out.append((epoch, run, snapshot_numbers(run, last_grams, images, probe_images, count, seed, grams, split)))
     return out
 
 
@@ -216,11 +218,14 @@ def json_number(value):
 
 
 def plot_learning_dynamics(dynamics, figures_dir, images=IMAGES, probe_images=PROBE_IMAGES, count=COUNT, seed=0,
-                           threshold=THRESHOLD, record=None, suffix=""):
+                           threshold=THRESHOLD, record=None, suffix="", split=None):
     """figures_dir/dynamics<suffix>.png and .json of learning_dynamics' numbers; prints the convergence
-    table; returns both paths. record: added to the JSON (the figure's metadata)."""
+    table; returns both paths. record: added to the JSON (the figure's metadata); split: as
+    learning_dynamics' (the first `split` test images scored the probes and the selectivity)."""
     epochs = [epoch for epoch, _, _ in dynamics]
     last_run = dynamics[-1][1]
+    split = len(last_run.images) if split is None else min(split, len(last_run.images))
+    scored = "the test split" if split == len(last_run.images) else f"the first {split} test images"
     accuracy = [run.checkpoint.get("test_acc") for _, run, _ in dynamics]
     print(f"{last_run.caption}\n" + convergence_table(epochs, dynamics, threshold))
     fig = new_figure(13, 8.2)
@@ -242,8 +247,8 @@ def plot_learning_dynamics(dynamics, figures_dir, images=IMAGES, probe_images=PR
     axes[1].plot(epochs, accuracy, "k--", lw=1, label="the network")
     axes[1].axhline(1 / last_run.model.fc.out_features, color="grey", lw=0.8, ls=":")
     axes[1].set(title=f"linear probe on each stage's averaged channels\n(fitted on {probe_images} training "
-                      f"images; test accuracy; dotted: chance)", ylabel="test accuracy")
-    axes[2].set(title="mean class selectivity of the stage's channels\n(Morcos et al. 2018, the atlas's)",
+                      f"images; test accuracy on {scored}; dotted: chance)", ylabel="test accuracy")
+    axes[2].set(title=f"mean class selectivity of the stage's channels\n(Morcos et al. 2018, the atlas's; over {scored})",
                 ylabel="selectivity")
     methods = {"Grad-CAM conv4_x": "#d7301f", "saliency": "#2171b5"}
     for column, ax, what in ((("class", axes[3], "rho to a random other class's map (lower: class-specific)")),
@@ -273,7 +278,7 @@ def plot_learning_dynamics(dynamics, figures_dir, images=IMAGES, probe_images=PR
     png = save(fig, figures_dir / f"dynamics{suffix}.png")
     content = {**(record or {}), "epochs": epochs, "iterations": [run.checkpoint["iteration"] for _, run, _ in dynamics],
                "test_acc": accuracy, "images": images, "threshold": threshold, "probe_images": probe_images,
-               "probe_l2": PROBE_L2, "count": count, "seed": seed,
+               "probe_l2": PROBE_L2, "count": count, "seed": seed, "split_images": split,
                "stages": {layer: {"cka": [json_number(numbers["cka"][layer]) for _, _, numbers in dynamics],
                                   "converged_epoch": converged[layer],
                                   "probe_accuracy": [numbers["probe"][layer] for _, _, numbers in dynamics],

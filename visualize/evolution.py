@@ -26,10 +26,11 @@ def default_channels(model, layers):
     return {layer: list(range(min(EVOLUTION_CHANNELS, model.channels(layer)))) for layer in layers}
 
 
-def snapshot_units(run, channels):
+def snapshot_units(run, channels, count=None):
     """{layer: [unit]} of one snapshot's PlotRun for channels = {layer: [c, ...]}: each unit
-    {"channel", "top": [its atlas top-1 entry], "class": that image's class name}."""
-    scores = test_split_scores(run, list(channels))
+    {"channel", "top": [its atlas top-1 entry], "class": that image's class name}, over the test split
+    (its first `count` images, given a count)."""
+    scores = test_split_scores(run, list(channels), count)
     size = run.images.shape[-1]
     units = {}
     for layer, layer_channels in channels.items():
@@ -40,9 +41,9 @@ def snapshot_units(run, channels):
     return units
 
 
-def feature_evolution(snapshot_runs, channels):
+def feature_evolution(snapshot_runs, channels, count=None):
     """[(epoch, PlotRun, {layer: [unit]})] of every snapshot, by epoch (snapshot_units of each)."""
-    return [(epoch, run, snapshot_units(run, channels)) for epoch, run in snapshot_runs]
+    return [(epoch, run, snapshot_units(run, channels, count)) for epoch, run in snapshot_runs]
 
 
 def tile_label(unit):
@@ -52,17 +53,21 @@ def tile_label(unit):
     return f"{entry['activation']:.3g}, {unit['class']}"
 
 
-def plot_feature_evolution(evolution, layer, figures_dir, method="deconvnet", record=None, suffix=""):
+def plot_feature_evolution(evolution, layer, figures_dir, method="deconvnet", record=None, suffix="", count=None):
     """figures_dir/evolution_<layer><method suffix><suffix>.png and .json: one row per channel, one column
     per snapshot, each tile atlas.unit_block of the unit's top-1 at that snapshot, headed by its activation
-    and the image's class; returns both paths. record: added to the JSON (the figure's metadata)."""
+    and the image's class; returns both paths. record: added to the JSON (the figure's metadata); count:
+    the test images searched were the first `count` (the quick run's), not the whole split."""
     last_run = evolution[-1][1]
+    searched = len(last_run.images) if count is None else min(count, len(last_run.images))
+    over = ("the test split" if searched == len(last_run.images) else
+            f"the first {searched} test images (the quick run: a first look)")
     rows, cols = len(evolution[0][2][layer]), len(evolution)
     size = last_run.images.shape[-1]
     top, _, bottom, _ = last_run.model.receptive_field(layer, 0, 0, size, clip=False)
     extent = min(bottom - top + 1, size)
     title = "\n".join(wrap_title(part) for part in (
-        f"{layer}: how each unit's strongest activation over the test split changes through training "
+        f"{layer}: how each unit's strongest activation over {over} changes through training "
         f"(Zeiler & Fergus's Figure 4)",
         f"per channel (rows) and snapshot (columns): the top-1 {METHOD_TITLES[method]} (left, 0.5 + r / (2 max|r|), "
         f"grey = 0) beside the image patch (right), both cropped to the strongest unit's receptive field "
@@ -94,7 +99,8 @@ def plot_feature_evolution(evolution, layer, figures_dir, method="deconvnet", re
         for out, unit in zip(units, snapshot[layer]):
             out["tiles"].append(dict(epoch=epoch, iteration=run.checkpoint["iteration"], **unit["top"][0],
                                      **{"class": unit["class"]}))
-    content = {**(record or {}), "layer": layer, "method": method, "epochs": [epoch for epoch, _, _ in evolution],
+    content = {**(record or {}), "layer": layer, "method": method, "images": searched,
+               "epochs": [epoch for epoch, _, _ in evolution],
                "test_acc": [run.checkpoint.get("test_acc") for _, run, _ in evolution],
                "channels": format_indices([unit["channel"] for unit in units]), "units": units}
     return [png, save_json(json_path, content)]
