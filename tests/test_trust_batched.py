@@ -117,16 +117,18 @@ def test_the_table_drawn_with_the_batchnorms_folded_equals_the_table_drawn_with_
     monkeypatch.setattr(trust, "fold_batchnorm", lambda model: model.eval())  # the BatchNorms kept
     kept = table()
     # The maps agree to rounding, but a ranking follows rounding where values tie in exact arithmetic (an
-    # upsampled Grad-CAM's mirrored pixels) or a ReLU gate sits a rounding away from 0 (a gradient), and
-    # one pixel's place moves a deletion curve by up to a step: those images' AUCs may differ, the means
-    # by far less than the table's last digit. Maps without such ties agree to float32 rounding.
+    # upsampled Grad-CAM's mirrored pixels) or a ReLU gate sits a rounding away from 0 (a gradient): one
+    # pixel's place moves a deletion curve by up to a step, and may change which pixels ROAD imputes and
+    # so one classification of the 16 images x 9 levels (1/144 of the mean). Each column's mean stays
+    # within that, far below the table's last digit. The baselines' maps do not depend on the network: their
+    # curves agree to float32 rounding.
     for name in (*names, *trust.BASELINES):
         for column in trust.COLUMNS:
-            assert trust.summary(folded[2 if column in trust.FAITHFULNESS else 0][name][column])[0] == pytest.approx(
-                trust.summary(kept[2 if column in trust.FAITHFULNESS else 0][name][column])[0], abs=5e-3, nan_ok=True)
-        for column in ("ROAD MoRF", "ROAD LeRF"):  # the same pixels imputed, classified the same
-            assert folded[2][name][column].tolist() == kept[2][name][column].tolist()
-    for name in ("occlusion", *trust.BASELINES):
+            part = 2 if column in trust.FAITHFULNESS else 0
+            tolerance = 1.5 / (9 * len(images)) if column.startswith("ROAD") else 5e-3
+            assert trust.summary(folded[part][name][column])[0] == pytest.approx(
+                trust.summary(kept[part][name][column])[0], abs=tolerance, nan_ok=True)
+    for name in trust.BASELINES:
         for column in ("deletion AUC", "insertion AUC"):
             torch.testing.assert_close(folded[2][name][column], kept[2][name][column], atol=1e-6, rtol=0)
     for name, cascade in folded[1].items():  # each depth's mean rho
