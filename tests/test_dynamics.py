@@ -178,10 +178,13 @@ def test_without_snapshots_the_scripts_say_so_in_one_line(snapshot_run, tmp_path
         assert_one_line_error(proc, "has no snapshots", "--snapshots")
 
 
-def test_the_quick_run_is_the_full_computation_on_fewer_images_and_says_so(snapshot_run, tmp_path, one_thread):
+def test_the_quick_run_is_the_full_computation_on_fewer_images_and_says_so(snapshot_run, tmp_path, monkeypatch,
+                                                                           one_thread):
     figures = tmp_path / "figures"
     common = ["--checkpoint", str(snapshot_run), "--figures-dir", str(figures)]
-    assert run_in_process("plot_learning_dynamics.py", common + ["--quick"]).returncode == 0
+    import plot_all
+    monkeypatch.setattr(plot_all, "SCRIPTS", ("plot_conv1_filters",))
+    assert run_in_process("plot_all.py", common + ["--quick"]).returncode == 0  # runs both with --quick
     sizes = ["--images", str(dynamics.QUICK_IMAGES), "--probe-images", str(dynamics.QUICK_PROBE_IMAGES),
              "--count", str(dynamics.QUICK_COUNT)]
     assert run_in_process("plot_learning_dynamics.py", common + sizes).returncode == 0
@@ -190,9 +193,11 @@ def test_the_quick_run_is_the_full_computation_on_fewer_images_and_says_so(snaps
     assert (quick["images"], quick["probe_images"], quick["count"]) == (250, 1000, 16)
     assert quick["figure"]["flags"]["--quick"] is True and "--images" not in quick["figure"]["changed"]
     assert quick["stages"] == full["stages"] and quick["evidence"] == full["evidence"]  # the split is 512 < 2,000
-    assert run_in_process("plot_feature_evolution.py", common + ["--quick", "--layer", "conv2_x"]).returncode == 0
     evolution_quick = json.loads((figures / "evolution_conv2_x_quick.json").read_text())
     assert evolution_quick["figure"]["flags"]["--quick"] is True and evolution_quick["images"] == 512
+    page = (figures / "index.html").read_text(encoding="utf-8")
+    assert "The quick run, a first look: the CKA on 250 test images" in page
+    assert "The quick run, a first look: the strongest activations over the first 512 test images" in page
 
 
 def test_a_quick_tile_is_the_strongest_activation_over_the_first_images_only(snapshot_run, one_thread):

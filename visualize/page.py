@@ -162,6 +162,12 @@ def quick_basis(kind, record):
     if kind == "trust":
         return (f"faithfulness on {record.get('count')} test images, the weights and class on "
                 f"{len(record.get('dependence_images', []))}")
+    if kind == "learning_dynamics":
+        return (f"the CKA on {record.get('images')} test images, the probes fitted on {record.get('probe_images')} "
+                f"training images and scored with the selectivity on {record.get('split_images')} test images, the "
+                f"evidence on {record.get('count')}")
+    if kind == "feature_evolution":
+        return f"the strongest activations over the first {record.get('images')} test images"
     return None
 
 
@@ -188,8 +194,8 @@ def dynamics_figure(record):
 
 def evolution_figure(record):
     caption = (f"How units of {record.get('layer')} change through training (Zeiler & Fergus's Figure 4): per channel and "
-               f"snapshot, the strongest activation over the test split projected back to the pixels, beside its "
-               f"image patch, cropped to the receptive field.")
+               f"snapshot, the strongest activation over {record.get('images', 'the')} test images projected back to the "
+               f"pixels, beside its image patch, cropped to the receptive field.")
     return None, caption
 
 
