@@ -11,6 +11,7 @@ Every checkpoint loads with torch.load(weights_only=True): it holds tensors, num
 and dicts only.
 """
 import csv
+import io
 import json
 import os
 import socket
@@ -434,12 +435,11 @@ def write_history_csv(history, path):
     loss_means = {round(c + (window - 1) / 2): m for c, m in zip(centres, means)}
     tests = {it: (e, a, l) for it, e, a, l in zip(history["test_iteration"], history["test_epoch"],
                                                    history["test_acc"], history["test_loss"])}
-    tmp = Path(path).with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["iteration", "train_acc", "train_loss", "train_loss_mean100", "epoch", "test_acc", "test_loss"])
-        for i, (loss, acc) in enumerate(zip(history["train_loss"], history["train_acc"]), start=1):
-            epoch, tacc, tloss = tests.get(i, ("", "", ""))
-            w.writerow([i, f"{acc:.6f}", f"{loss:.6f}", f"{loss_means[i]:.6f}" if i in loss_means else "", epoch,
-                        f"{tacc:.6f}" if tacc != "" else "", f"{tloss:.6f}" if tloss != "" else ""])
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["iteration", "train_acc", "train_loss", "train_loss_mean100", "epoch", "test_acc", "test_loss"])
+    for i, (loss, acc) in enumerate(zip(history["train_loss"], history["train_acc"]), start=1):
+        epoch, tacc, tloss = tests.get(i, ("", "", ""))
+        w.writerow([i, f"{acc:.6f}", f"{loss:.6f}", f"{loss_means[i]:.6f}" if i in loss_means else "", epoch,
+                    f"{tacc:.6f}" if tacc != "" else "", f"{tloss:.6f}" if tloss != "" else ""])
+    write_text_atomic(path, text.getvalue())

@@ -272,7 +272,7 @@ def measure_row(label, pipeline, settings, args, windows, device, splits, bar):
         bar.update()
         return len(y)
     rates = speed.time_steps(next_step, windows.windows, windows.window_steps, windows.warmup, device)
-    del batches  # stops the tutorial's DataLoader workers before the evaluation
+    batches = None  # drops the tutorial's DataLoader iterator, which stops its workers, before the evaluation
 
     bar.set_postfix_str("evaluating")
     n = windows.eval_images
