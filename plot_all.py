@@ -53,8 +53,8 @@ def main(argv=None):
     parser = cli.plot_parser(__doc__, script=__file__)
     parser.add_argument("--quick", action="store_true",
                         help=f"a first look: {', '.join(sorted(QUICK))} with --quick: their estimates over fewer "
-                             f"test images, the feature visualization with fewer steps, the snapshots' figures over the first "
-                             f"{QUICK_SPLIT} test images (default: the full run)")
+                             f"test images, the feature visualization with fewer steps, the snapshots' figures over "
+                             f"the first {QUICK_SPLIT} test images (default: the full run)")
     args = parser.parse_args(argv)
     shared = ["--checkpoint", args.checkpoint, "--figures-dir", args.figures_dir, "--device", str(args.device)]
     if args.data_dir is not None:

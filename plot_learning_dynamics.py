@@ -21,8 +21,8 @@ Saved: dynamics.png and dynamics.json = {"figure", "epochs", "iterations", "test
 "probe_accuracy", "selectivity"}: a list over the snapshots each}, "evidence": {"Grad-CAM conv4_x" |
 "saliency": {"class", "class SE", "ROAD gap", "ROAD gap SE"}}}; a non-default choice is added to both
 names (dynamics_images500_count16.png; dynamics_quick.png: --quick takes 250, 1,000 and 16 images, and
-scores the probes and the selectivity on the first 2,000 test images). --checkpoint names the run: its snapshots are the files of
-<checkpoint>.snapshots/ (or pass that folder).
+scores the probes and the selectivity on the first 2,000 test images). --checkpoint names the run: its
+snapshots are the files of <checkpoint>.snapshots/ (or pass that folder).
 """
 import math
 
@@ -74,11 +74,13 @@ def main(argv=None):
                                   f"choose 2..{sizes[name]}")
         chosen[name] = min(default, sizes[name]) if value is None else value
     split = QUICK_SPLIT if args.quick else None
-    numbers = dynamics.learning_dynamics(runs, chosen["images"], chosen["probe_images"], chosen["count"], args.seed, split)
+    numbers = dynamics.learning_dynamics(runs, chosen["images"], chosen["probe_images"], chosen["count"], args.seed,
+                                         split)
     changed = [(name, chosen[name]) for _, name, default in flags if chosen[name] != min(default, sizes[name])]
     changed += [(name, getattr(args, name)) for name, default in (("threshold", dynamics.THRESHOLD), ("seed", 0))
                 if getattr(args, name) != default]
-    suffix = "".join(f"_{name.replace('_images', '')}{value:g}" for name, value in changed) + ("_quick" if args.quick else "")
+    suffix = "".join(f"_{name.replace('_images', '')}{value:g}" for name, value in changed)
+    suffix += "_quick" if args.quick else ""
     return dynamics.plot_learning_dynamics(numbers, args.figures_dir, chosen["images"], chosen["probe_images"],
                                            chosen["count"], args.seed, args.threshold,
                                            {"figure": p.figure_record(args, "learning_dynamics")}, suffix, split)

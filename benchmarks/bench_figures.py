@@ -69,7 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", help="where the checkpoint made, its data and the figures go (default: a "
                                       "temporary folder, removed at the end)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="time plot_all.py --quick, its first look (default: the full run)")
+    p.add_argument("--quick", action="store_true",
+                   help="time plot_all.py --quick, its first look (default: the full run)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--top-activating", action="store_true",
                    help="instead: time scoring.top_activating against the per-image loop (see --layer ...)")
@@ -225,7 +226,8 @@ def measure_figures(args):
                   width=run.model.width, test_images=len(run.images), quick=args.quick,
                   **figures_ratio(scripts, total, wall, (before, after), cpu, (before_cpu, after_cpu)))
     unit = result["forward_pass_mean_s"]
-    result["trust_parts"] = {name: dict(seconds=seconds, ratio=seconds / unit) for name, seconds in trust_parts(stdout).items()}
+    result["trust_parts"] = {name: dict(seconds=seconds, ratio=seconds / unit)
+                             for name, seconds in trust_parts(stdout).items()}
     load = lambda values: ", ".join(f"{v:.1f}" for v in values) if values else "n/a"
     print(f"\n{result['device_name']} ({result['cpu_capability']}, {result['threads']} threads) | torch "
           f"{result['torch']} | {result['date']} | load average {load(load_before)} before, "

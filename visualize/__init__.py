@@ -28,7 +28,8 @@
     drawing     every matplotlib figure is made and saved here       -> data, utils
 
 Below the package: snapshots (context finds a run's), checkpoint (context reads one, featurevis saves its cache atomically, progress takes
-the history's windows from it), data, model (trust folds its BatchNorms: model.fold_batchnorm), speed (cli's --device) and utils.
+the history's windows from it), data, model (trust folds its BatchNorms: model.fold_batchnorm), speed
+(cli's --device) and utils.
 
 Import the modules themselves (`from visualize import cli, figures`); this file imports nothing, so
 train.py can draw its progress figures without loading the rest.
