@@ -22,10 +22,10 @@ independent implementation can be held against this one):
                     deviation (with n - 1; a constant feature: divided by 1); loss = mean cross-entropy +
                     PROBE_L2 / 2 * ||W||_F^2 (the bias not penalised), minimised from zero by L-BFGS (strong
                     Wolfe line search) in float64 until the gradient's largest entry is below 1e-6 or
-                    after PROBE_STEPS iterations (convex: one minimum). Scored on the whole test split:
-                    the fraction whose argmax is the label.
+                    after PROBE_STEPS iterations (convex: one minimum). Scored on the whole test split
+                    (a quick run: its first `split` images): the fraction whose argmax is the label.
     selectivity     the stage's mean over its channels of units.class_selectivity (the atlas's) over the
-                    whole test split; a silent channel counts as 0.
+                    whole test split (a quick run: its first `split`); a silent channel counts as 0.
     evidence        for Grad-CAM at conv4_x and the plain gradient (visualize.attribution's defaults; the
                     trust table's rows "Grad-CAM conv4_x" and "saliency"), on the first `count` test images
                     (COUNT: 64), each explaining the class the snapshot predicts: the trust table's class
