@@ -247,9 +247,9 @@ def plot_learning_dynamics(dynamics, figures_dir, images=IMAGES, probe_images=PR
     axes[1].plot(epochs, accuracy, "k--", lw=1, label="the network")
     axes[1].axhline(1 / last_run.model.fc.out_features, color="grey", lw=0.8, ls=":")
     axes[1].set(title=f"linear probe on each stage's averaged channels\n(fitted on {probe_images} training "
-                      f"images; test accuracy on {scored}; dotted: chance)", ylabel="test accuracy")
-    axes[2].set(title=f"mean class selectivity of the stage's channels\n(Morcos et al. 2018, the atlas's; over "
-                      f"{scored})",
+                      f"images; dotted: chance)\ntest accuracy on {scored}", ylabel="test accuracy")
+    axes[2].set(title=f"mean class selectivity of the stage's channels\n(Morcos et al. 2018, the atlas's)\n"
+                      f"over {scored}",
                 ylabel="selectivity")
     methods = {"Grad-CAM conv4_x": "#d7301f", "saliency": "#2171b5"}
     for column, ax, what in ((("class", axes[3], "rho to a random other class's map (lower: class-specific)")),
