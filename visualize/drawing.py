@@ -109,12 +109,24 @@ def save(fig, path, quiet=False):
     return path
 
 
+def json_ready(value):
+    """`value` with every float NaN (a number no image defines) as None, JSON's null, through its dicts,
+    lists and tuples."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {key: json_ready(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
 def save_json(path, record, indent=None):
-    """`record` as JSON at `path` (NaN refused: JSON has none), written atomically (write_text_atomic), so a
-    reader never sees half of it; says so and returns the path. The JSON beside a figure holds its
-    figure_record (visualize.cli) under "figure", for the page."""
+    """`record` as JSON at `path` (NaN written as null, json_ready; infinity refused: JSON has neither),
+    written atomically (write_text_atomic), so a reader never sees half of it; says so and returns the
+    path. The JSON beside a figure holds its figure_record (visualize.cli) under "figure", for the page."""
     path = Path(path)
-    write_text_atomic(path, json.dumps(record, indent=indent, allow_nan=False) + "\n")
+    write_text_atomic(path, json.dumps(json_ready(record), indent=indent, allow_nan=False) + "\n")
     print(f"wrote {path}")
     return path
 

@@ -213,10 +213,6 @@ def convergence_table(epochs, dynamics, threshold=THRESHOLD):
     return "\n".join(lines)
 
 
-def json_number(value):
-    return None if value is None or math.isnan(value) else value
-
-
 def plot_learning_dynamics(dynamics, figures_dir, images=IMAGES, probe_images=PROBE_IMAGES, count=COUNT, seed=0,
                            threshold=THRESHOLD, record=None, suffix="", split=None):
     """figures_dir/dynamics<suffix>.png and .json of learning_dynamics' numbers; prints the convergence
@@ -280,12 +276,12 @@ def plot_learning_dynamics(dynamics, figures_dir, images=IMAGES, probe_images=PR
     content = {**(record or {}), "epochs": epochs, "iterations": [run.checkpoint["iteration"] for _, run, _ in dynamics],
                "test_acc": accuracy, "images": images, "threshold": threshold, "probe_images": probe_images,
                "probe_l2": PROBE_L2, "count": count, "seed": seed, "split_images": split,
-               "stages": {layer: {"cka": [json_number(numbers["cka"][layer]) for _, _, numbers in dynamics],
+               "stages": {layer: {"cka": [numbers["cka"][layer] for _, _, numbers in dynamics],
                                   "converged_epoch": converged[layer],
                                   "probe_accuracy": [numbers["probe"][layer] for _, _, numbers in dynamics],
                                   "selectivity": [numbers["selectivity"][layer] for _, _, numbers in dynamics]}
                           for layer in STAGES},
-               "evidence": {name: {key: [json_number(numbers["evidence"][name][column][i]) for _, _, numbers in dynamics]
+               "evidence": {name: {key: [numbers["evidence"][name][column][i] for _, _, numbers in dynamics]
                                    for column in ("class", "ROAD gap") for i, key in ((0, column), (1, f"{column} SE"))}
                             for name, _ in EVIDENCE}}
     return [png, save_json(figures_dir / f"dynamics{suffix}.json", content)]

@@ -211,15 +211,6 @@ def mean_and_error(per_image):
     return np.array([m for m, _ in pairs]), np.array([e for _, e in pairs])
 
 
-def json_numbers(tensor):
-    """A float tensor as nested lists, None where it is NaN (JSON has no NaN)."""
-    lists = float32_lists(tensor)
-
-    def clean(v):
-        return [clean(u) for u in v] if isinstance(v, list) else (None if math.isnan(v) else v)
-    return clean(lists)
-
-
 def draw_curves(ax, values, per_image, colours):
     """Each image's curve (thin, its colour) and their mean (black) with a band of ± its standard error."""
     for column, colour in zip(per_image.T.numpy(), colours):
@@ -280,19 +271,19 @@ def plot_invariance(run, indices, sweeps, figures_dir, record, stem):
 
     data = {"figure": record, "images": list(indices), "true": labels.tolist(),
             "true_names": [run.classes[c] for c in labels], "resampling": RESAMPLING,
-            "original_probability": json_numbers(p_original), "original_norm": {
-                name: json_numbers(norm) for name, norm in norms.items()},
+            "original_probability": float32_lists(p_original), "original_norm": {
+                name: float32_lists(norm) for name, norm in norms.items()},
             "transformations": {}}
     for kind, c in curves.items():
         unit, _, _, what = SWEEP_RULES[kind]
-        entry = {"what": what, "unit": unit, "values": c.values, "probability": json_numbers(c.probability),
-                 "distance": {name: json_numbers(d) for name, d in c.distance.items()},
-                 "relative_distance": {name: json_numbers(d) for name, d in c.relative.items()}}
+        entry = {"what": what, "unit": unit, "values": c.values, "probability": float32_lists(c.probability),
+                 "distance": {name: float32_lists(d) for name, d in c.distance.items()},
+                 "relative_distance": {name: float32_lists(d) for name, d in c.relative.items()}}
         for key, per_image in [("probability", c.probability),
                                *((f"distance {name}", c.distance[name]) for name in REPRESENTATIONS),
                                *((f"relative_distance {name}", c.relative[name]) for name in REPRESENTATIONS)]:
             mean, error = mean_and_error(per_image)
-            entry.setdefault("mean", {})[key] = json_numbers(torch.from_numpy(mean))
-            entry.setdefault("standard_error", {})[key] = json_numbers(torch.from_numpy(error))
+            entry.setdefault("mean", {})[key] = float32_lists(torch.from_numpy(mean))
+            entry.setdefault("standard_error", {})[key] = float32_lists(torch.from_numpy(error))
         data["transformations"][kind] = entry
     return [png, save_json(figures_dir / f"{stem}.json", data)]

@@ -236,10 +236,9 @@ def similarity_caption(rhos):
 
 
 def sanity_record(layer, channel, indices, seed, checks):
-    """The JSON's content: the similarity of each technique at each depth, NaN written as null."""
-    similarity = {name: [None if math.isnan(v) else v for v in values] for name, values in checks.similarity.items()}
+    """The JSON's content: the similarity of each technique at each depth (NaN, written as null: constant)."""
     return {"layer": layer, "channel": channel, "images": list(indices), "depths": checks.depths, "seed": seed,
-            "similarity": similarity}
+            "similarity": checks.similarity}
 
 
 def unit_sanity_checks(run, layer, channel, indices, seed=0, fv_steps=SANITY_FV_STEPS, pattern_steps=PATTERN_STEPS):

@@ -321,10 +321,6 @@ def cell_text(value, error):
     return f"{value:.2f}" + ("" if math.isnan(error) else f" ±{error:.2f}")
 
 
-def json_number(value):
-    return None if math.isnan(value) else value
-
-
 # the flags the file names write their way (table_suffix)
 TRUST_NAMED = ("--images", "--count", "--target", "--seed", "--step-percent", "--noise", "--quick")
 
@@ -367,10 +363,10 @@ def plot_trust(run, figures_dir, count=None, target="predicted", seed=0, step=fa
               "road_levels": list(faithfulness.ROAD_LEVELS), "unit": {**UNIT, "images": unit_images},
               "dependence_images": unit_images, "depths": DEPTHS, "pass_below": PASS_BELOW, "z": Z,
               "rows": {name: {"kind": row.kind,
-                              **{key: json_number(value) for column in COLUMNS if column in summaries[name]
+                              **{key: value for column in COLUMNS if column in summaries[name]
                                  for key, value in zip((column, f"{column} SE"), summaries[name][column])},
                               "passes": row.passes,
-                              **({"cascade": [json_number(v) for v in row.cascade]} if row.cascade else {})}
+                              **({"cascade": list(row.cascade)} if row.cascade else {})}
                        for name, row in rows.items()}}
     json_path = save_json(figures_dir / f"trust{suffix}.json", {"figure": figure, **record} if figure else record,
                           indent=1)
