@@ -13,8 +13,8 @@ stage's output:
 Every ReLU is its own non-in-place nn.ReLU module, so hook-based tools (captum, pytorch-grad-cam)
 and ResNet.reconstruct below can treat each one separately.
 """
-import copy
 from collections import OrderedDict
+from copy import deepcopy
 from contextlib import contextmanager
 
 import torch
@@ -226,13 +226,14 @@ class ResNet(nn.Module):
         return signal
 
 
-def fold_batchnorm(model):
-    """An eval-mode copy of `model` (left untouched) with every BatchNorm folded into the conv before it
+def fold_batchnorm(model, copy=True):
+    """An eval-mode copy of `model` (left untouched; copy=False: `model` itself, a copy the caller made
+    already) with every BatchNorm folded into the conv before it
     (torch.nn.utils.fusion.fuse_conv_bn_eval: the conv gains the scale and a bias, the BatchNorm becomes
     nn.Identity): the same function as model.eval() up to rounding, with one pass over the activations
     fewer a conv (what it saves: docs/class_evidence.md#cost). For forward passes and input gradients
     (the faithfulness measures); not for training, nor for reconstruct, which walks the BatchNorms."""
-    folded = copy.deepcopy(model).eval()
+    folded = (deepcopy(model) if copy else model).eval()
     for sequence in folded.modules():
         if not isinstance(sequence, nn.Sequential):
             continue

@@ -28,7 +28,7 @@
     drawing     every matplotlib figure is made and saved here       -> data, utils
 
 Below the package: snapshots (context finds a run's), checkpoint (context reads one, featurevis saves its cache atomically, progress takes
-the history's windows from it), data, model (trust folds its BatchNorms: model.fold_batchnorm), speed
+the history's windows from it), data, model (trust and dynamics fold its BatchNorms: model.fold_batchnorm), speed
 (cli's --device) and utils.
 
 Import the modules themselves (`from visualize import cli, figures`); this file imports nothing, so

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from cifar10 import CIFAR10_FOLDER, dataset_root, load_cifar10
 from data import normalize
-from model import STAGES
+from model import STAGES, fold_batchnorm
 from visualize import cli, trust
 from visualize.context import file_key, memo, test_split_scores
 from visualize.drawing import new_figure, save, save_json, wrap_title
@@ -157,7 +157,7 @@ def training_split(run):
 def evidence_numbers(run, count=COUNT, seed=0):
     """{row name: {"class": (mean, SE), "ROAD gap": (mean, SE)}} of the EVIDENCE maps on run's first
     `count` test images, for the classes its network predicts (the module's docstring)."""
-    model, images = run.model, run.images[:count]
+    model, images = fold_batchnorm(run.model), run.images[:count]  # every pass as the trust table's
     device = run.device
     targets = trust.predicted_or_true(run, list(range(count)), "predicted")
     names = [name for name, _ in EVIDENCE]

@@ -133,11 +133,11 @@ def per_image_similarity(trained, redrawn):
     return sanity.similarities(pick(redrawn), pick(trained))
 
 
-def draw_class_maps(model, images, targets, names=CLASS_MAP_NAMES):
-    """{row name: maps on the CPU} of the class maps `names` for the images and targets, drawn by the
-    model with its BatchNorms folded (fold_batchnorm: the same maps up to rounding, for less)."""
+def draw_class_maps(network, images, targets, names=CLASS_MAP_NAMES):
+    """{row name: maps on the CPU} of the class maps `names` for the images and targets, drawn by
+    `network` (the table's have their BatchNorms folded, fold_batchnorm: the same maps up to rounding,
+    for less)."""
     chosen = [entry for entry in CLASS_MAPS if entry[0] in names]
-    network = fold_batchnorm(model)
     return {name: attribute(network, images, targets, method, **({"layer": layer} if layer else {})).cpu()
             for name, method, layer in chosen}
 
@@ -151,19 +151,21 @@ def random_other_classes(targets, classes, seed):
 def class_map_dependence(model, images, targets, seed=0, names=CLASS_MAP_NAMES, trained=None):
     """({row name: {"weights: top", "weights: all", "class": per-image rho (N,)}}, {row name: the mean rho
     at each depth of DEPTHS}) of the class maps `names` and the two baselines on the uint8 images and
-    their targets (N,). trained: the trained network's maps {row name: maps}, if drawn already."""
+    their targets (N,). trained: the trained network's maps {row name: maps}, if drawn already. Every map
+    is drawn with the BatchNorms folded (fold_batchnorm)."""
     device = next(model.parameters()).device
-    trained = trained if trained is not None else draw_class_maps(model, images, targets, names)
+    folded = fold_batchnorm(model)
+    trained = trained if trained is not None else draw_class_maps(folded, images, targets, names)
     fresh = sanity.fresh_network(model, seed)
     cascade = {name: [] for name in trained}
     for depth in tqdm(range(1, len(DEPTHS) + 1), desc="class maps, stages re-initialised", unit="depth",
                       leave=False, dynamic_ncols=True):
-        network = sanity.reinitialised(model, DEPTHS[:depth], seed, fresh).eval()
+        network = fold_batchnorm(sanity.reinitialised(model, DEPTHS[:depth], seed, fresh), copy=False)
         redrawn = draw_class_maps(network, images, targets, names)
         for name in trained:
             cascade[name].append(per_image_similarity(trained[name], redrawn[name]))
     others = random_other_classes(targets, model.fc.out_features, seed).to(device)
-    other = draw_class_maps(model, images, others, names)
+    other = draw_class_maps(folded, images, others, names)
     per_image = {name: {"weights: top": rhos[0], "weights: all": rhos[-1],
                         "class": per_image_similarity(trained[name], other[name])} for name, rhos in cascade.items()}
     means = {name: [sanity.defined_mean(r) for r in rhos] for name, rhos in cascade.items()}
@@ -179,21 +181,20 @@ def baseline_maps(images, seed=0):
     return {BASELINES[0]: faithfulness.random_map(len(images), seed), BASELINES[1]: faithfulness.edge_map(images).cpu()}
 
 
-def faithfulness_per_image(model, images, targets, maps, seed=0, step=faithfulness.DELETION_STEP,
+def faithfulness_per_image(network, images, targets, maps, seed=0, step=faithfulness.DELETION_STEP,
                            noise=faithfulness.ROAD_NOISE, times=None):
     """{name: {column of FAITHFULNESS: (N,) float64}} of the maps {name: maps} of the same images: each
     image's deletion and insertion AUC (faithfulness.perturbation_curves, their end points once for all
     maps), and its fraction of ROAD's levels still classified as the target, in each order (road_per_image);
-    the network's passes with its BatchNorms folded (fold_batchnorm). times: a dict the seconds of each
-    part are added to (PARTS)."""
-    model = fold_batchnorm(model)
+    every pass through `network` (the table's has its BatchNorms folded, fold_batchnorm). times: a dict
+    the seconds of each part are added to (PARTS)."""
     with timed(times, "deletion/insertion"):
-        curves = faithfulness.perturbation_curves(model, images, targets, maps, step=step, seed=seed)
+        curves = faithfulness.perturbation_curves(network, images, targets, maps, step=step, seed=seed)
     scores = {name: {"deletion AUC": c["deletion"].auc, "insertion AUC": c["insertion"].auc} for name, c in curves.items()}
     with timed(times, "ROAD"):
         for name, m in tqdm(maps.items(), desc=f"ROAD on {len(images)} images", unit="map", leave=False,
                             dynamic_ncols=True):
-            scores[name].update(road_per_image(model, images, targets, m, seed, noise))
+            scores[name].update(road_per_image(network, images, targets, m, seed, noise))
     return {name: {column: v.double().cpu() for column, v in row.items()} for name, row in scores.items()}
 
 
@@ -207,10 +208,12 @@ def road_per_image(model, images, targets, maps, seed=0, noise=faithfulness.ROAD
 def class_map_faithfulness(model, images, targets, seed=0, step=faithfulness.DELETION_STEP,
                            noise=faithfulness.ROAD_NOISE, names=CLASS_MAP_NAMES, times=None):
     """{row name: {column of FAITHFULNESS: (N,)}} of the class maps `names` and the two baselines on the
-    uint8 images and their targets (N,). times: as faithfulness_per_image's."""
+    uint8 images and their targets (N,), every pass with the BatchNorms folded (fold_batchnorm). times: as
+    faithfulness_per_image's."""
+    network = fold_batchnorm(model)
     with timed(times, "faithfulness maps"):
-        maps = {**draw_class_maps(model, images, targets, names), **baseline_maps(images, seed)}
-    return faithfulness_per_image(model, images, targets, maps, seed, step, noise, times)
+        maps = {**draw_class_maps(network, images, targets, names), **baseline_maps(images, seed)}
+    return faithfulness_per_image(network, images, targets, maps, seed, step, noise, times)
 
 
 def unit_picture_rows(run, unit_images=UNIT_IMAGES, seed=0):
