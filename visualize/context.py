@@ -118,10 +118,9 @@ def test_split_scores(run, layers, count=None):
     runs share it, whichever runs first and whatever stages it needs (scoring a stage more costs
     little beside running it: conv1's maps, the largest, add about 3 % to the pass). count: over the
     first `count` test images only (a quick run's), a pass of their own, shared likewise."""
-    if count is None or count >= len(run.images):
-        units = memo(("test split pass", run.key), lambda: score_units(run.model, run.images, STAGES))
-    else:
-        units = memo(("test split pass", run.key, count), lambda: score_units(run.model, run.images[:count], STAGES))
+    count = None if count is not None and count >= len(run.images) else count  # the whole split: its one pass
+    units = memo(("test split pass", run.key) + (() if count is None else (count,)),
+                 lambda: score_units(run.model, run.images[:count], STAGES))
     return {layer: units[layer] for layer in layers}
 
 
