@@ -161,8 +161,9 @@ def run_length(config, steps_per_epoch):
 
 # --------------------------------------------------------------------------- before any work: the outputs
 
-def check_outputs(ckpt_path, figures_dir):
-    """UserError, before any work, unless the checkpoint, its history CSV and the figures can all be written."""
+def check_outputs(ckpt_path, figures_dir, keeps_snapshots=False):
+    """UserError, before any work, unless the checkpoint, its history CSV, the figures and (where the run
+    keeps snapshots) the snapshots' folder can all be written."""
     csv_path = ckpt_path.with_suffix(".csv")
     if csv_path.absolute() == ckpt_path.absolute():
         raise utils.UserError(f"--checkpoint {ckpt_path} ends in .csv, where the history CSV goes, so one would "
@@ -174,6 +175,8 @@ def check_outputs(ckpt_path, figures_dir):
     utils.check_writable(ckpt_path, "--checkpoint")
     utils.check_writable(csv_path, "the history CSV")
     utils.check_writable(figures_dir, "--figures-dir", folder=True)
+    if keeps_snapshots:
+        utils.check_writable(snapshots.folder(ckpt_path), "the snapshots' folder (--snapshots)", folder=True)
     for name in PROGRESS_FIGURES:
         utils.check_writable(figures_dir / f"{name}.png", "the figure")
 
@@ -275,7 +278,7 @@ def main(argv=None):
         config = resolve_config(args, ckpt)
         config["snapshots"] = snapshots.parse(args.snapshots or (ckpt or {}).get("config", {}).get("snapshots", "default"))
         if not args.show_settings:  # it writes nothing
-            check_outputs(ckpt_path, config["figures_dir"])
+            check_outputs(ckpt_path, config["figures_dir"], config["snapshots"] != snapshots.NONE)
         device, device_reason = speed.device_choice(config["device"])
         speed.use_device(device)
         caps = speed.detect(device)

@@ -105,6 +105,8 @@ OUTPUT_ROWS = [  # train.py checks where it will write before any work; so do th
     ("checkpoint under a file", TRAIN, ["--checkpoint", "{tmp}/f/c.pt"], ["cannot be made", "is a file"],
      file_at("f")),
     ("history CSV is a folder", TRAIN, [], ["history CSV", "c.csv is a folder"], folder_at("c.csv")),
+    ("snapshots folder is a file", TRAIN, [], ["snapshots' folder", "c.snapshots is a file", "a folder must go"],
+     file_at("c.snapshots")),
     ("checkpoint in new folders, bad flag", TRAIN, ["--checkpoint", "{tmp}/new/deeper/c.pt", "--lr", "0"],
      ["--lr must be"], None),  # the folders made for its claim go with it
     ("checkpoint is the CSV", TRAIN, ["--checkpoint", "{tmp}/run.csv"], ["ends in .csv", "run.pt"], None),
