@@ -452,7 +452,7 @@ def synthetic_cifar10(data_dir, num_train=SYNTHETIC_TRAIN_IMAGES, num_test=10000
         classes = [f"synthetic-grating-{18 * k}deg" for k in range(10)]
         write_cifar10_folder(root, *train, *test, classes)
         (root / "README.txt").write_text("Synthetic gratings in the CIFAR-10 file format, written by "
-                                         "data.synthetic_cifar10 for offline demos. Not CIFAR-10.\n", encoding="utf-8")
+                                         "cifar10.synthetic_cifar10 for offline demos. Not CIFAR-10.\n", encoding="utf-8")
     return root
 
 

@@ -133,8 +133,8 @@ def resolve_device(name="auto"):
             warnings.simplefilter("ignore")
             device = torch.device(name)
     except (RuntimeError, ValueError, TypeError):
-        raise UserError(f"--device {name!r} is not a device name; use auto, cpu or cuda "
-                        f"(cuda:1 for a second GPU)") from None
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda or "
+                        f"mps (cuda:1 for a second GPU)") from None
     fix = ("use --device cpu" + (" or cuda" if torch.cuda.is_available() else "") + (" or mps" if mps_available() else "")
            + ", or leave out --device")
     if device.type == "cpu":

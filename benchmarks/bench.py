@@ -97,7 +97,8 @@ WINDOWS = {  # (device type, --quick) -> the defaults
 
 def parse_args(argv=None):
     p = utils.OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:1, mps, ... (default: auto)")
     p.add_argument("--quick", action="store_true",
                    help="fewer and shorter windows, fewer evaluation images, and no compile trial in train.py's "
                         "choice (its row then says so)")
