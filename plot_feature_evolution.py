@@ -18,7 +18,7 @@ and channels other than the default, are added to the file names (evolution_conv
 """
 
 import utils
-from visualize import cli, evolution
+from visualize import atlas, cli, evolution
 from visualize.context import QUICK_SPLIT
 from visualize.drawing import format_indices
 
@@ -31,7 +31,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs = p.load_snapshots(args)
     model = runs[-1][1].model
-    channels = (evolution.default_channels(model, args.layers) if args.channels is None
+    channels = (atlas.default_channels(model, args.layers, evolution.EVOLUTION_CHANNELS) if args.channels is None
                 else {layer: args.channels.of(model, layer) for layer in args.layers})
     count = QUICK_SPLIT if args.quick else None
     grid = evolution.feature_evolution(runs, channels, count)

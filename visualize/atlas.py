@@ -18,13 +18,21 @@ from visualize.scoring import top_k
 
 ATLAS_LAYERS = "conv2_x,conv3_x,conv4_x,conv5_x"
 ATLAS_CHANNELS = 16  # the default: channels 0-15, or every channel of a stage with fewer
-DEFAULT_CHANNELS_HELP = f"0-{ATLAS_CHANNELS - 1}, or every channel of a stage with fewer"
+
+
+def channels_help(count):
+    """--channels' default in words: the first `count` channels, or every channel of a stage with fewer."""
+    return f"0-{count - 1}, or every channel of a stage with fewer"
+
+
+DEFAULT_CHANNELS_HELP = channels_help(ATLAS_CHANNELS)
 OUTSIDE_IMAGE = (0.69, 0.77, 0.87)  # light steel blue: where a receptive field reaches past the image
 
 
-def default_channels(model, layers):
-    """{layer: channels} the atlas shows unless told: channels 0..ATLAS_CHANNELS-1, or all of a stage with fewer."""
-    return {layer: list(range(min(ATLAS_CHANNELS, model.channels(layer)))) for layer in layers}
+def default_channels(model, layers, count=ATLAS_CHANNELS):
+    """{layer: channels} shown unless told: channels 0..count-1 (the atlas's ATLAS_CHANNELS), or all of a
+    stage with fewer."""
+    return {layer: list(range(min(count, model.channels(layer)))) for layer in layers}
 
 
 def unit_atlas(run, channels, k=9, ablation_images=None):

@@ -16,14 +16,9 @@ from visualize import atlas
 from visualize.context import test_split_scores
 from visualize.drawing import METHOD_TITLES, bare, format_indices, method_suffix, new_figure, save, save_json, wrap_title
 
-EVOLUTION_LAYERS = "conv2_x,conv3_x,conv4_x,conv5_x"
-EVOLUTION_CHANNELS = 8  # the default: channels 0-7, or every channel of a stage with fewer
-DEFAULT_CHANNELS_HELP = f"0-{EVOLUTION_CHANNELS - 1}, or every channel of a stage with fewer"
-
-
-def default_channels(model, layers):
-    """{layer: channels} shown unless told: 0..EVOLUTION_CHANNELS-1, or all of a stage with fewer."""
-    return {layer: list(range(min(EVOLUTION_CHANNELS, model.channels(layer)))) for layer in layers}
+EVOLUTION_LAYERS = atlas.ATLAS_LAYERS
+EVOLUTION_CHANNELS = 8  # the default: channels 0-7 (atlas.default_channels), or every channel of a stage with fewer
+DEFAULT_CHANNELS_HELP = atlas.channels_help(EVOLUTION_CHANNELS)
 
 
 def snapshot_units(run, channels, count=None):
