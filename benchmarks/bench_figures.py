@@ -166,11 +166,13 @@ def run_plot_all(checkpoint, figures_dir, data_dir, synthetic, device, quick=Fal
     wall, done = time.perf_counter() - start, children_cpu_seconds()
     if proc.returncode != 0:
         raise utils.UserError(f"plot_all.py failed: {proc.stderr.strip().splitlines()[-1]}")
-    return proc.stdout, wall, (done - children) if os.name != "nt" else None
+    return proc.stdout, wall, None if done is None else done - children
 
 
 def children_cpu_seconds():
-    """CPU seconds of the waited-for child processes (os.times: 0 on Windows, which does not count them)."""
+    """CPU seconds of the waited-for child processes (os.times), None on Windows, which does not count them."""
+    if os.name == "nt":
+        return None
     times = os.times()
     return times.children_user + times.children_system
 
