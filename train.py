@@ -134,6 +134,7 @@ def resolve_config(args, ckpt):
             config[key] = default if given[key] is None else given[key]
     config["epochs"] = args.epochs if args.epochs is not None else config.get("epochs", steps.RECIPE_EPOCHS)
     config["iterations"] = args.iterations if args.iterations is not None else config.get("iterations")
+    config["snapshots"] = snapshots.parse(args.snapshots or config.get("snapshots", snapshots.DEFAULT))
     for key in ("checkpoint", "device"):
         config[key] = getattr(args, key)
     # a resumed run keeps its own figures folder unless given another
@@ -276,7 +277,6 @@ def main(argv=None):
     with nullcontext() if args.show_settings else checkpoint.Claim(ckpt_path) as claim:  # one run a checkpoint
         ckpt = open_checkpoint(args, ckpt_path)
         config = resolve_config(args, ckpt)
-        config["snapshots"] = snapshots.parse(args.snapshots or (ckpt or {}).get("config", {}).get("snapshots", "default"))
         if not args.show_settings:  # it writes nothing
             check_outputs(ckpt_path, config["figures_dir"], config["snapshots"] != snapshots.NONE)
         device, device_reason = speed.device_choice(config["device"])
