@@ -26,11 +26,10 @@ import math
 
 import utils
 from visualize import cli, faithfulness, sanity, trust
-from visualize.drawing import format_indices
 
 
 def main(argv=None):
-    p = cli.plot_parser(__doc__, script=__file__, images=format_indices(trust.UNIT_IMAGES))
+    p = cli.plot_parser(__doc__, script=__file__, images=sanity.IMAGES)
     p.add_argument("--count", type=int, default=None,
                    help=f"the first N test images the faithfulness columns are measured on, 1..the split's "
                         f"size; fewer are faster and less certain (default: {trust.COUNT}, or the whole split "

@@ -18,7 +18,7 @@ standard error (the sample standard deviation over the images / sqrt(their numbe
     class               Sixt et al. 2020's random-logit test: rho between the map for the target class
                         and the map for a random other class (seeded), on the same images. Unit
                         pictures are not about a class: n/a.
-    deletion, insertion faithfulness.deletion / insertion: the AUC of each of the first --count test
+    deletion, insertion faithfulness.perturbation_curves: the AUC of each of the first --count test
                         images (COUNT, a few hundred: fewer cannot tell the maps from the baselines).
     ROAD MoRF, LeRF     faithfulness.road on the same images: each image's fraction of the levels
                         10 %..90 % at which it is still classified as the target.
@@ -66,7 +66,7 @@ CLASS_MAPS = (("Grad-CAM conv4_x", "gradcam", "conv4_x"), ("Grad-CAM conv3_x", "
 CLASS_MAP_NAMES = tuple(name for name, _, _ in CLASS_MAPS)
 BASELINES = ("random map", "Sobel edge map")
 UNIT = {"layer": "conv5_x", "channel": 1}  # plot_sanity_checks.py's defaults
-UNIT_IMAGES = list(range(4531, 4547))  # and its test images (plot_trust.py --images), sanity.IMAGES
+UNIT_IMAGES = cli.parse_indices(sanity.IMAGES)  # and its test images (plot_trust.py --images)
 TOP = STAGES[-1]  # the stage re-initialised first
 DEPTHS = sanity.cascade_depths(TOP)  # the cascade: conv5_x, then each stage below it, down to conv1
 COUNT = 256  # the first test images the faithfulness columns are measured on (plot_trust.py --count)
