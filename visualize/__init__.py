@@ -7,7 +7,7 @@
     figures     feature maps and reconstructions of the report       -> cli, scoring, drawing
                 (and the three reconstruction scripts' main)
     invariance  Zeiler & Fergus's invariance: images moved, turned  -> trust, evidence, scoring, drawing
-    occlusion   Zeiler & Fergus's occlusion: a grey square slid over -> evidence, context, attribution, scoring,
+    occlusion   Zeiler & Fergus's occlusion: a grey square slid over -> trust, evidence, context, attribution, scoring,
                                                                         drawing
     trust       both axes of trust in one table: unit and class maps -> faithfulness, sanity, cli, context,
                                                                         attribution, drawing

@@ -40,7 +40,7 @@ from visualize.drawing import (TITLE_WIDTH, colour_mapped, format_indices, new_f
                                wrap_title)
 from visualize.evidence import float32_lists
 from visualize.scoring import default_batch_size, stage_outputs
-from visualize.trust import summary
+from visualize.trust import predicted_or_true, summary
 
 TRANSFORMATIONS = ("translation", "scale", "rotation")
 REPRESENTATIONS = ("conv1", "conv5_x", "pooled")
@@ -226,7 +226,7 @@ def plot_invariance(run, indices, sweeps, figures_dir, record, stem):
     """plot_invariance.py: a row a transformation, the examples and the curves of the test images
     `indices`; figures_dir/<stem>.png and .json (record: the figure's, cli's figure_record). Returns both."""
     images = run.images[indices]
-    labels = torch.as_tensor([int(run.labels[i]) for i in indices])
+    labels = predicted_or_true(run, indices, "true")
     curves, (norms, p_original) = invariance(run.model, images, labels, sweeps)
     kinds = list(curves)
     colours = colour_mapped(np.arange(len(indices)) % 20, "tab20", -0.5, 19.5)

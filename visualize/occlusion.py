@@ -35,6 +35,7 @@ from visualize.drawing import (METHOD_TITLES, TITLE_WIDTH, bare, colour_mapped, 
                                short_number, to_display, wrap_title)
 from visualize.evidence import float32_lists
 from visualize.scoring import default_batch_size, stage_output, top_k
+from visualize.trust import predicted_or_true
 
 LAYER = STAGES[-1]  # conv5_x, whose strongest map Zeiler & Fergus follow (their layer 5)
 OTHER_IMAGES = 3  # panel (c): the projection also on this many other test images, those the channel likes most
@@ -131,7 +132,7 @@ def draw_map(fig, ax, grey, edges, values, cmap, low, high, bar=True):
 def plot_occlusion(run, indices, k, s, method, figures_dir, record, stem):
     """plot_occlusion.py: a row a test image of `indices`, the panels (a)-(e); figures_dir/<stem>.png and
     .json (record: the figure's, cli's figure_record). Returns both paths."""
-    labels = torch.as_tensor([int(run.labels[i]) for i in indices])
+    labels = predicted_or_true(run, indices, "true")
     maps = occlusion_maps(run.model, run.images[indices], labels, k, s)
     shown = to_display(normalize(run.images[indices]))
     greys = shown.mean(3, keepdims=True).repeat(3, 3)
