@@ -41,8 +41,7 @@ def main(argv=None):
     p.add_quick(f"{featurevis.QUICK_FV_STEPS} steps (unless --steps says), not {featurevis.FV_STEPS}",
                 steps=featurevis.QUICK_FV_STEPS)
     args = p.parse_args(argv)
-    if not 0 <= args.seed < 2 ** 63:
-        raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
+    cli.check_seed(args.seed)
     run = p.load(args, test_split=args.start == "top" or args.measure)
     channels = args.channels.of(run.model, args.layer)
     if channels is None:  # auto: channels 0-15, or all of a stage with fewer

@@ -54,8 +54,7 @@ def main(argv=None):
     if not (math.isfinite(args.threshold) and 0 < args.threshold <= 1):
         raise utils.UserError(f"--threshold {args.threshold}: a CKA threshold must lie in (0, 1]; the default is "
                               f"{dynamics.THRESHOLD}")
-    if not 0 <= args.seed < 2 ** 63:
-        raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
+    cli.check_seed(args.seed)
     flags = (("--images", "images", dynamics.QUICK_IMAGES if args.quick else dynamics.IMAGES),
              ("--probe-images", "probe_images", dynamics.QUICK_PROBE_IMAGES if args.quick else dynamics.PROBE_IMAGES),
              ("--count", "count", dynamics.QUICK_COUNT if args.quick else dynamics.COUNT))

@@ -37,8 +37,7 @@ def main(argv=None):
                         "plot_gradient_pattern.py takes 100)")
     p.add_quick(f"test images {sanity.QUICK_IMAGES} (unless --images says), not {sanity.IMAGES}", images=sanity.QUICK_IMAGES)
     args = p.parse_args(argv)
-    if not 0 <= args.seed < 2 ** 63:
-        raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
+    cli.check_seed(args.seed)
     for flag in ("fv_steps", "pattern_steps"):
         if getattr(args, flag) < 1:
             raise utils.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")

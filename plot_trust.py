@@ -55,8 +55,7 @@ def main(argv=None):
                               f"and at most 100")
     if not (math.isfinite(args.noise) and args.noise >= 0):
         raise utils.UserError(f"--noise {args.noise}: must be a finite number, 0 or above (0: no noise)")
-    if not 0 <= args.seed < 2 ** 63:
-        raise utils.UserError(f"--seed {args.seed}: must be in 0..{2 ** 63 - 1}")
+    cli.check_seed(args.seed)
     if args.count is not None and args.count < 1:
         raise utils.UserError(f"--count {args.count}: must be at least 1 (the first N test images)")
     run = p.load(args)

@@ -375,6 +375,12 @@ def check_path(path):
         raise UserError(f"--path {path!r} is not a deconvnet path; choose one of {', '.join(PATHS)}")
 
 
+def check_seed(seed):
+    """--seed of the scripts that draw at random (a torch generator's seed): 0..2^63-1."""
+    if not 0 <= seed < 2 ** 63:
+        raise UserError(f"--seed {seed}: must be in 0..{2 ** 63 - 1}")
+
+
 def check_ascent(steps, lr, penalty):
     """The optimisation flags of plot_gradient_pattern.py and plot_feature_visualization.py: each
     out-of-range one gets its own line."""
