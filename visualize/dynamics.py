@@ -268,9 +268,12 @@ def plot_learning_dynamics(dynamics, figures_dir, images=IMAGES, probe_images=PR
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     quick = " (the quick run: fewer images, a first look)" if cli.is_quick((record or {}).get("figure")) else ""
-    fig.suptitle(wrap_title(f"learning dynamics, each stage at each snapshot ({', '.join(map(str, epochs))}){quick}: "
-                            f"{last_run.caption}"), fontsize=9)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.86)
+    title = wrap_title(f"learning dynamics, each stage at each snapshot ({', '.join(map(str, epochs))}){quick}: "
+                       f"{last_run.caption}")
+    fig.suptitle(title, fontsize=9)
+    # the panels start below the title's lines (a real dataset's caption names its classes) and the
+    # panels' own three-line titles
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.9 - 0.022 * (title.count("\n") + 1))
     figures_dir = Path(figures_dir)
     png = save(fig, figures_dir / f"dynamics{suffix}.png")
     content = {**(record or {}), "epochs": epochs, "iterations": [run.checkpoint["iteration"] for _, run, _ in dynamics],
